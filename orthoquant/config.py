@@ -1,0 +1,286 @@
+"""Recipes: frozen, typed, validated dataclasses with a strict YAML round trip.
+
+A recipe says what to quantize and how. Every CLI flag maps to one field; ``--set a.b=v`` edits any
+field by its dotted path. Unknown keys, out-of-range values and contradictions raise
+:class:`~orthoquant.errors.ConfigError` naming the field and the allowed values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError, UnknownNameError
+
+RECIPE_VERSION = 1
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _one_of(name: str, value: Any, allowed: typing.Iterable[Any]) -> None:
+    allowed = list(allowed)
+    _require(value in allowed, f"{name}={value!r} is not allowed; choose one of {allowed}")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one kind of tensor (weights, activations or KV cache) is quantized.
+
+    :param format: registered number format: ``int``, ``mxfp4``, ``nvfp4``, ``fp8``.
+    :param bits: bits per value (int: 2..8; the float formats fix it).
+    :param symmetric: symmetric (no zero point) or asymmetric.
+    :param group_size: -1 per row (channel/token), 0 per tensor, g > 0 per group of g columns.
+    :param clip_ratio: static clipping of the range (activations 0.9, KV 0.95 in QuaRot), in (0, 1].
+    :param clip_search: MSE search for the clip of each group (weights; grid 100 down to 0.2, |e|^2.4).
+    :param scale_rule: MXFP4 scale rule: ``spec`` (OCP MX, 2^(floor(log2 amax)-2)) or ``three_quarters``.
+    :param scale_dtype: dtype scales are rounded to when quantizing (the dtype they are exported in).
+    """
+
+    format: str = "int"
+    bits: int = 4
+    symmetric: bool = True
+    group_size: int = -1
+    clip_ratio: float = 1.0
+    clip_search: bool = False
+    scale_rule: str = "spec"
+    scale_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        from .formats import FORMATS
+
+        _one_of("format", self.format, FORMATS.names())
+        _require(self.group_size >= -1, f"group_size={self.group_size}: use -1 (per row), 0 (tensor) or > 0")
+        _require(0 < self.clip_ratio <= 1, f"clip_ratio={self.clip_ratio} must lie in (0, 1]")
+        _one_of("scale_rule", self.scale_rule, ["spec", "three_quarters"])
+        _one_of("scale_dtype", self.scale_dtype, ["float32", "float16", "bfloat16"])
+        FORMATS.get(self.format).check(self)
+
+
+@dataclass(frozen=True)
+class Override:
+    """Per-module settings, chosen by a regular expression searched in the module's full name.
+
+    :param pattern: e.g. ``mlp.down_proj`` or ``layers\\.0\\.``.
+    :param weights: replaces the recipe's weight spec for matching modules (None: inherit).
+    :param activations: replaces the recipe's activation spec for matching modules (None: inherit).
+    :param fp: keep matching modules entirely in full precision.
+    """
+
+    pattern: str
+    weights: QuantSpec | None = None
+    activations: QuantSpec | None = None
+    fp: bool = False
+
+    def __post_init__(self) -> None:
+        try:
+            re.compile(self.pattern)
+        except re.error as e:
+            raise ConfigError(f"overrides.pattern={self.pattern!r} is not a regular expression: {e}") from None
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """The weight solver and its settings (GPTQ's defaults)."""
+
+    name: str = "rtn"
+    damp: float = 0.01
+    blocksize: int = 128
+    act_order: bool = False
+    static_groups: bool = False
+    true_sequential: bool = False
+
+    def __post_init__(self) -> None:
+        from .solvers import SOLVERS
+
+        _one_of("solver.name", self.name, SOLVERS.names())
+        _require(0 < self.damp < 1, f"solver.damp={self.damp} must lie in (0, 1)")
+        _require(self.blocksize > 0, f"solver.blocksize={self.blocksize} must be positive")
+
+
+@dataclass(frozen=True)
+class CalibSpec:
+    """Calibration text: source (wikitext2, c4, pile, or a .txt/.jsonl/datasets path) and windows."""
+
+    source: str = "wikitext2"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        _require(self.nsamples > 0, f"calibration.nsamples={self.nsamples} must be positive")
+        _require(self.seqlen > 1, f"calibration.seqlen={self.seqlen} must be at least 2")
+        _require(self.batch_size > 0, f"calibration.batch_size={self.batch_size} must be positive")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A complete quantization recipe.
+
+    :param weights: weight quantization of the targeted linears (None: weights stay in full precision).
+    :param activations: fake-quant of every targeted linear's input (None: full precision).
+    :param kv_cache: fake-quant of keys (after RoPE) and values, per head (None: full precision).
+    :param overrides: per-module exceptions, the last matching one wins.
+    :param ignore: regular expressions of linears never quantized (lm_head and embeddings by default).
+    """
+
+    name: str = "custom"
+    description: str = ""
+    version: int = RECIPE_VERSION
+    weights: QuantSpec | None = None
+    activations: QuantSpec | None = None
+    kv_cache: QuantSpec | None = None
+    overrides: tuple[Override, ...] = ()
+    ignore: tuple[str, ...] = ("lm_head",)
+    solver: SolverSpec = field(default_factory=SolverSpec)
+    calibration: CalibSpec = field(default_factory=CalibSpec)
+
+    def __post_init__(self) -> None:
+        _one_of("version", self.version, [RECIPE_VERSION])
+
+    # --- per-module resolution ------------------------------------------------------------------
+    def _override(self, module: str) -> Override | None:
+        hits = [o for o in self.overrides if re.search(o.pattern, module)]
+        return hits[-1] if hits else None
+
+    def is_ignored(self, module: str) -> bool:
+        o = self._override(module)
+        return any(re.search(p, module) for p in self.ignore) or (o is not None and o.fp)
+
+    def weights_for(self, module: str) -> QuantSpec | None:
+        """The weight spec of the linear named ``module`` (None: keep it in full precision)."""
+        if self.is_ignored(module):
+            return None
+        o = self._override(module)
+        return o.weights if o is not None and o.weights is not None else self.weights
+
+    def activations_for(self, module: str) -> QuantSpec | None:
+        if self.is_ignored(module):
+            return None
+        o = self._override(module)
+        return o.activations if o is not None and o.activations is not None else self.activations
+
+    # --- serialisation ----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Recipe":
+        return _from_plain(cls, _merge_overrides(data), "recipe")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "Recipe":
+        data = yaml.safe_load(text) or {}
+        _require(isinstance(data, dict), "a recipe file must hold a mapping at the top level")
+        return cls.from_dict(data)
+
+    def with_overrides(self, assignments: typing.Sequence[str]) -> "Recipe":
+        """A copy with ``key.path=value`` assignments applied (values parsed as YAML scalars)."""
+        data = self.to_dict()
+        for item in assignments:
+            key, sep, raw = item.partition("=")
+            _require(bool(sep) and bool(key), f"--set {item!r}: expected key.path=value")
+            _set_path(data, key.strip().split("."), yaml.safe_load(raw))
+        return Recipe.from_dict(data)
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _merge_overrides(data: dict[str, Any]) -> dict[str, Any]:
+    """Override specs in YAML may be partial: fill them in from the recipe's own weights/activations."""
+    if not isinstance(data, dict) or not data.get("overrides"):
+        return data
+    data = dict(data)
+    merged = []
+    for o in data["overrides"]:
+        o = dict(o) if isinstance(o, dict) else o
+        for key in ("weights", "activations"):
+            if isinstance(o, dict) and isinstance(o.get(key), dict) and isinstance(data.get(key), dict):
+                o[key] = {**data[key], **o[key]}
+        merged.append(o)
+    data["overrides"] = merged
+    return data
+
+
+def _from_plain(cls: type, data: Any, where: str) -> Any:
+    _require(isinstance(data, dict), f"{where} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    _require(not unknown, f"unknown key(s) {unknown} in {where}; allowed: {names}")
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where != "recipe" else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except ConfigError as e:
+        if where == "recipe" or str(e).startswith(where):
+            raise
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", ())):
+        if value is None:
+            _require(type(None) in args, f"{where} may not be empty")
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, where)
+    if origin is tuple:
+        _require(isinstance(value, (list, tuple)), f"{where} must be a list")
+        return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return _from_plain(tp, value, where)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+    _require(ok, f"{where}={value!r} must be of type {tp.__name__}")
+    return value
+
+
+def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
+    for i, key in enumerate(path[:-1]):
+        if data.get(key) is None:
+            data[key] = {}
+        _require(isinstance(data[key], dict), f"--set {'.'.join(path)}: '{key}' is not a section")
+        data = data[key]
+    data[path[-1]] = value
+
+
+# --- presets ----------------------------------------------------------------------------------
+def preset_names() -> list[str]:
+    return sorted(p.name[: -len(".yaml")] for p in resources.files("orthoquant.recipes").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def load_recipe(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """A preset by name, or a recipe YAML file by path, with ``--set`` overrides applied."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"recipe file {path} does not exist")
+        recipe = Recipe.from_yaml(path.read_text())
+    elif name_or_path in preset_names():
+        recipe = Recipe.from_yaml(resources.files("orthoquant.recipes").joinpath(f"{name_or_path}.yaml").read_text())
+    else:
+        raise UnknownNameError(f"unknown recipe preset '{name_or_path}'; known: {', '.join(preset_names())}")
+    return recipe.with_overrides(overrides) if overrides else recipe

@@ -1,0 +1,5 @@
+"""Number formats; importing this package registers every format in :data:`FORMATS`."""
+from . import integer  # noqa: F401
+from .base import FORMATS, QParams, QuantFormat, QuantizedTensor, make_format
+
+__all__ = ["FORMATS", "QParams", "QuantFormat", "QuantizedTensor", "make_format"]

@@ -130,8 +130,14 @@ class QuantFormat(ABC):
         return x.reshape(rows, cols // self.group_size, self.group_size)
 
     def round_scale(self, scale: torch.Tensor) -> torch.Tensor:
-        """Round scales to their storage dtype now, so that exported checkpoints decode identically."""
-        return scale.to(self.scale_dtype).float()
+        """Round scales to their storage dtype now, so that exported checkpoints decode identically.
+
+        A positive scale that underflows to 0 in a 16-bit dtype becomes the dtype's smallest positive
+        value instead, so that encoding never divides by zero.
+        """
+        rounded = scale.to(self.scale_dtype).float()
+        info = torch.finfo(self.scale_dtype)
+        return torch.where((rounded == 0) & (scale > 0), info.tiny * info.eps, rounded)
 
     def quantize(self, x: torch.Tensor) -> QuantizedTensor:
         x = x.float()
@@ -154,7 +160,10 @@ class QuantFormat(ABC):
         return x + (q - x).detach() if x.requires_grad else q
 
     def pack(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes (rows, cols) -> int32 words, ``32 // bits`` codes per word, LSB first along columns."""
+        """Codes (rows, cols) -> int32 (rows, ceil(cols·bits/32)): an LSB-first bit stream along columns.
+
+        For bits dividing 32 that is ``32 // bits`` codes per word; see :mod:`.packing` for 3/5/6/7 bits.
+        """
         from .packing import pack_codes
 
         return pack_codes(codes, self.bits)

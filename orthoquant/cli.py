@@ -1,0 +1,118 @@
+"""Command line: ``orthoquant quantize | eval | recipes``. Argparse lives here only; every flag maps
+to a recipe field or an evaluation option. Bad input exits with code 2 and a one-line reason."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+log = logging.getLogger("orthoquant")
+
+# CLI flag -> recipe field; the flags are shorthands for --set.
+CALIB_FLAGS = {"calib": "calibration.source", "nsamples": "calibration.nsamples",
+               "seqlen": "calibration.seqlen", "seed": "calibration.seed"}
+
+
+def _quantize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="hub id or local Hugging Face folder")
+    p.add_argument("--recipe", required=True, help="preset name (see `orthoquant recipes`) or YAML file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    p.add_argument("--calib", help="wikitext2, c4, pile, or a .txt/.jsonl/datasets path")
+    p.add_argument("--nsamples", type=int)
+    p.add_argument("--seqlen", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, checkpoint dtype on CUDA) or a dtype")
+    p.add_argument("--out", required=True, help="run folder (resumed if it holds the same run)")
+
+
+def _eval_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
+    if positional:
+        p.add_argument("target", metavar="RUN|MODEL", help="run folder (quantized) or model (full precision)")
+    p.add_argument("--ppl", default="wikitext2", help="comma-separated sources; '' for none")
+    p.add_argument("--eval-seqlen", "--seqlen" if positional else "--eval-seqlen", dest="eval_seqlen", type=int)
+    p.add_argument("--tasks", default="", help="comma-separated lm-eval tasks")
+    p.add_argument("--json", type=Path, help="write the result here")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--max-windows", type=int, help="evaluate only the first N windows (quick checks)")
+    p.add_argument("--stream", action="store_true", default=None, help="hold one layer at a time")
+    if positional:
+        p.add_argument("--device", default=None)
+        p.add_argument("--dtype", default="auto")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orthoquant", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _quantize_args(sub.add_parser("quantize", help="quantize a model into a run folder"))
+    _eval_args(sub.add_parser("eval", help="perplexity / tasks of a run folder or a model"))
+    sub.add_parser("recipes", help="list the preset recipes")
+    return parser
+
+
+def recipe_from_args(args: argparse.Namespace):
+    from .config import load_recipe
+
+    sets = list(args.set) + [f"{field}={getattr(args, flag)}" for flag, field in CALIB_FLAGS.items()
+                             if getattr(args, flag) is not None]
+    return load_recipe(args.recipe, sets)
+
+
+def cmd_quantize(args: argparse.Namespace) -> dict:
+    from .device import resolve_device
+    from .pipeline import quantize_pretrained
+
+    recipe = recipe_from_args(args)
+    run = quantize_pretrained(args.model, recipe, args.out, resolve_device(args.device), args.dtype)
+    log.info("run folder: %s", run.path)
+    return run.info()
+
+
+def cmd_eval(args: argparse.Namespace) -> dict:
+    from .device import resolve_device
+    from .evaluate.run_eval import evaluate
+
+    if args.tasks:
+        raise UserError("--tasks needs the lm-eval integration, which is not part of this build yet")
+    sources = [s for s in args.ppl.split(",") if s]
+    result = evaluate(args.target, sources, args.eval_seqlen, resolve_device(args.device), args.dtype,
+                      args.batch_size, args.stream, args.max_windows)
+    text = json.dumps(result, indent=2)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text)
+    print(text)
+    return result
+
+
+def cmd_recipes(args: argparse.Namespace) -> None:
+    from .config import load_recipe, preset_names
+
+    for name in preset_names():
+        print(f"{name:28s} {load_recipe(name).description}")
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "recipes": cmd_recipes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .progress import setup_logging, setup_threads
+
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    setup_threads()
+    try:
+        COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"orthoquant: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

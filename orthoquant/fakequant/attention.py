@@ -1,0 +1,58 @@
+"""KV-cache fake-quant and online Q/K transforms through transformers' attention interface.
+
+We register an attention function (scaled-dot-product attention underneath) instead of forking
+modeling files. It receives query/key/value after RoPE, shaped (batch, heads, seq, head_dim), and
+applies, per attention module: Q/K transforms (R3), then key/value quantizers, then attention.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+ATTENTION_NAME = "orthoquant"
+QKOp = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+Op = Callable[[torch.Tensor], torch.Tensor]
+
+
+def orthoquant_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    """SDPA with the module's ``orthoquant_qk`` transforms and ``orthoquant_kv`` quantizers applied."""
+    for op in getattr(module, "orthoquant_qk", ()):
+        query, key = op(query, key)
+    kv = getattr(module, "orthoquant_kv", None)
+    if kv is not None:
+        key, value = kv[0](key), kv[1](value)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(ATTENTION_NAME, orthoquant_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
+
+
+def use_orthoquant_attention(model: nn.Module) -> None:
+    """Route every attention module of ``model`` through :func:`orthoquant_attention`."""
+    model.config._attn_implementation = ATTENTION_NAME
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and cfg is not model.config and hasattr(cfg, "_attn_implementation"):
+            cfg._attn_implementation = ATTENTION_NAME
+
+
+def set_kv_quantizers(attention: nn.Module, key_op: Op | None, value_op: Op | None) -> None:
+    """Quantize keys (post-RoPE) and values of one attention module; None disables."""
+    if key_op is None and value_op is None:
+        attention.orthoquant_kv = None
+        return
+    identity = lambda t: t  # noqa: E731
+    attention.orthoquant_kv = (key_op or identity, value_op or identity)
+
+
+def add_qk_transform(attention: nn.Module, op: QKOp) -> None:
+    """Append an online transform of (query, key) after RoPE (e.g. a head-wise Hadamard, R3)."""
+    ops = list(getattr(attention, "orthoquant_qk", ()))
+    ops.append(op)
+    attention.orthoquant_qk = tuple(ops)

@@ -1,0 +1,84 @@
+"""Architecture specs: where each part of a decoder lives, keyed by the Hugging Face class name.
+
+A spec is data. Every method (norm folding, rotations, calibration, the layer-wise runner) finds
+modules through it, so supporting a new family means registering one spec, usually a
+``dataclasses.replace`` of Llama's.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..errors import UnknownNameError
+from ..registry import Registry
+
+# Linear roles inside one decoder layer. Their paths are relative to the layer.
+ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class NormGroup:
+    """An RMSNorm and the linears that read its output (they share one input, hence one Hessian)."""
+
+    norm: str
+    roles: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Module layout of a decoder-only causal LM.
+
+    :param layers: path of the ModuleList of decoder layers.
+    :param embed: token embedding; ``final_norm`` and ``lm_head`` as named.
+    :param linears: (role, path relative to a layer) for the seven projections.
+    :param norm_groups: norms inside a layer and the roles they feed.
+    :param qk_norms: per-head q/k RMSNorms applied before RoPE (Qwen3), never folded.
+    :param rotary: path of the rotary embedding module (model-level).
+    """
+
+    layers: str = "model.layers"
+    embed: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head"
+    rotary: str = "model.rotary_emb"
+    attention: str = "self_attn"
+    linears: tuple[tuple[str, str], ...] = (
+        ("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"), ("v", "self_attn.v_proj"),
+        ("o", "self_attn.o_proj"), ("gate", "mlp.gate_proj"), ("up", "mlp.up_proj"),
+        ("down", "mlp.down_proj"),
+    )
+    norm_groups: tuple[NormGroup, ...] = (
+        NormGroup("input_layernorm", ("q", "k", "v")),
+        NormGroup("post_attention_layernorm", ("gate", "up")),
+    )
+    qk_norms: tuple[str, str] | None = None
+
+    def path(self, role: str) -> str:
+        """Path of a linear role relative to its decoder layer."""
+        return dict(self.linears)[role]
+
+    def role_of(self, path: str) -> str:
+        return {p: r for r, p in self.linears}[path]
+
+    def input_groups(self) -> tuple[tuple[str, ...], ...]:
+        """Roles grouped by shared input: (q,k,v), (o,), (gate,up), (down,)."""
+        groups = {g.roles[0]: g.roles for g in self.norm_groups}
+        return (groups["q"], ("o",), groups["gate"], ("down",))
+
+
+LLAMA = ArchSpec()
+ARCHITECTURES: Registry[ArchSpec] = Registry("architecture")
+ARCHITECTURES.add("LlamaForCausalLM", LLAMA)
+ARCHITECTURES.add("MistralForCausalLM", LLAMA)
+ARCHITECTURES.add("Qwen2ForCausalLM", LLAMA)  # q/k/v biases are handled generically
+ARCHITECTURES.add("Qwen3ForCausalLM", dataclasses.replace(LLAMA, qk_norms=("self_attn.q_norm", "self_attn.k_norm")))
+
+
+def spec_for(config) -> ArchSpec:
+    """The spec of a transformers config (its ``architectures[0]``); unknown ones list the supported."""
+    archs = getattr(config, "architectures", None) or []
+    if not archs:
+        raise UnknownNameError(
+            f"the model config names no architecture; supported: {', '.join(ARCHITECTURES.names())}"
+        )
+    return ARCHITECTURES.get(archs[0])

@@ -1,0 +1,69 @@
+"""Function-preserving model edits: module access by dotted name, untying embeddings, folding norms.
+
+All weight arithmetic runs in float64 and is cast back, so folds do not accumulate rounding.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .spec import ArchSpec
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path) if path else root
+
+
+def layers_of(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
+    return get_module(model, spec.layers)
+
+
+def linears_of(layer: nn.Module, spec: ArchSpec) -> dict[str, nn.Linear]:
+    """The layer's projections by role."""
+    return {role: get_module(layer, path) for role, path in spec.linears}
+
+
+def untie_embeddings(model: nn.Module, spec: ArchSpec) -> None:
+    """Give lm_head its own weight: transforms and quantizers treat it apart from the embedding."""
+    head, embed = get_module(model, spec.lm_head), get_module(model, spec.embed)
+    if head.weight is embed.weight or head.weight.data_ptr() == embed.weight.data_ptr():
+        head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=embed.weight.requires_grad)
+    model.config.tie_word_embeddings = False
+    if hasattr(model, "_tied_weights_keys"):
+        model._tied_weights_keys = {}
+
+
+def _scale_inputs(linear: nn.Linear, gamma: torch.Tensor) -> None:
+    """``W ← W · diag(γ)``: the linear absorbs a per-input-channel scale."""
+    w = linear.weight
+    w.data = (w.data.double() * gamma.double()).to(w.dtype)
+
+
+def fold_norm(norm: nn.Module, consumers: list[nn.Linear]) -> None:
+    """Fold an RMSNorm's γ into the linears that read it and set γ := 1 (exact)."""
+    if getattr(norm, "bias", None) is not None:  # no RMSNorm of the supported families has one
+        raise NotImplementedError(f"folding a norm with a bias ({type(norm).__name__}) is not supported")
+    gamma = norm.weight.detach().clone()
+    for lin in consumers:
+        _scale_inputs(lin, gamma)
+    norm.weight.data.fill_(1.0)
+
+
+def fold_layer_norms(layer: nn.Module, spec: ArchSpec) -> None:
+    """Fold every norm of one decoder layer into its consumers."""
+    lin = linears_of(layer, spec)
+    for group in spec.norm_groups:
+        fold_norm(get_module(layer, group.norm), [lin[r] for r in group.roles])
+
+
+def fold_final_norm(model: nn.Module, spec: ArchSpec) -> None:
+    """Fold the final norm into lm_head (call :func:`untie_embeddings` first)."""
+    fold_norm(get_module(model, spec.final_norm), [get_module(model, spec.lm_head)])
+
+
+def fold_all_norms(model: nn.Module, spec: ArchSpec) -> None:
+    """Untie, then fold every RMSNorm (layers and final) of an in-memory model."""
+    untie_embeddings(model, spec)
+    for layer in layers_of(model, spec):
+        fold_layer_norms(layer, spec)
+    fold_final_norm(model, spec)

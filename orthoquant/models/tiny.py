@@ -1,0 +1,61 @@
+"""Tiny random-init models of every supported family, for tests and benchmarks.
+
+Hugging Face's default init (γ = 1, zero biases, std 0.02) hides folding and scaling bugs, so every
+norm weight and bias here is randomized and weights are scaled to ~1/√fan_in, giving O(1) activations.
+Sizes include non-powers of two (intermediate 96 = 12·8) and GQA (4 query heads, 2 KV heads).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+_COMMON = dict(
+    vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=10000.0,
+)
+
+TINY_CONFIGS: dict[str, dict] = {
+    "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"], **_COMMON),
+    "llama-tied": dict(model_type="llama", architectures=["LlamaForCausalLM"],
+                       **{**_COMMON, "tie_word_embeddings": True}),
+    "mistral": dict(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=None, **_COMMON),
+    "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], **_COMMON),
+    "qwen3": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], head_dim=16, **_COMMON),
+}
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def tiny_config(name: str, **overrides) -> PretrainedConfig:
+    """Config of a tiny model of family ``name`` (a key of :data:`TINY_CONFIGS`)."""
+    kwargs = {**TINY_CONFIGS[name], **overrides}
+    model_type = kwargs.pop("model_type")
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter a non-trivial value: weights ~ N(0, 1/fan_in), norms ~ U(0.5, 1.5), biases ~ N(0, 0.1²)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.ndim == 2:
+            std = 1.0 if "embed" in name else 1 / math.sqrt(p.shape[1])
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+        elif name.endswith("bias"):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        else:  # norm weights
+            p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+    return model
+
+
+def tiny_model(name: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """A randomized tiny model of family ``name`` in eval mode. Qwen2 has q/k/v biases by construction."""
+    config = tiny_config(name, **overrides)
+    torch.manual_seed(seed)  # transformers' own init draws from the global RNG; ours overwrites it all
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    randomize_(model, seed)
+    return model.eval()

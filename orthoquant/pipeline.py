@@ -1,0 +1,163 @@
+"""The quantization pipeline: load → prepare → layer-wise calibrate/solve → lm_head → save.
+
+Two entry points share every step: :func:`quantize_pretrained` streams a hub or local checkpoint one
+layer at a time into a run folder, :func:`quantize` works on a model already in memory.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_module_tensor_to_device
+from torch import nn
+
+from . import __version__
+from .config import Recipe
+from .data import calibration_windows
+from .errors import UserError
+from .fakequant.attention import use_orthoquant_attention
+from .fakequant.install import install_layer_quantizers
+from .formats import make_format
+from .layerwise import capture_inputs, final_hidden
+from .models.loading import InMemorySource, WeightSource, build_skeleton, open_model
+from .models.spec import ArchSpec, spec_for
+from .models.surgery import fold_final_norm, get_module, layers_of, untie_embeddings
+from .runfolder import RunFolder, decoded_state, load_module, save_module
+from .runner import LayerwiseQuantizer
+from .solvers import SOLVERS
+from .stats import InputStats
+
+log = logging.getLogger(__name__)
+
+
+def rest_paths(spec: ArchSpec) -> tuple[str, ...]:
+    """The model-level modules outside the decoder layers."""
+    return (spec.embed, spec.final_norm, spec.lm_head, spec.rotary)
+
+
+def prepare_model(model: nn.Module, spec: ArchSpec, source: WeightSource, device: torch.device) -> None:
+    """Materialise the non-layer modules, untie lm_head and fold the final norm into it."""
+    for path in rest_paths(spec):
+        source.materialize(get_module(model, path), f"{path}.", device)
+    untie_embeddings(model, spec)
+    fold_final_norm(model, spec)
+    use_orthoquant_attention(model)
+
+
+def check_seqlen(model: nn.Module, seqlen: int) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and seqlen > limit:
+        raise UserError(f"seqlen {seqlen} exceeds the model's max_position_embeddings {limit}")
+
+
+def run_quantization(model: nn.Module, spec: ArchSpec, recipe: Recipe, source: WeightSource,
+                     windows: torch.Tensor, device: torch.device, run: RunFolder | None) -> dict:
+    """Quantize a prepared model layer by layer, then lm_head if the recipe targets it."""
+    batches = list(windows.split(recipe.calibration.batch_size))
+    inputs = capture_inputs(model, spec, batches, device)
+    runner = LayerwiseQuantizer(model, spec, recipe, source, device, run)
+    last = runner.run_layers(inputs)
+    quantized = _quantize_lm_head(model, spec, recipe, last.hidden, device)
+    if run is not None:
+        save_module(run.rest_path, model, quantized, exclude=f"{spec.layers}.")
+    return runner.metrics
+
+
+def _quantize_lm_head(model, spec, recipe, hidden, device) -> dict:
+    q_spec = recipe.weights_for(spec.lm_head)
+    if q_spec is None:
+        return {}
+    head = get_module(model, spec.lm_head)
+    stats = InputStats(head.in_features, device)
+    for h in hidden:
+        stats.update(final_hidden(model, spec, h.to(device)))
+    result = SOLVERS.get(recipe.solver.name).solve(head.weight.detach().float(), stats.H,
+                                                    make_format(q_spec), recipe.solver)
+    head.weight.data = result.weight.to(head.weight.dtype)
+    return {spec.lm_head: (result.qweight, q_spec)}
+
+
+def quantize(model: nn.Module, recipe: Recipe, windows: torch.Tensor, out: Path | str | None = None,
+             device: torch.device | str = "cpu") -> nn.Module:
+    """Quantize an in-memory model in place on calibration token windows (nsamples, seqlen).
+
+    With ``out`` the run folder is written (and resumed), as the CLI does.
+    """
+    device = torch.device(device)
+    spec = spec_for(model.config)
+    check_seqlen(model, windows.shape[1])
+    run = RunFolder(out) if out is not None else None
+    if run is not None:
+        run.start({"model": f"in-memory:{type(model).__name__}", "recipe": recipe.to_dict()}, recipe.to_yaml())
+    source = InMemorySource()
+    prepare_model(model, spec, source, device)
+    metrics = run_quantization(model, spec, recipe, source, windows, device, run)
+    if run is not None:
+        model.config.save_pretrained(run.path)
+        run.finish({"metrics": metrics, "orthoquant": __version__})
+    return model
+
+
+def quantize_pretrained(model_id: str, recipe: Recipe, out: Path | str, device: torch.device,
+                        dtype: str = "auto") -> RunFolder:
+    """Quantize a hub id or local folder into the run folder ``out``, streaming one layer at a time."""
+    model, tokenizer, spec, source, path = open_model(model_id, dtype, device)
+    cal = recipe.calibration
+    check_seqlen(model, cal.seqlen)
+    run = RunFolder(out)
+    fingerprint = {"model": model_id if not Path(model_id).exists() else str(Path(model_id).resolve()),
+                   "recipe": recipe.to_dict()}
+    windows = calibration_windows(tokenizer, cal.source, cal.nsamples, cal.seqlen, cal.seed)
+    if run.start(fingerprint, recipe.to_yaml()):
+        log.info("%s is already complete; nothing to do", run.path)
+        return run
+    start = time.perf_counter()
+    prepare_model(model, spec, source, device)
+    metrics = run_quantization(model, spec, recipe, source, windows, device, run)
+    tokenizer.save_pretrained(run.path)
+    model.config.save_pretrained(run.path)
+    run.finish({"metrics": metrics, "seconds": time.perf_counter() - start, "orthoquant": __version__,
+                "torch": torch.__version__})
+    return run
+
+
+class RunSource(WeightSource):
+    """Weights of a finished run: decoder layers decoded from their codes, fake-quant re-attached."""
+
+    streaming = True
+
+    def __init__(self, run: RunFolder, spec: ArchSpec, recipe: Recipe, dtype: torch.dtype) -> None:
+        self.run, self.spec, self.recipe, self.dtype = run, spec, recipe, dtype
+
+    def materialize(self, module: nn.Module, prefix: str, device: torch.device) -> None:
+        index = int(prefix[len(self.spec.layers) + 1:].rstrip("."))
+        load_module(self.run.layer_path(index), module, device)
+        install_layer_quantizers(module, prefix, self.spec, self.recipe)
+
+    def load_rest(self, model: nn.Module, device: torch.device) -> None:
+        state, _ = decoded_state(self.run.rest_path)
+        for name, value in state.items():
+            set_module_tensor_to_device(model, name, device, value=value.to(self.dtype))
+
+
+def open_run(run_dir: Path | str, device: torch.device, dtype: torch.dtype = torch.float32, stream: bool = False):
+    """A finished run as (model, tokenizer, spec, source). Without ``stream`` every layer is loaded."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    run = RunFolder(run_dir)
+    if run.info()["status"] != "complete":
+        raise UserError(f"run {run.path} is not complete; rerun `orthoquant quantize` with the same --out to resume")
+    recipe = Recipe.from_yaml((run.path / "recipe.yaml").read_text())
+    config = AutoConfig.from_pretrained(run.path)
+    model = build_skeleton(config, dtype)
+    spec = spec_for(config)
+    source = RunSource(run, spec, recipe, dtype)
+    source.load_rest(model, device)
+    use_orthoquant_attention(model)
+    if not stream:
+        for i, layer in enumerate(layers_of(model, spec)):
+            source.materialize(layer, f"{spec.layers}.{i}.", device)
+    tokenizer = AutoTokenizer.from_pretrained(run.path) if (run.path / "tokenizer_config.json").is_file() else None
+    return model, tokenizer, spec, source

@@ -1,0 +1,110 @@
+"""The layer-wise quantization runner: for each decoder layer, prepare → calibrate → solve →
+fake-quant → checkpoint → propagate, so that layer i+1 is calibrated on the outputs of the already
+quantized layer i (as IST's ``llama_sequential``). A rerun resumes after the last finished layer.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import QuantSpec, Recipe
+from .formats import QuantizedTensor, make_format
+from .layerwise import LayerInputs, run_layer
+from .models.loading import WeightSource
+from .models.spec import ArchSpec
+from .models.surgery import fold_layer_norms, layers_of, linears_of
+from .runfolder import RunFolder, load_module, save_module
+from .solvers import SOLVERS, proxy_loss
+from .stats import collect_input_stats
+from .fakequant.install import install_layer_quantizers
+
+log = logging.getLogger(__name__)
+Quantized = dict[str, tuple[QuantizedTensor, QuantSpec]]
+LayerHook = Callable[[nn.Module, int], None]
+
+
+@dataclass
+class LayerwiseQuantizer:
+    """Quantizes the decoder layers of ``model`` one at a time.
+
+    :param source: where layer weights come from (streamed from shards, or already in memory).
+    :param run: the run folder for checkpoints and resume (None: nothing is written).
+    :param prepare: function-preserving edits applied to each freshly loaded layer before calibration
+        (norm folding first; transforms add theirs).
+    """
+
+    model: nn.Module
+    spec: ArchSpec
+    recipe: Recipe
+    source: WeightSource
+    device: torch.device
+    run: RunFolder | None = None
+    prepare: list[LayerHook] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.prepare = [lambda layer, i: fold_layer_norms(layer, self.spec), *self.prepare]
+
+    def run_layers(self, inputs: LayerInputs) -> LayerInputs:
+        """Quantize every layer; returns the inputs of the final norm (the last layer's outputs)."""
+        layers = layers_of(self.model, self.spec)
+        bar = tqdm(range(len(layers)), desc="layers", unit="layer")
+        for i in bar:
+            layer, prefix = layers[i], f"{self.spec.layers}.{i}."
+            self.source.materialize(layer, prefix, self.device)
+            path = self.run.layer_path(i) if self.run else None
+            if path is not None and path.is_file():
+                bar.set_postfix_str(f"({i + 1}/{len(layers)}) resumed")
+                load_module(path, layer, self.device)
+            else:
+                bar.set_postfix_str(f"({i + 1}/{len(layers)}) calibrating")
+                self._quantize_layer(layer, i, prefix, inputs)
+            install_layer_quantizers(layer, prefix, self.spec, self.recipe)
+            inputs = LayerInputs(run_layer(layer, inputs, self.device), inputs.kwargs)
+            self.source.release(layer)
+        return inputs
+
+    def _quantize_layer(self, layer: nn.Module, index: int, prefix: str, inputs: LayerInputs) -> None:
+        start = time.perf_counter()
+        for hook in self.prepare:
+            hook(layer, index)
+        quantized, losses = self.solve_layer(layer, prefix, inputs)
+        if self.run is not None:
+            save_module(self.run.layer_path(index), layer, quantized)
+        self.metrics[str(index)] = {"seconds": time.perf_counter() - start, "linears": losses}
+
+    def solve_layer(self, layer: nn.Module, prefix: str, inputs: LayerInputs) -> tuple[Quantized, dict]:
+        """Calibrate and solve the layer's linears, in true-sequential steps if the recipe asks."""
+        linears = linears_of(layer, self.spec)
+        groups = self.spec.input_groups()
+        steps = groups if self.recipe.solver.true_sequential else (tuple(r for g in groups for r in g),)
+        owner = {role: g[0] for g in groups for role in g}
+        quantized: Quantized = {}
+        losses: dict[str, dict[str, float]] = {}
+        for roles in steps:
+            todo = [r for r in roles if self.recipe.weights_for(prefix + self.spec.path(r)) is not None]
+            if not todo:
+                continue
+            watched = {owner[r]: linears[owner[r]] for r in todo}
+            with collect_input_stats(watched) as stats:
+                run_layer(layer, inputs, self.device, keep=False)
+            for role in todo:
+                path = self.spec.path(role)
+                q_spec = self.recipe.weights_for(prefix + path)
+                qweight, losses[path] = self._solve(linears[role], stats[owner[role]].H, q_spec)
+                quantized[path] = (qweight, q_spec)
+        return quantized, losses
+
+    def _solve(self, linear: nn.Linear, H: torch.Tensor, q_spec: QuantSpec) -> tuple[QuantizedTensor, dict]:
+        """Solve one linear in place; returns its codes and its proxy loss (absolute and relative)."""
+        W = linear.weight.detach().float()
+        result = SOLVERS.get(self.recipe.solver.name).solve(W, H, make_format(q_spec), self.recipe.solver)
+        linear.weight.data = result.weight.to(linear.weight.dtype)
+        reference = proxy_loss(W, torch.zeros_like(W), H)  # tr(W H Wᵀ): the output's energy
+        return result.qweight, {"loss": result.loss, "relative": result.loss / max(reference, 1e-30)}

@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+from orthoquant.errors import UnknownNameError
+from orthoquant.models.spec import ARCHITECTURES, spec_for
+from orthoquant.models.surgery import fold_all_norms, untie_embeddings
+from orthoquant.models.tiny import FAMILIES, TINY_CONFIGS, tiny_config, tiny_model
+
+IDS = torch.randint(0, 101, (2, 19), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.mark.parametrize("family", list(TINY_CONFIGS))
+def test_norm_folding_preserves_logits(family):
+    model = tiny_model(family)
+    before = logits(model)
+    fold_all_norms(model, spec_for(model.config))
+    after = logits(model)
+    assert (after - before).abs().max() < 1e-5 * before.abs().max()
+    for name, p in model.named_parameters():
+        if name.endswith("layernorm.weight") or name == "model.norm.weight":
+            assert torch.equal(p, torch.ones_like(p)), name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_models_are_randomized(family):
+    model = tiny_model(family)
+    norm = model.model.layers[0].input_layernorm.weight
+    assert norm.std() > 0.1  # Hugging Face's γ = 1 would hide folding bugs
+    if family == "qwen2":
+        assert model.model.layers[0].self_attn.q_proj.bias.abs().sum() > 0
+    if family == "qwen3":
+        assert model.model.layers[0].self_attn.q_norm.weight.std() > 0.1
+
+
+def test_skipping_a_fold_is_detected():
+    """The invariance test can fail: folding γ into only some consumers changes the logits."""
+    model = tiny_model("llama")
+    before = logits(model)
+    layer = model.model.layers[0]
+    gamma = layer.input_layernorm.weight.detach().clone()
+    layer.self_attn.q_proj.weight.data *= gamma
+    layer.input_layernorm.weight.data.fill_(1.0)  # k and v never received γ
+    assert (logits(model) - before).abs().max() > 1e-2
+
+
+def test_tied_embeddings_are_untied_before_edits():
+    model = tiny_model("llama-tied")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    spec = spec_for(model.config)
+    untie_embeddings(model, spec)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    model.lm_head.weight.data.mul_(2)
+    assert not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+
+
+def test_unknown_architecture_lists_supported():
+    config = tiny_config("llama", architectures=["GPT2LMHeadModel"])
+    with pytest.raises(UnknownNameError, match="unknown architecture 'GPT2LMHeadModel'; known: .*LlamaForCausalLM.*Qwen3ForCausalLM"):
+        spec_for(config)
+
+
+def test_every_family_is_registered():
+    for family in FAMILIES:
+        assert tiny_config(family).architectures[0] in ARCHITECTURES

@@ -30,19 +30,21 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run folder (resumed if it holds the same run)")
 
 
-def _eval_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
-    if positional:
+def _eval_args(p: argparse.ArgumentParser, standalone: bool = True) -> None:
+    """Evaluation flags; ``standalone`` for `orthoquant eval`, else after the quantize flags (one script)."""
+    if standalone:
         p.add_argument("target", metavar="RUN|MODEL", help="run folder (quantized) or model (full precision)")
+        p.add_argument("--seqlen", dest="eval_seqlen", type=int, help="window length (default min(2048, positions))")
+        p.add_argument("--device", default=None)
+        p.add_argument("--dtype", default="auto")
+    else:
+        p.add_argument("--eval-seqlen", dest="eval_seqlen", type=int, help="evaluation window length")
     p.add_argument("--ppl", default="wikitext2", help="comma-separated sources; '' for none")
-    p.add_argument("--eval-seqlen", "--seqlen" if positional else "--eval-seqlen", dest="eval_seqlen", type=int)
     p.add_argument("--tasks", default="", help="comma-separated lm-eval tasks")
     p.add_argument("--json", type=Path, help="write the result here")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--max-windows", type=int, help="evaluate only the first N windows (quick checks)")
     p.add_argument("--stream", action="store_true", default=None, help="hold one layer at a time")
-    if positional:
-        p.add_argument("--device", default=None)
-        p.add_argument("--dtype", default="auto")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -88,6 +88,30 @@ class Override:
 
 
 @dataclass(frozen=True)
+class TransformSpec:
+    """A transform at a site (see ``orthoquant.transforms.sites`` for the table of sites).
+
+    :param site: ``residual`` (R1), ``attn_value`` (R2), ``o_input``, ``down_input`` (R4), ``qk`` (R3).
+    :param kind: ``hadamard`` or ``random_hadamard`` (diag(±1)·H, signs from ``seed``).
+    :param seed: seed of the random signs (per-layer sites derive one seed per layer from it).
+    :param block_size: > 0 for a block-diagonal Hadamard of that size (widths with no construction).
+    """
+
+    site: str
+    kind: str = "hadamard"
+    seed: int = 0
+    block_size: int = 0
+
+    def __post_init__(self) -> None:
+        from .transforms.plan import KINDS
+        from .transforms.sites import SITES
+
+        _one_of("transforms.site", self.site, SITES.names())
+        _one_of("transforms.kind", self.kind, KINDS)
+        _require(self.block_size >= 0, f"transforms.block_size={self.block_size} must be >= 0")
+
+
+@dataclass(frozen=True)
 class SolverSpec:
     """The weight solver and its settings (GPTQ's defaults)."""
 
@@ -131,6 +155,7 @@ class Recipe:
     :param kv_cache: fake-quant of keys (after RoPE) and values, per head (None: full precision).
     :param overrides: per-module exceptions, the last matching one wins.
     :param ignore: regular expressions of linears never quantized (lm_head and embeddings by default).
+    :param transforms: Hadamard transforms per site (QuaRot / SpinQuant placement), fused or online.
     """
 
     name: str = "custom"
@@ -141,11 +166,14 @@ class Recipe:
     kv_cache: QuantSpec | None = None
     overrides: tuple[Override, ...] = ()
     ignore: tuple[str, ...] = ("lm_head",)
+    transforms: tuple[TransformSpec, ...] = ()
     solver: SolverSpec = field(default_factory=SolverSpec)
     calibration: CalibSpec = field(default_factory=CalibSpec)
 
     def __post_init__(self) -> None:
         _one_of("version", self.version, [RECIPE_VERSION])
+        sites = [t.site for t in self.transforms]
+        _require(len(sites) == len(set(sites)), f"transforms: each site may appear once, got {sites}")
 
     # --- per-module resolution ------------------------------------------------------------------
     def _override(self, module: str) -> Override | None:

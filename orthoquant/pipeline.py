@@ -18,14 +18,15 @@ from .config import Recipe
 from .data import calibration_windows
 from .errors import UserError
 from .fakequant.attention import use_orthoquant_attention
-from .fakequant.install import install_layer_quantizers
 from .formats import make_format
 from .layerwise import capture_inputs, final_hidden
 from .models.loading import InMemorySource, WeightSource, build_skeleton, open_model
 from .models.spec import ArchSpec, spec_for
 from .models.surgery import fold_final_norm, get_module, layers_of, untie_embeddings
 from .runfolder import RunFolder, decoded_state, load_module, save_module
-from .runner import LayerwiseQuantizer
+from .runner import LayerwiseQuantizer, install_runtime
+from .transforms.plan import TransformPlan
+from .transforms.sites import Dims
 from .solvers import SOLVERS
 from .stats import InputStats
 
@@ -37,12 +38,19 @@ def rest_paths(spec: ArchSpec) -> tuple[str, ...]:
     return (spec.embed, spec.final_norm, spec.lm_head, spec.rotary)
 
 
-def prepare_model(model: nn.Module, spec: ArchSpec, source: WeightSource, device: torch.device) -> None:
-    """Materialise the non-layer modules, untie lm_head and fold the final norm into it."""
+def make_plan(model: nn.Module, spec: ArchSpec, recipe: Recipe) -> TransformPlan:
+    return TransformPlan(recipe.transforms, Dims.of(model.config), spec)
+
+
+def prepare_model(model: nn.Module, spec: ArchSpec, source: WeightSource, device: torch.device,
+                  plan: TransformPlan) -> None:
+    """Materialise the non-layer modules, untie lm_head, fold the final norm into it and fuse the
+    model-level part of the transforms (residual rotation of embeddings and lm_head)."""
     for path in rest_paths(spec):
         source.materialize(get_module(model, path), f"{path}.", device)
     untie_embeddings(model, spec)
     fold_final_norm(model, spec)
+    plan.fuse_rest(model)
     use_orthoquant_attention(model)
 
 
@@ -54,10 +62,12 @@ def check_seqlen(model: nn.Module, seqlen: int) -> None:
 
 def run_quantization(model: nn.Module, spec: ArchSpec, recipe: Recipe, source: WeightSource,
                      windows: torch.Tensor, device: torch.device, run: RunFolder | None) -> dict:
-    """Quantize a prepared model layer by layer, then lm_head if the recipe targets it."""
+    """Prepare the model, quantize it layer by layer, then lm_head if the recipe targets it."""
+    plan = make_plan(model, spec, recipe)
+    prepare_model(model, spec, source, device, plan)
     batches = list(windows.split(recipe.calibration.batch_size))
     inputs = capture_inputs(model, spec, batches, device)
-    runner = LayerwiseQuantizer(model, spec, recipe, source, device, run)
+    runner = LayerwiseQuantizer(model, spec, recipe, source, device, plan, run)
     last = runner.run_layers(inputs)
     quantized = _quantize_lm_head(model, spec, recipe, last.hidden, device)
     if run is not None:
@@ -92,7 +102,6 @@ def quantize(model: nn.Module, recipe: Recipe, windows: torch.Tensor, out: Path 
     if run is not None:
         run.start({"model": f"in-memory:{type(model).__name__}", "recipe": recipe.to_dict()}, recipe.to_yaml())
     source = InMemorySource()
-    prepare_model(model, spec, source, device)
     metrics = run_quantization(model, spec, recipe, source, windows, device, run)
     if run is not None:
         model.config.save_pretrained(run.path)
@@ -114,7 +123,6 @@ def quantize_pretrained(model_id: str, recipe: Recipe, out: Path | str, device: 
         log.info("%s is already complete; nothing to do", run.path)
         return run
     start = time.perf_counter()
-    prepare_model(model, spec, source, device)
     metrics = run_quantization(model, spec, recipe, source, windows, device, run)
     tokenizer.save_pretrained(run.path)
     model.config.save_pretrained(run.path)
@@ -128,13 +136,14 @@ class RunSource(WeightSource):
 
     streaming = True
 
-    def __init__(self, run: RunFolder, spec: ArchSpec, recipe: Recipe, dtype: torch.dtype) -> None:
-        self.run, self.spec, self.recipe, self.dtype = run, spec, recipe, dtype
+    def __init__(self, run: RunFolder, spec: ArchSpec, recipe: Recipe, dtype: torch.dtype,
+                 plan: TransformPlan) -> None:
+        self.run, self.spec, self.recipe, self.dtype, self.plan = run, spec, recipe, dtype, plan
 
     def materialize(self, module: nn.Module, prefix: str, device: torch.device) -> None:
         index = int(prefix[len(self.spec.layers) + 1:].rstrip("."))
         load_module(self.run.layer_path(index), module, device)
-        install_layer_quantizers(module, prefix, self.spec, self.recipe)
+        install_runtime(module, index, self.spec, self.recipe, self.plan)
 
     def load_rest(self, model: nn.Module, device: torch.device) -> None:
         state, _ = decoded_state(self.run.rest_path)
@@ -153,7 +162,7 @@ def open_run(run_dir: Path | str, device: torch.device, dtype: torch.dtype = tor
     config = AutoConfig.from_pretrained(run.path)
     model = build_skeleton(config, dtype)
     spec = spec_for(config)
-    source = RunSource(run, spec, recipe, dtype)
+    source = RunSource(run, spec, recipe, dtype, make_plan(model, spec, recipe))
     source.load_rest(model, device)
     use_orthoquant_attention(model)
     if not stream:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,10 +23,16 @@ from .runfolder import RunFolder, load_module, save_module
 from .solvers import SOLVERS, proxy_loss
 from .stats import collect_input_stats
 from .fakequant.install import install_layer_quantizers
+from .transforms.plan import TransformPlan
 
 log = logging.getLogger(__name__)
 Quantized = dict[str, tuple[QuantizedTensor, QuantSpec]]
-LayerHook = Callable[[nn.Module, int], None]
+
+
+def install_runtime(layer: nn.Module, index: int, arch: ArchSpec, recipe: Recipe, plan: TransformPlan) -> None:
+    """What runs at inference in a finished layer: online transforms, then fake-quantizers."""
+    plan.attach_layer(layer, index)
+    install_layer_quantizers(layer, f"{arch.layers}.{index}.", arch, recipe)
 
 
 @dataclass
@@ -35,8 +41,7 @@ class LayerwiseQuantizer:
 
     :param source: where layer weights come from (streamed from shards, or already in memory).
     :param run: the run folder for checkpoints and resume (None: nothing is written).
-    :param prepare: function-preserving edits applied to each freshly loaded layer before calibration
-        (norm folding first; transforms add theirs).
+    :param plan: the recipe's transforms, fused into each fresh layer after its norms are folded.
     """
 
     model: nn.Module
@@ -44,12 +49,9 @@ class LayerwiseQuantizer:
     recipe: Recipe
     source: WeightSource
     device: torch.device
+    plan: TransformPlan
     run: RunFolder | None = None
-    prepare: list[LayerHook] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.prepare = [lambda layer, i: fold_layer_norms(layer, self.spec), *self.prepare]
 
     def run_layers(self, inputs: LayerInputs) -> LayerInputs:
         """Quantize every layer; returns the inputs of the final norm (the last layer's outputs)."""
@@ -65,15 +67,16 @@ class LayerwiseQuantizer:
             else:
                 bar.set_postfix_str(f"({i + 1}/{len(layers)}) calibrating")
                 self._quantize_layer(layer, i, prefix, inputs)
-            install_layer_quantizers(layer, prefix, self.spec, self.recipe)
+            install_runtime(layer, i, self.spec, self.recipe, self.plan)
             inputs = LayerInputs(run_layer(layer, inputs, self.device), inputs.kwargs)
             self.source.release(layer)
         return inputs
 
     def _quantize_layer(self, layer: nn.Module, index: int, prefix: str, inputs: LayerInputs) -> None:
         start = time.perf_counter()
-        for hook in self.prepare:
-            hook(layer, index)
+        fold_layer_norms(layer, self.spec)
+        self.plan.fuse_layer(layer, index)
+        self.plan.attach_layer(layer, index)  # calibrate on what the layer will see at inference
         quantized, losses = self.solve_layer(layer, prefix, inputs)
         if self.run is not None:
             save_module(self.run.layer_path(index), layer, quantized)

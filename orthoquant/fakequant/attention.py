@@ -51,8 +51,6 @@ def set_kv_quantizers(attention: nn.Module, key_op: Op | None, value_op: Op | No
     attention.orthoquant_kv = (key_op or identity, value_op or identity)
 
 
-def add_qk_transform(attention: nn.Module, op: QKOp) -> None:
-    """Append an online transform of (query, key) after RoPE (e.g. a head-wise Hadamard, R3)."""
-    ops = list(getattr(attention, "orthoquant_qk", ()))
-    ops.append(op)
+def set_qk_transforms(attention: nn.Module, ops: list[QKOp]) -> None:
+    """Online transforms of (query, key) after RoPE (e.g. a head-wise Hadamard, R3), in order."""
     attention.orthoquant_qk = tuple(ops)

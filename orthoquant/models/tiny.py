@@ -7,6 +7,7 @@ Sizes include non-powers of two (intermediate 96 = 12·8) and GQA (4 query heads
 from __future__ import annotations
 
 import math
+import types
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
@@ -50,12 +51,34 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def _exact_rmsnorm(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+def exact_norms_(model: torch.nn.Module) -> torch.nn.Module:
+    """Make every RMSNorm compute in its input's dtype.
+
+    Hugging Face's RMSNorm casts to float32 inside, which caps float64 checks at ~1e-7; with this,
+    a float64 model is float64 throughout and invariance can be checked to 1e-10.
+    """
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            module.forward = types.MethodType(_exact_rmsnorm, module)
+    return model
+
+
 def tiny_model(name: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
-    """A randomized tiny model of family ``name`` in eval mode. Qwen2 has q/k/v biases by construction."""
+    """A randomized tiny model of family ``name`` in eval mode. Qwen2 has q/k/v biases by construction.
+
+    In float64 the RMSNorms compute in float64 too (:func:`exact_norms_`).
+    """
     config = tiny_config(name, **overrides)
     torch.manual_seed(seed)  # transformers' own init draws from the global RNG; ours overwrites it all
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     if config.tie_word_embeddings:
         model.tie_weights()
     randomize_(model, seed)
+    if dtype == torch.float64:
+        exact_norms_(model)
     return model.eval()

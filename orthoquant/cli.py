@@ -3,10 +3,13 @@ to a recipe field or an evaluation option. Bad input exits with code 2 and a one
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from .errors import UserError
 
@@ -47,14 +50,6 @@ def _eval_args(p: argparse.ArgumentParser, standalone: bool = True) -> None:
     p.add_argument("--stream", action="store_true", default=None, help="hold one layer at a time")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="orthoquant", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _quantize_args(sub.add_parser("quantize", help="quantize a model into a run folder"))
-    _eval_args(sub.add_parser("eval", help="perplexity / tasks of a run folder or a model"))
-    sub.add_parser("recipes", help="list the preset recipes")
-    return parser
 
 
 def recipe_from_args(args: argparse.Namespace):
@@ -99,17 +94,53 @@ def cmd_recipes(args: argparse.Namespace) -> None:
         print(f"{name:28s} {load_recipe(name).description}")
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "recipes": cmd_recipes}
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its help line, a function adding its flags, and the function running it."""
+
+    help: str
+    add_args: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], Any]
+
+
+COMMANDS: dict[str, Command] = {
+    "quantize": Command("quantize a model into a run folder", _quantize_args, cmd_quantize),
+    "eval": Command("perplexity / tasks of a run folder or a model", _eval_args, cmd_eval),
+    "recipes": Command("list the preset recipes", lambda p: None, cmd_recipes),
+}
+# Subcommands defined next to their feature: module path -> attribute holding a Command.
+PLUGINS = {"export": ("orthoquant.export.command", "COMMAND"), "report": ("orthoquant.evaluate.report", "COMMAND")}
+
+
+def all_commands() -> dict[str, Command]:
+    commands = dict(COMMANDS)
+    for name, (module, attr) in PLUGINS.items():
+        try:
+            commands[name] = getattr(importlib.import_module(module), attr)
+        except ModuleNotFoundError as e:
+            if e.name != module:  # the feature exists but a dependency of it is missing: say so
+                raise
+    return commands
+
+
+def build_parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orthoquant", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, command in commands.items():
+        command.add_args(sub.add_parser(name, help=command.help))
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from .progress import setup_logging, setup_threads
 
-    args = build_parser().parse_args(argv)
+    commands = all_commands()
+    args = build_parser(commands).parse_args(argv)
     setup_logging(args.verbose)
     setup_threads()
     try:
-        COMMANDS[args.command](args)
+        commands[args.command].run(args)
     except UserError as e:
         print(f"orthoquant: error: {e}", file=sys.stderr)
         return 2

@@ -23,8 +23,8 @@ from .layerwise import capture_inputs, final_hidden
 from .models.loading import InMemorySource, WeightSource, build_skeleton, open_model
 from .models.spec import ArchSpec, spec_for
 from .models.surgery import fold_final_norm, get_module, layers_of, untie_embeddings
-from .runfolder import RunFolder, decoded_state, load_module, save_module
-from .runner import LayerwiseQuantizer, install_runtime
+from .runfolder import RunFolder, SolvedLinear, decoded_state, load_module, save_module
+from .runner import LayerwiseQuantizer, attach_solved, install_runtime, solved_transforms
 from .transforms.plan import TransformPlan
 from .transforms.sites import Dims
 from .solvers import SOLVERS
@@ -86,7 +86,9 @@ def _quantize_lm_head(model, spec, recipe, hidden, device) -> dict:
     result = SOLVERS.get(recipe.solver.name).solve(head.weight.detach().float(), stats.H,
                                                     make_format(q_spec), recipe.solver)
     head.weight.data = result.weight.to(head.weight.dtype)
-    return {spec.lm_head: (result.qweight, q_spec)}
+    solved = SolvedLinear(result.qweight, q_spec, result.input_transform, result.output_transform)
+    attach_solved(model, solved_transforms({spec.lm_head: solved}))
+    return {spec.lm_head: solved}
 
 
 def quantize(model: nn.Module, recipe: Recipe, windows: torch.Tensor, out: Path | str | None = None,
@@ -142,13 +144,14 @@ class RunSource(WeightSource):
 
     def materialize(self, module: nn.Module, prefix: str, device: torch.device) -> None:
         index = int(prefix[len(self.spec.layers) + 1:].rstrip("."))
-        load_module(self.run.layer_path(index), module, device)
-        install_runtime(module, index, self.spec, self.recipe, self.plan)
+        solved = load_module(self.run.layer_path(index), module, device)
+        install_runtime(module, index, self.spec, self.recipe, self.plan, solved)
 
     def load_rest(self, model: nn.Module, device: torch.device) -> None:
-        state, _ = decoded_state(self.run.rest_path)
+        state, solved = decoded_state(self.run.rest_path)
         for name, value in state.items():
             set_module_tensor_to_device(model, name, device, value=value.to(self.dtype))
+        attach_solved(model, solved)
 
 
 def open_run(run_dir: Path | str, device: torch.device, dtype: torch.dtype = torch.float32, stream: bool = False):

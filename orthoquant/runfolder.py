@@ -27,6 +27,8 @@ from torch import nn
 from .config import QuantSpec
 from .errors import UserError
 from .formats import QParams, QuantizedTensor, make_format
+from .transforms.base import Transform
+from .transforms.serialize import transform_from_state, transform_state
 
 _QUANT_KEY = "orthoquant.quantized"
 
@@ -84,16 +86,30 @@ class RunFolder:
         return self.path / "rest.safetensors"
 
 
-def module_state(module: nn.Module, quantized: dict[str, tuple[QuantizedTensor, QuantSpec]],
+@dataclasses.dataclass
+class SolvedLinear:
+    """A quantized linear as stored: codes, the spec that made them, and its online transforms."""
+
+    qweight: QuantizedTensor
+    spec: QuantSpec
+    input_transform: Transform | None = None
+    output_transform: Transform | None = None
+
+
+SIDES = ("input_transform", "output_transform")
+
+
+def module_state(module: nn.Module, quantized: dict[str, SolvedLinear],
                  exclude: str | None = None) -> tuple[dict, dict]:
     """Tensors and metadata describing ``module``: packed codes for quantized linears, all else as is.
 
-    :param quantized: linear path (relative to ``module``) -> its codes and the spec that made them.
+    :param quantized: linear path (relative to ``module``) -> what its solver produced.
     :param exclude: a name prefix whose tensors are left out (the decoder layers, saved apart).
     """
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {}
-    for path, (q, spec) in quantized.items():
+    for path, solved in quantized.items():
+        q, spec = solved.qweight, solved.spec
         fmt = make_format(spec)
         tensors[f"{path}.qcodes"] = fmt.pack(q.codes)
         tensors[f"{path}.qscale"] = q.params.scale
@@ -101,6 +117,12 @@ def module_state(module: nn.Module, quantized: dict[str, tuple[QuantizedTensor, 
             if value is not None:
                 tensors[f"{path}.{key}"] = value
         meta[path] = {"spec": dataclasses.asdict(spec), "cols": q.codes.shape[-1]}
+        for side in SIDES:
+            t = getattr(solved, side)
+            if t is not None:
+                state, name = transform_state(t, f"{path}.{side}")
+                tensors.update(state)
+                meta[path][side] = name
     skip = {f"{p}.weight" for p in quantized}
     for name, t in module.state_dict().items():
         if name not in skip and not (exclude and name.startswith(exclude)):
@@ -108,7 +130,7 @@ def module_state(module: nn.Module, quantized: dict[str, tuple[QuantizedTensor, 
     return tensors, meta
 
 
-def save_module(path: Path, module: nn.Module, quantized: dict[str, tuple[QuantizedTensor, QuantSpec]],
+def save_module(path: Path, module: nn.Module, quantized: dict[str, SolvedLinear],
                 extra_meta: dict[str, str] | None = None, exclude: str | None = None) -> None:
     tensors, meta = module_state(module, quantized, exclude)
     metadata = {_QUANT_KEY: json.dumps(meta), **(extra_meta or {})}
@@ -135,17 +157,28 @@ def dequantized_weights(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) 
     return weights
 
 
-def decoded_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The state dict stored in ``path`` with quantized weights decoded, and the file's metadata."""
-    tensors, meta, metadata = read_module(path)
-    state = {k: v for k, v in tensors.items() if not is_quant_key(k)}
+Transforms = dict[str, dict[str, Transform]]
+
+
+def decoded_state(path: Path) -> tuple[dict[str, torch.Tensor], Transforms]:
+    """The state dict stored in ``path`` with quantized weights decoded, and the solver's online
+    transforms (linear path -> side -> transform)."""
+    tensors, meta, _ = read_module(path)
+    transforms: Transforms = {}
+    for linear, info in meta.items():
+        for side in SIDES:
+            if side in info:
+                transforms.setdefault(linear, {})[side] = transform_from_state(info[side], tensors, f"{linear}.{side}")
+    prefixes = tuple(f"{linear}.{side}." for linear in meta for side in SIDES)
+    state = {k: v for k, v in tensors.items() if not is_quant_key(k) and not k.startswith(prefixes)}
     state.update(dequantized_weights(tensors, meta))
-    return state, metadata
+    return state, transforms
 
 
-def load_module(path: Path, module: nn.Module, device: torch.device | str = "cpu") -> dict[str, str]:
-    """Fill ``module`` (possibly on meta) from a file written by :func:`save_module`; returns its metadata."""
-    state, metadata = decoded_state(path)
+def load_module(path: Path, module: nn.Module, device: torch.device | str = "cpu") -> Transforms:
+    """Fill ``module`` (possibly on meta) from a file written by :func:`save_module`; returns the
+    solver's online transforms, to be attached with :func:`orthoquant.runner.attach_solved`."""
+    state, transforms = decoded_state(path)
     expected = set(module.state_dict())
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
@@ -154,7 +187,7 @@ def load_module(path: Path, module: nn.Module, device: torch.device | str = "cpu
     dtypes = {k: v.dtype for k, v in module.state_dict().items()}
     module.load_state_dict({k: v.to(dtypes[k]) for k, v in state.items()}, assign=True)
     module.to(device)
-    return metadata
+    return transforms
 
 
 def is_quant_key(key: str) -> bool:

@@ -14,25 +14,44 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import QuantSpec, Recipe
-from .formats import QuantizedTensor, make_format
+from .fakequant.inputs import input_pipeline, output_pipeline
+from .formats import make_format
 from .layerwise import LayerInputs, run_layer
 from .models.loading import WeightSource
 from .models.spec import ArchSpec
 from .models.surgery import fold_layer_norms, layers_of, linears_of
-from .runfolder import RunFolder, load_module, save_module
+from .runfolder import RunFolder, SolvedLinear, Transforms, load_module, save_module
 from .solvers import SOLVERS, proxy_loss
 from .stats import collect_input_stats
 from .fakequant.install import install_layer_quantizers
 from .transforms.plan import TransformPlan
 
 log = logging.getLogger(__name__)
-Quantized = dict[str, tuple[QuantizedTensor, QuantSpec]]
+Quantized = dict[str, SolvedLinear]
 
 
-def install_runtime(layer: nn.Module, index: int, arch: ArchSpec, recipe: Recipe, plan: TransformPlan) -> None:
+def attach_solved(layer: nn.Module, transforms: Transforms) -> None:
+    """Install the online transforms a solver chose per linear (idempotent)."""
+    for path, sides in transforms.items():
+        linear = layer.get_submodule(path)
+        if "input_transform" in sides:
+            input_pipeline(linear).set("solver", [sides["input_transform"].forward])
+        if "output_transform" in sides:
+            output_pipeline(linear).ops = [sides["output_transform"].forward]
+
+
+def install_runtime(layer: nn.Module, index: int, arch: ArchSpec, recipe: Recipe, plan: TransformPlan,
+                    solved: Transforms) -> None:
     """What runs at inference in a finished layer: online transforms, then fake-quantizers."""
     plan.attach_layer(layer, index)
+    attach_solved(layer, solved)
     install_layer_quantizers(layer, f"{arch.layers}.{index}.", arch, recipe)
+
+
+def solved_transforms(quantized: Quantized) -> Transforms:
+    return {path: {side: t for side in ("input_transform", "output_transform")
+                   if (t := getattr(s, side)) is not None}
+            for path, s in quantized.items()}
 
 
 @dataclass
@@ -63,16 +82,16 @@ class LayerwiseQuantizer:
             path = self.run.layer_path(i) if self.run else None
             if path is not None and path.is_file():
                 bar.set_postfix_str(f"({i + 1}/{len(layers)}) resumed")
-                load_module(path, layer, self.device)
+                solved = load_module(path, layer, self.device)
             else:
                 bar.set_postfix_str(f"({i + 1}/{len(layers)}) calibrating")
-                self._quantize_layer(layer, i, prefix, inputs)
-            install_runtime(layer, i, self.spec, self.recipe, self.plan)
+                solved = self._quantize_layer(layer, i, prefix, inputs)
+            install_runtime(layer, i, self.spec, self.recipe, self.plan, solved)
             inputs = LayerInputs(run_layer(layer, inputs, self.device), inputs.kwargs)
             self.source.release(layer)
         return inputs
 
-    def _quantize_layer(self, layer: nn.Module, index: int, prefix: str, inputs: LayerInputs) -> None:
+    def _quantize_layer(self, layer: nn.Module, index: int, prefix: str, inputs: LayerInputs) -> Transforms:
         start = time.perf_counter()
         fold_layer_norms(layer, self.spec)
         self.plan.fuse_layer(layer, index)
@@ -81,6 +100,7 @@ class LayerwiseQuantizer:
         if self.run is not None:
             save_module(self.run.layer_path(index), layer, quantized)
         self.metrics[str(index)] = {"seconds": time.perf_counter() - start, "linears": losses}
+        return solved_transforms(quantized)
 
     def solve_layer(self, layer: nn.Module, prefix: str, inputs: LayerInputs) -> tuple[Quantized, dict]:
         """Calibrate and solve the layer's linears, in true-sequential steps if the recipe asks."""
@@ -100,14 +120,16 @@ class LayerwiseQuantizer:
             for role in todo:
                 path = self.spec.path(role)
                 q_spec = self.recipe.weights_for(prefix + path)
-                qweight, losses[path] = self._solve(linears[role], stats[owner[role]].H, q_spec)
-                quantized[path] = (qweight, q_spec)
+                quantized[path], losses[path] = self._solve(linears[role], stats[owner[role]].H, q_spec)
+            # later steps (true-sequential) calibrate on what these linears will compute at inference
+            attach_solved(layer, solved_transforms(quantized))
         return quantized, losses
 
-    def _solve(self, linear: nn.Linear, H: torch.Tensor, q_spec: QuantSpec) -> tuple[QuantizedTensor, dict]:
-        """Solve one linear in place; returns its codes and its proxy loss (absolute and relative)."""
+    def _solve(self, linear: nn.Linear, H: torch.Tensor, q_spec: QuantSpec) -> tuple[SolvedLinear, dict]:
+        """Solve one linear in place; returns what to store and its proxy loss (absolute and relative)."""
         W = linear.weight.detach().float()
         result = SOLVERS.get(self.recipe.solver.name).solve(W, H, make_format(q_spec), self.recipe.solver)
         linear.weight.data = result.weight.to(linear.weight.dtype)
         reference = proxy_loss(W, torch.zeros_like(W), H)  # tr(W H Wᵀ): the output's energy
-        return result.qweight, {"loss": result.loss, "relative": result.loss / max(reference, 1e-30)}
+        solved = SolvedLinear(result.qweight, q_spec, result.input_transform, result.output_transform)
+        return solved, {"loss": result.loss, "relative": result.loss / max(reference, 1e-30)}

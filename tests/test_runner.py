@@ -78,7 +78,7 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     def stop_after_two(self, layer, index, prefix, inputs):
         if index == 2:
             raise Interrupt
-        original(self, layer, index, prefix, inputs)
+        return original(self, layer, index, prefix, inputs)
 
     monkeypatch.setattr(LayerwiseQuantizer, "_quantize_layer", stop_after_two)
     with pytest.raises(Interrupt):
@@ -110,3 +110,43 @@ def test_run_folder_reloads_bit_exactly_and_streams_the_same_numbers(tmp_path):
     assert all(p.is_meta for p in skeleton.model.layers.parameters())
     streamed = streamed_perplexity(skeleton, spec, source, w, CPU, batch_size=4)
     assert streamed == pytest.approx(in_memory, rel=1e-6)
+
+
+@pytest.fixture
+def blockdense_solver():
+    """A solver that moves each linear into a random block-dense basis before RTN, as WUSH does."""
+    from orthoquant.solvers import SOLVERS, SolveResult, Solver, proxy_loss
+    from orthoquant.transforms.base import BlockDense
+
+    def solve(W, H, fmt, spec):
+        d = 16
+        g = torch.Generator().manual_seed(W.shape[0] * 7 + W.shape[1])
+        noise = torch.randn(W.shape[1] // d, d, d, generator=g, dtype=torch.float64)
+        blocks = torch.eye(d, dtype=torch.float64) + 0.5 * noise / d**0.5  # well conditioned, far from I
+        t = BlockDense(blocks)
+        q = fmt.quantize(t.consumer(W.double()).float())
+        return SolveResult(fmt.dequantize(q), q, 0.0, input_transform=t)
+
+    SOLVERS.add("test-blockdense", Solver(solve, needs_hessian=False))
+    yield "test-blockdense"
+    SOLVERS._entries.pop("test-blockdense")
+
+
+def test_solver_transforms_are_attached_saved_and_reloaded(tmp_path, blockdense_solver):
+    base = tiny_model("qwen2")
+    r = Recipe(weights=QuantSpec(bits=8), solver=recipe().solver.__class__(name=blockdense_solver),
+               calibration=recipe().calibration)
+    model = quantize(tiny_model("qwen2"), r, windows(), out=tmp_path / "run")
+    w = windows(seed=2)
+    with torch.no_grad():
+        ref, out = base(w).logits, model(w).logits
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()  # INT8 in the transformed basis ≈ FP
+    lin = model.model.layers[0].mlp.down_proj
+    assert lin.orthoquant_inputs.stages["solver"]
+    lin.orthoquant_inputs.set("solver", [])  # without the online half the function breaks
+    with torch.no_grad():
+        assert (model(w).logits - ref).abs().max() > 0.5
+    loaded, *_ = open_run(tmp_path / "run", CPU)
+    model = quantize(tiny_model("qwen2"), r, windows(), out=tmp_path / "run")  # resume: all layers stored
+    with torch.no_grad():
+        assert torch.equal(loaded(w).logits, out) and torch.equal(model(w).logits, out)

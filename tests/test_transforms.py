@@ -62,7 +62,7 @@ def test_transforms_really_change_the_weights():
                 "model.layers.1.mlp.down_proj.weight", "model.layers.0.self_attn.o_proj.weight"):
         assert (model.state_dict()[key] - before[key]).abs().max() > 1e-3, key
     assert model.model.layers[0].self_attn.orthoquant_qk
-    assert model.model.layers[0].mlp.down_proj.orthoquant_inputs.transforms
+    assert model.model.layers[0].mlp.down_proj.orthoquant_inputs.stages["plan"]
 
 
 def test_a_missing_online_half_breaks_the_function():
@@ -71,7 +71,7 @@ def test_a_missing_online_half_breaks_the_function():
     with torch.no_grad():
         ref = model(IDS).logits
     quantize(model, Recipe(transforms=(TransformSpec("down_input"),)), CALIB)
-    model.model.layers[0].mlp.down_proj.orthoquant_inputs.transforms = []
+    model.model.layers[0].mlp.down_proj.orthoquant_inputs.set("plan", [])
     with torch.no_grad():
         assert (model(IDS).logits - ref).abs().max() > 1e-3
 

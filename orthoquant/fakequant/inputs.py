@@ -1,8 +1,9 @@
-"""An ordered pipeline of operations on a linear's input, run by one forward pre-hook.
+"""Ordered operations on a linear's input (forward pre-hook) and output (forward hook).
 
-Online transforms (a Hadamard before down_proj, WUSH blocks) must act before the activation
-quantizer, whatever order they were installed in; a single hook with explicit stages guarantees it.
-Statistics hooks registered later see the pipeline's output.
+Online transforms must act before the activation quantizer whatever order they were installed in,
+so one hook per module runs explicit stages: the recipe's planned transforms (``plan``), then
+transforms chosen by the weight solver for this linear (``solver``, e.g. WUSH blocks, QuIP#'s
+input RHT), then the quantizer. Statistics hooks registered later see the pipeline's output.
 """
 from __future__ import annotations
 
@@ -12,25 +13,40 @@ import torch
 from torch import nn
 
 Op = Callable[[torch.Tensor], torch.Tensor]
+STAGES = ("plan", "solver")
 
 
 class InputPipeline:
-    """Transforms (in order), then an optional quantizer, applied to ``args[0]`` of a module's forward."""
+    """Per-stage transforms, then an optional quantizer, applied to ``args[0]`` of a forward."""
 
     def __init__(self) -> None:
-        self.transforms: list[Op] = []
+        self.stages: dict[str, list[Op]] = {stage: [] for stage in STAGES}
         self.quantizer: Op | None = None
+
+    def set(self, stage: str, ops: list[Op]) -> None:
+        """Replace the ops of one stage (installing twice is harmless)."""
+        self.stages[stage] = list(ops)
 
     def __call__(self, module: nn.Module, args: tuple) -> tuple:
         x = args[0]
-        for op in self.transforms:
-            x = op(x)
+        for stage in STAGES:
+            for op in self.stages[stage]:
+                x = op(x)
         if self.quantizer is not None:
             x = self.quantizer(x)
         return (x, *args[1:])
 
-    def __bool__(self) -> bool:
-        return bool(self.transforms) or self.quantizer is not None
+
+class OutputPipeline:
+    """Transforms applied to a module's output (QuIP#'s output-side RHT)."""
+
+    def __init__(self) -> None:
+        self.ops: list[Op] = []
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        for op in self.ops:
+            output = op(output)
+        return output
 
 
 def input_pipeline(module: nn.Module) -> InputPipeline:
@@ -43,10 +59,14 @@ def input_pipeline(module: nn.Module) -> InputPipeline:
     return pipe
 
 
+def output_pipeline(module: nn.Module) -> OutputPipeline:
+    pipe = getattr(module, "orthoquant_outputs", None)
+    if pipe is None:
+        pipe = OutputPipeline()
+        module.orthoquant_outputs = pipe
+        module.register_forward_hook(pipe)
+    return pipe
+
+
 def set_input_quantizer(module: nn.Module, quantizer: Op | None) -> None:
     input_pipeline(module).quantizer = quantizer
-
-
-def has_input_ops(module: nn.Module) -> bool:
-    pipe = getattr(module, "orthoquant_inputs", None)
-    return pipe is not None and bool(pipe)

@@ -15,6 +15,7 @@ from ..registry import Registry
 
 if TYPE_CHECKING:
     from ..config import SolverSpec
+    from ..transforms.base import Transform
     from ..formats.base import QuantFormat, QuantizedTensor
 
 
@@ -25,11 +26,17 @@ class SolveResult:
     :param weight: (out, in) float32 dequantized weight, exactly ``fmt.dequantize(qweight)``.
     :param qweight: codes and scales.
     :param loss: proxy loss ``tr(ΔW H ΔWᵀ)`` (``‖ΔW‖²`` when no H is given).
+    :param input_transform: an online transform the solver chose for this linear's input (WUSH
+        blocks, QuIP#'s input RHT): at inference ``x → input_transform.forward(x)``, and ``weight``
+        is expressed in that transformed space.
+    :param output_transform: an online transform of the linear's output (QuIP#'s output RHT).
     """
 
     weight: torch.Tensor
     qweight: "QuantizedTensor"
     loss: float
+    input_transform: "Transform | None" = None
+    output_transform: "Transform | None" = None
 
 
 @dataclass(frozen=True)
@@ -52,3 +59,4 @@ def proxy_loss(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor | None) -> flo
 
 
 from . import rtn  # noqa: E402,F401  (registration)
+from . import gptq  # noqa: E402,F401  (registration)

@@ -35,6 +35,14 @@ class Transform(ABC):
         """The dense d x d matrix M (tests and small sizes only)."""
         return self.forward(torch.eye(self.dim, dtype=dtype))
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """Tensors that rebuild this transform with :meth:`from_state` (serialisable types only)."""
+        raise TypeError(f"{type(self).__name__} is not serialisable")
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> "Transform":
+        raise TypeError(f"{cls.__name__} is not serialisable")
+
 
 def fold_consumer(weight: torch.Tensor, t: Transform) -> torch.Tensor:
     """Weight (out, in) of a linear reading the site: ``W M⁻ᵀ``."""
@@ -66,6 +74,15 @@ class Hadamard(Transform):
         y = apply_hadamard_transpose(x)
         return y * self.signs.to(y) if self.signs is not None else y
 
+    def state(self) -> dict[str, torch.Tensor]:
+        signs = self.signs if self.signs is not None else torch.zeros(0)
+        return {"dim": torch.tensor(self.dim), "signs": signs}
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> "Hadamard":
+        signs = state["signs"]
+        return cls(int(state["dim"]), signs if signs.numel() else None)
+
 
 class Dense(Transform):
     """An explicit matrix M (d, d); the consumer side uses a solve, not an inverse."""
@@ -84,6 +101,51 @@ class Dense(Transform):
         y = torch.linalg.solve(self.M.to(x), x.reshape(-1, self.dim).transpose(0, 1)).transpose(0, 1)
         return y.reshape(shape)
 
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"matrix": self.M, "orthogonal": torch.tensor(self.orthogonal)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> "Dense":
+        return cls(state["matrix"], bool(state["orthogonal"]))
+
+
+class BlockDense(Transform):
+    """A block-diagonal map with its own d x d block per slice: ``M = blockdiag(B_1, …, B_k)``.
+
+    In the row convention ``x → x M``, slice i of x maps to ``x_i B_i``. WUSH's column form
+    ``x_b → T_b x_b`` is ``B_b = T_bᵀ``.
+
+    :param blocks: (k, d, d).
+    """
+
+    def __init__(self, blocks: torch.Tensor, orthogonal: bool = False) -> None:
+        self.blocks, self.orthogonal = blocks, orthogonal
+        self.dim = blocks.shape[0] * blocks.shape[1]
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        k, d = self.blocks.shape[:2]
+        return x.reshape(-1, k, d).transpose(0, 1)  # (k, rows, d)
+
+    def _join(self, y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        return y.transpose(0, 1).reshape(shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._join(torch.bmm(self._split(x), self.blocks.to(x)), x.shape)
+
+    def consumer(self, x: torch.Tensor) -> torch.Tensor:
+        if self.orthogonal:
+            return self.forward(x)
+        # x_i B_i⁻ᵀ = (B_i⁻¹ x_iᵀ)ᵀ, one solve per block
+        y = torch.linalg.solve(self.blocks.to(x), self._split(x).transpose(1, 2)).transpose(1, 2)
+        return self._join(y, x.shape)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"blocks": self.blocks, "orthogonal": torch.tensor(self.orthogonal)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> "BlockDense":
+        return cls(state["blocks"], bool(state["orthogonal"]))
+
 
 class Diagonal(Transform):
     """``M = diag(s)`` with s > 0: producers scale rows by s, consumers divide columns by s."""
@@ -98,6 +160,13 @@ class Diagonal(Transform):
 
     def consumer(self, x: torch.Tensor) -> torch.Tensor:
         return x / self.scale.to(x)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"scale": self.scale}
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> "Diagonal":
+        return cls(state["scale"])
 
 
 class PerBlock(Transform):

@@ -107,7 +107,7 @@ def _consume_role(role: str) -> LayerFn:
 
 def _online_input(role: str) -> LayerFn:
     def attach(layer, spec, dims, t):
-        input_pipeline(linears_of(layer, spec)[role]).transforms = [t.forward]
+        input_pipeline(linears_of(layer, spec)[role]).set("plan", [t.forward])
     return attach
 
 

@@ -1,0 +1,64 @@
+"""Quality on a small model trained inside the session: quantizers are really attached and the
+methods rank as they should. Margins are on the perplexity *increase over FP* (what quantization
+costs), which is deterministic for the presets' seeds."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from orthoquant import load_recipe, quantize
+from orthoquant.data import calibration_windows, evaluation_tokens, perplexity_windows
+from orthoquant.evaluate.ppl import perplexity
+from orthoquant.formats import make_format
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def setup(trained_model):
+    tokenizer = AutoTokenizer.from_pretrained(trained_model)
+    corpus = trained_model.parent / "corpus"
+    calib = calibration_windows(tokenizer, str(corpus / "train.txt"), 32, 64, seed=0)
+    held_out = perplexity_windows(evaluation_tokens(tokenizer, str(corpus / "valid.txt"), 64), 64)[:120]
+    return trained_model, calib, held_out
+
+
+def run(setup, recipe=None, *sets):
+    folder, calib, held_out = setup
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    if recipe is not None:
+        quantize(model, load_recipe(recipe, ["calibration.batch_size=8", *sets]), calib)
+    return model, perplexity(model, held_out, CPU, batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def fp(setup):
+    return run(setup)
+
+
+def test_rtn_w8_is_within_one_percent_but_really_quantized(setup, fp):
+    fp_model, fp_ppl = fp
+    model, ppl = run(setup, "rtn-w4a16", "weights.bits=8", "weights.clip_search=false")
+    assert abs(ppl / fp_ppl - 1) < 0.01
+    ids = setup[2][:2]
+    with torch.no_grad():
+        assert (model(ids).logits - fp_model(ids).logits).abs().max() > 1e-4  # not a no-op
+    fmt = make_format(load_recipe("rtn-w4a16", ["weights.bits=8", "weights.clip_search=false"]).weights)
+    for layer in model.model.layers:
+        w = layer.mlp.down_proj.weight.detach()
+        assert torch.equal(fmt.quantize_dequantize(w), w)  # on the INT8 grid
+
+
+def test_quarot_costs_far_less_than_rtn_at_w4a4kv4(setup, fp):
+    _, fp_ppl = fp
+    _, rtn = run(setup, "rtn-w4a4kv4")
+    _, quarot = run(setup, "quarot-w4a4kv4")
+    assert rtn > fp_ppl * 1.004  # W4A4KV4 without rotations measurably hurts
+    assert quarot - fp_ppl < 0.5 * (rtn - fp_ppl)
+
+
+def test_gptq_costs_less_than_rtn_at_3_bits(setup, fp):
+    _, fp_ppl = fp
+    sets = ("weights.bits=3", "weights.group_size=32")
+    _, rtn = run(setup, "rtn-w4a16", *sets)
+    _, gptq = run(setup, "gptq-w4a16", *sets)
+    assert gptq - fp_ppl < 0.7 * (rtn - fp_ppl)

@@ -1,0 +1,225 @@
+"""GPTQ (Frantar et al. 2022): quantize columns in order and fold each one's error into the rest.
+
+With ``H = E[x xᵀ]`` and ``U`` the upper Cholesky factor of ``H⁻¹`` (``H⁻¹ = UᵀU``), column ``j`` is
+rounded to ``q``, then ``W[:, j+1:] -= (w_j − q)/U_jj ⊗ U[j, j+1:]``, which minimises ``tr(ΔW H ΔWᵀ)``
+over the columns not yet quantized. Updates inside a block of ``spec.blocksize`` columns are rank 1;
+the rest of the weight gets one lazy GEMM per block, so the cost is one ``m·n²`` pass of GEMMs.
+
+Scale parameters come from the format only (``fit``/``encode``/``decode``), so every format works:
+- per tensor (group 0), per channel (group -1) and static groups are fitted once on the whole weight
+  (in its original order, after dead columns are zeroed); static groups keep contiguous groups under
+  act-order, which kernels and exports prefer;
+- dynamic groups are fitted when GPTQ reaches the first column of the group in processing order, on the
+  *current* weights of the group, including updates from earlier columns of the same block (IST reads
+  the block-stale outer weight there). Under act-order such groups hold permuted columns, hence g_idx;
+- a per-tensor factor (``fmt.global_scale``, NVFP4) is fitted once on the whole weight and passed to
+  every ``fit``.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Callable
+
+import torch
+
+from ..errors import ConfigError
+from ..formats.base import QParams, QuantizedTensor
+from . import SOLVERS, SolveResult, Solver, proxy_loss
+
+log = logging.getLogger(__name__)
+
+# Roles solved together, in this order, under ``solver.true_sequential`` (IST's llama.py groups).
+TRUE_SEQUENTIAL: tuple[tuple[str, ...], ...] = (("k", "v", "q"), ("o",), ("up", "gate"), ("down",))
+
+# Damping multipliers tried in turn, first in float32 then in float64, before giving up.
+DAMP_STEPS = (1.0, 10.0, 100.0)
+
+
+def sequential_groups(roles: Iterable[str], true_sequential: bool = True) -> list[tuple[str, ...]]:
+    """The groups of linears of one decoder layer, in the order the runner solves them.
+
+    :param roles: roles present in the layer (``q``, ``k``, ``v``, ``o``, ``gate``, ``up``, ``down``, ...).
+    :param true_sequential: False solves everything in one group from the layer's unquantized inputs.
+    :return: non-empty groups of :data:`TRUE_SEQUENTIAL` restricted to ``roles``; roles it does not name
+        form a last group, so they see every other linear of the layer already quantized.
+    """
+    roles = list(roles)
+    if not true_sequential:
+        return [tuple(roles)] if roles else []
+    groups = [tuple(r for r in group if r in roles) for group in TRUE_SEQUENTIAL]
+    known = {r for group in TRUE_SEQUENTIAL for r in group}
+    groups.append(tuple(r for r in roles if r not in known))
+    return [g for g in groups if g]
+
+
+def _processing_hessian(H: torch.Tensor, dead: torch.Tensor, perm: torch.Tensor | None,
+                        dtype: torch.dtype) -> torch.Tensor:
+    """A fresh ``dtype`` copy of ``H`` (in, in) in processing order with dead inputs pinned to ``H_dd = 1``.
+
+    A zero diagonal entry means the input is always 0; ``H_dd = 1`` keeps the factorisation defined (and
+    the weights of that input are zeroed by the caller). Casting before the gather halves its traffic.
+
+    :param dead: (in,) bool, processing order.
+    """
+    Hd = H.to(dtype, copy=perm is None)
+    if perm is not None:
+        Hd = Hd.index_select(0, perm).index_select(1, perm)
+    Hd.diagonal()[dead] = 1
+    return Hd
+
+
+def _inverse_cholesky(H: torch.Tensor, dead: torch.Tensor, perm: torch.Tensor | None, damp: float) -> torch.Tensor:
+    """Upper ``U`` with ``(H' + λI)⁻¹ = UᵀU``, in float32 when possible (IST: chol(chol⁻¹(chol(H)))).
+
+    ``H'`` is ``H`` in processing order with dead inputs pinned, ``λ = damp · mean(diag H')``. A failed
+    factorisation retries with 10x and 100x the damping, then the same in float64, logging a warning
+    each time; it never falls back to round-to-nearest.
+
+    :param H: (in, in) float64 second moment, original order.
+    :param dead: (in,) bool, inputs with a zero diagonal entry, original order.
+    :param perm: (in,) processing order, or None.
+    :return: (in, in) float32 or float64 upper triangular factor, processing order.
+    """
+    mean_diag = float(torch.where(dead, 1.0, H.diagonal()).mean())
+    dead = dead if perm is None else dead[perm]
+    for dtype in (torch.float32, torch.float64):
+        for step in DAMP_STEPS:
+            Hd = _processing_hessian(H, dead, perm, dtype)
+            Hd.diagonal().add_(damp * step * mean_diag)
+            L, info = torch.linalg.cholesky_ex(Hd)
+            if not info:
+                del Hd
+                U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+                if not info and bool(torch.isfinite(U.diagonal()).all()):
+                    return U
+            log.warning("GPTQ: Cholesky failed in %s with damping %.3g x mean diag; retrying",
+                        str(dtype).removeprefix("torch."), damp * step)
+    raise torch.linalg.LinAlgError(
+        f"GPTQ: the Hessian is not positive definite even with damping {damp * DAMP_STEPS[-1]:.3g} x mean "
+        "diag in float64; check the calibration statistics for NaN/Inf or a broken capture")
+
+
+class _Scales:
+    """The scale parameters of the weight's columns as GPTQ reaches them.
+
+    :param fmt: the format.
+    :param W: (out, in) weight in original column order, dead columns zeroed, not yet updated.
+    :param perm: (in,) processing order (act-order), or None for the natural order.
+    :param static_groups: fit groups on ``W`` up front instead of when GPTQ reaches them.
+    """
+
+    def __init__(self, fmt, W: torch.Tensor, perm: torch.Tensor | None, static_groups: bool) -> None:
+        self.fmt, self.perm, self.cols = fmt, perm, W.shape[1]
+        self.order = list(range(self.cols)) if perm is None else perm.tolist()  # no device sync per column
+        self.group = fmt.group_size if fmt.group_size > 0 else 0
+        if self.group and self.cols % self.group:
+            raise ConfigError(f"group_size {self.group} does not divide the {self.cols} input columns")
+        self.global_scale = fmt.global_scale(W.float())
+        self.dynamic = self.group > 0 and not static_groups
+        self.fitted: list[QParams] = []
+        self.whole = None if self.dynamic else fmt.fit(W.float(), global_scale=self.global_scale)
+        # The current group's parameters expanded to one column, and that group's index.
+        self._current = None if self.group else self.whole.columns(1)
+        self._g: int | None = None
+
+    def column(self, k: int, current: Callable[[int, int], torch.Tensor]) -> QParams:
+        """Parameters of the ``k``-th processed column, expanded to one column.
+
+        :param current: ``current(a, b)`` returns the up-to-date weights (out, b − a) of processed
+            columns ``a..b``; dynamic groups are fitted on it at their first column.
+        """
+        if self.dynamic and k % self.group == 0:
+            p = self.fmt.fit(current(k, k + self.group).float(), global_scale=self.global_scale)
+            self.fitted.append(p)
+            self._current = p.columns(1)
+        elif self.group and not self.dynamic:
+            g = self.order[k] // self.group
+            if g != self._g:
+                self._g, self._current = g, _slice(self.whole, g).columns(1)
+        return self._current
+
+    def params(self) -> tuple[QParams, torch.Tensor | None]:
+        """All groups' parameters and the (in,) g_idx of each original column (None when contiguous)."""
+        if not self.dynamic:
+            return self.whole, None
+        first = self.fitted[0]
+        zero = None if first.zero is None else torch.cat([p.zero for p in self.fitted], 1)
+        params = QParams(torch.cat([p.scale for p in self.fitted], 1), zero, first.global_scale)
+        if self.perm is None:
+            return params, None
+        g_idx = torch.empty(self.cols, dtype=torch.long, device=self.perm.device)
+        g_idx[self.perm] = torch.arange(self.cols, device=self.perm.device) // self.group
+        return params, g_idx
+
+
+def _slice(p: QParams, g: int) -> QParams:
+    """Group ``g`` of ``p`` as one-group parameters."""
+    return QParams(p.scale[:, g:g + 1], None if p.zero is None else p.zero[:, g:g + 1], p.global_scale)
+
+
+def _quantize_columns(Wt: torch.Tensor, U: torch.Tensor, scales: _Scales, fmt, blocksize: int) -> torch.Tensor:
+    """The GPTQ loop on the transposed, processed-order weight ``Wt`` (in, out), updated in place.
+
+    Working on Wᵀ makes each weight column a contiguous row, which keeps the per-column ops cheap on CPU.
+
+    :param U: (in, in) upper Cholesky factor of the damped inverse Hessian, same dtype as ``Wt``.
+    :return: (in, out) uint8 codes in processing order (transposed like ``Wt``).
+    """
+    cols, rows = Wt.shape
+    codes = torch.empty(cols, rows, dtype=torch.uint8, device=Wt.device)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1, U1 = Wt[i1:i2], U[i1:i2, i1:i2]
+        d = U1.diagonal().tolist()
+        Err1 = torch.zeros_like(W1)
+
+        def current(a: int, b: int) -> torch.Tensor:
+            # Rows of this block are up to date; later ones still miss this block's lazy update so far.
+            inside = Wt[a:min(b, i2)]
+            if b > i2:
+                inside = torch.cat([inside, Wt[i2:b] - U[i1:a, i2:b].T @ Err1[:a - i1]])
+            return inside.T
+
+        for i in range(i2 - i1):
+            p = scales.column(i1 + i, current)
+            w = W1[i]
+            c = fmt.encode(w[:, None].float(), p)
+            err = torch.sub(w, fmt.decode(c, p)[:, 0], out=Err1[i]).div_(d[i])
+            W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1)
+            codes[i1 + i] = c[:, 0]
+        Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1)
+    return codes
+
+
+def solve_gptq(W: torch.Tensor, H: torch.Tensor | None, fmt, spec) -> SolveResult:
+    """Quantize one linear's weight with GPTQ.
+
+    :param W: (out, in) float32 weight.
+    :param H: (in, in) float64 second moment ``E[x xᵀ]`` of the linear's input (required).
+    :param fmt: any :class:`~orthoquant.formats.base.QuantFormat`.
+    :param spec: :class:`~orthoquant.config.SolverSpec` (damp, blocksize, act_order, static_groups).
+    :return: weight ``fmt.dequantize(qweight)`` in the original column order, loss ``tr(ΔW H ΔWᵀ)``
+        with the undamped ``H``.
+    """
+    if H is None:
+        raise ValueError("GPTQ needs the input second moment H of the linear")
+    H = H.to(W.device)
+    dead = H.diagonal() == 0  # inputs that never fire: their weights cannot matter
+    Wz = W.float().clone()
+    Wz[:, dead] = 0
+    perm = None
+    if spec.act_order:
+        perm = torch.argsort(torch.where(dead, 1.0, H.diagonal()), descending=True, stable=True)
+    scales = _Scales(fmt, Wz, perm, spec.static_groups)
+    U = _inverse_cholesky(H, dead, perm, spec.damp)
+    Wt = (Wz if perm is None else Wz[:, perm]).T.to(U.dtype).contiguous()
+    codes = _quantize_columns(Wt, U, scales, fmt, spec.blocksize).T
+    codes = (codes if perm is None else codes[:, torch.argsort(perm)]).contiguous()
+    params, g_idx = scales.params()
+    qweight = QuantizedTensor(codes, params, g_idx)
+    Wq = fmt.dequantize(qweight)
+    return SolveResult(Wq, qweight, proxy_loss(W, Wq, H))
+
+
+SOLVERS.add("gptq", Solver(solve_gptq, needs_hessian=True))

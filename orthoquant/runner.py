@@ -37,7 +37,14 @@ def attach_solved(layer: nn.Module, transforms: Transforms) -> None:
         if "input_transform" in sides:
             input_pipeline(linear).set("solver", [sides["input_transform"].forward])
         if "output_transform" in sides:
-            output_pipeline(linear).ops = [sides["output_transform"].forward]
+            output_pipeline(linear).ops = [_output_op(linear, sides["output_transform"])]
+
+
+def _output_op(linear: nn.Module, t):
+    """``y → t(y)`` on the product only: the bias, kept in the original basis, is added after."""
+    if getattr(linear, "bias", None) is None:
+        return t.forward
+    return lambda y: t.forward(y - linear.bias) + linear.bias
 
 
 def install_runtime(layer: nn.Module, index: int, arch: ArchSpec, recipe: Recipe, plan: TransformPlan,

@@ -1,6 +1,11 @@
 """Device and dtype choice. The only module that names CUDA."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
+from functools import lru_cache
+
 import torch
 
 from .errors import UserError
@@ -41,3 +46,41 @@ def synchronize(device: torch.device) -> None:
 def peak_memory(device: torch.device) -> int | None:
     """Peak bytes allocated on an accelerator since the last reset, None on CPU."""
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+@lru_cache(maxsize=1)
+def _libc():
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+@lru_cache(maxsize=1)
+def use_mmap_for_large_blocks() -> None:
+    """Serve blocks over 1 MiB with mmap, returned to the system when freed.
+
+    Otherwise glibc raises its mmap threshold after the first large free and carves later layers'
+    weights out of a heap that only grows, so peak memory would creep up with depth.
+    """
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+
+
+def release_memory(device: torch.device | None = None) -> None:
+    """Give freed memory back after a layer is offloaded, so peak use stays flat in depth.
+
+    glibc keeps freed multi-megabyte blocks in its heap and fragments it layer after layer;
+    ``malloc_trim`` returns them to the system. On CUDA the caching allocator is emptied.
+    """
+    gc.collect()
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+    if device is not None and device.type == "cuda":
+        torch.cuda.empty_cache()

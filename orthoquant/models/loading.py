@@ -16,6 +16,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from ..device import release_memory, use_mmap_for_large_blocks
 from ..errors import UserError
 from .spec import ArchSpec, spec_for
 
@@ -83,6 +84,7 @@ class SafetensorsSource(WeightSource):
     streaming = True
 
     def __init__(self, folder: Path, dtype: torch.dtype, aliases: dict[str, str] | None = None) -> None:
+        use_mmap_for_large_blocks()
         self.folder, self.dtype, self.aliases = folder, dtype, aliases or {}
         index = folder / "model.safetensors.index.json"
         if index.is_file():
@@ -110,7 +112,9 @@ class SafetensorsSource(WeightSource):
         module.to(device)
 
     def release(self, module: nn.Module) -> None:
+        device = next(module.parameters()).device
         module.to("meta")
+        release_memory(device)
 
 
 def open_model(model: str, dtype_name: str, device: torch.device):

@@ -34,22 +34,34 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_args(p: argparse.ArgumentParser, standalone: bool = True) -> None:
-    """Evaluation flags; ``standalone`` for `orthoquant eval`, else after the quantize flags (one script)."""
+    """Evaluation flags; ``standalone`` for `orthoquant eval`, else after the quantize flags (one script).
+
+    Task flags take lm-eval's own spellings too (``--num_fewshot``), so its users' commands carry over.
+    """
     if standalone:
-        p.add_argument("target", metavar="RUN|MODEL", help="run folder (quantized) or model (full precision)")
+        p.add_argument("target", metavar="RUN|MODEL", help="run folder (quantized), exported checkpoint or model")
         p.add_argument("--seqlen", dest="eval_seqlen", type=int, help="window length (default min(2048, positions))")
         p.add_argument("--device", default=None)
         p.add_argument("--dtype", default="auto")
     else:
         p.add_argument("--eval-seqlen", dest="eval_seqlen", type=int, help="evaluation window length")
     p.add_argument("--ppl", default="wikitext2", help="comma-separated sources; '' for none")
-    p.add_argument("--tasks", default="", help="comma-separated lm-eval tasks")
+    p.add_argument("--tasks", default="", help="comma-separated lm-eval tasks, groups, tags or suites "
+                   "(quarot6, ostquant9); eval/tasks holds offline ones (oq_code_nextline, oq_code_ppl, oq_local)")
     p.add_argument("--json", type=Path, help="write the result here")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", "--batch_size", type=int, default=1)
     p.add_argument("--max-windows", type=int, help="evaluate only the first N windows (quick checks)")
     p.add_argument("--stream", action="store_true", default=None, help="hold one layer at a time")
-
-
+    p.add_argument("--num-fewshot", "--num_fewshot", type=int, help="few-shot examples (default: each task's)")
+    p.add_argument("--max-length", "--max_length", type=int, help="task context length (default: the seqlen)")
+    p.add_argument("--apply-chat-template", "--apply_chat_template", nargs="?", const=True, default=False,
+                   metavar="TEMPLATE", help="format prompts with the tokenizer's chat template (optionally named)")
+    p.add_argument("--fewshot-as-multiturn", "--fewshot_as_multiturn", nargs="?", const=True, default=None,
+                   type=lambda x: x.lower() in ("true", "1", "yes"), metavar="BOOL",
+                   help="few-shot examples as chat turns (default: on with --apply-chat-template)")
+    p.add_argument("--include-path", "--include_path", action="append", default=[], metavar="DIR",
+                   help="folder of task YAMLs (repeatable); relative data paths in them resolve against it")
+    p.add_argument("--limit", type=float, help="documents per task: a count, or a fraction when below 1")
 
 
 def recipe_from_args(args: argparse.Namespace):
@@ -72,13 +84,12 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
 
 def cmd_eval(args: argparse.Namespace) -> dict:
     from .device import resolve_device
+    from .evaluate.lm_eval import TaskOptions
     from .evaluate.run_eval import evaluate
 
-    if args.tasks:
-        raise UserError("--tasks needs the lm-eval integration, which is not part of this build yet")
     sources = [s for s in args.ppl.split(",") if s]
     result = evaluate(args.target, sources, args.eval_seqlen, resolve_device(args.device), args.dtype,
-                      args.batch_size, args.stream, args.max_windows)
+                      args.batch_size, args.stream, args.max_windows, TaskOptions.from_args(args))
     text = json.dumps(result, indent=2)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

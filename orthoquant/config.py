@@ -147,6 +147,75 @@ class CalibSpec:
 
 
 @dataclass(frozen=True)
+class FitSpec:
+    """End-to-end fitting of learnable transforms (OSTQuant, SpinQuant) before the layer-wise solve.
+
+    Defaults are OSTQuant's (100 steps, global batch 16, RiemannianAdam, lr 0.016897 / 0.0017899,
+    linear decay, KL-Top with k = 1000). Training sequences are the calibration windows.
+
+    :param params: learnable parameters (``orthoquant.transforms.learnable.PARAMS``): R_res, R_ov (one
+        rotation per KV head), R2 (one per layer shared by heads), S_attn, S_ffn, S_ov, S_qk, S_up_down.
+    :param init: rotations start as ``hadamard`` (random) or ``klt`` (weight-covariance eigenvectors x
+        random Hadamard, OSTQuant's W4A4 init); scales start at 1.
+    :param optimizer: ``riemannian_adam`` (geoopt, OSTQuant) or ``cayley_sgd`` (geoopt RiemannianSGD on
+        the canonical Stiefel manifold, whose retraction is Cayley's: SpinQuant).
+    :param loss: ``kl_top``, ``kl``, ``ce`` (next-token cross-entropy, SpinQuant) or ``mse`` (logits).
+    :param batch_size: sequences per micro-batch on each process; a step sees
+        batch_size x grad_accum x processes sequences.
+    :param schedule: learning-rate decay to 0 over ``steps``: ``linear``, ``cosine`` or ``constant``.
+    :param train_weights: fake-quantize weights with the recipe's weight format during fitting (W4A16).
+    :param loss_chunk: tokens per chunk of the loss (memory O(chunk x vocab)).
+    :param checkpoint_every: steps between fit checkpoints in the run folder (0: only at the end).
+    :param grad_checkpointing: recompute decoder layers in backward: ``auto`` (on CUDA), ``on``, ``off``.
+    :param autocast: ``auto`` (bfloat16 on CUDA, off on CPU), ``bfloat16`` or ``off``.
+    :param qsur_samples: calibration windows QSUR is measured on before and after fitting (0: skip).
+    :param released: a released SpinQuant ``R.bin`` or OSTQuant parameter file to use instead of fitting.
+    """
+
+    params: tuple[str, ...] = ("R_res", "R_ov", "S_attn", "S_ffn", "S_ov", "S_qk", "S_up_down")
+    init: str = "hadamard"
+    optimizer: str = "riemannian_adam"
+    loss: str = "kl_top"
+    top_k: int = 1000
+    steps: int = 100
+    batch_size: int = 4
+    grad_accum: int = 4
+    lr_rotation: float = 0.016897
+    lr_scale: float = 0.0017899
+    schedule: str = "linear"
+    momentum: float = 0.0
+    stabilize: int = 10
+    train_weights: bool = False
+    seed: int = 0
+    loss_chunk: int = 1024
+    checkpoint_every: int = 10
+    grad_checkpointing: str = "auto"
+    autocast: str = "auto"
+    qsur_samples: int = 8
+    released: str = ""
+
+    def __post_init__(self) -> None:
+        from .fitting.losses import LOSSES
+        from .transforms.learnable import PARAMS
+
+        for name in self.params:
+            _one_of("fitting.params", name, PARAMS.names())
+        _require(len(set(self.params)) == len(self.params), f"fitting.params repeats a name: {self.params}")
+        _require(not {"R_ov", "R2"} <= set(self.params), "fitting.params: choose R_ov or R2, not both")
+        _one_of("fitting.init", self.init, ["hadamard", "klt"])
+        _one_of("fitting.optimizer", self.optimizer, ["riemannian_adam", "cayley_sgd"])
+        _one_of("fitting.loss", self.loss, LOSSES.names())
+        _one_of("fitting.schedule", self.schedule, ["linear", "cosine", "constant"])
+        _one_of("fitting.grad_checkpointing", self.grad_checkpointing, ["auto", "on", "off"])
+        _one_of("fitting.autocast", self.autocast, ["auto", "bfloat16", "off"])
+        for name in ("top_k", "batch_size", "grad_accum", "loss_chunk"):
+            _require(getattr(self, name) > 0, f"fitting.{name}={getattr(self, name)} must be positive")
+        for name in ("steps", "checkpoint_every", "qsur_samples", "stabilize"):
+            _require(getattr(self, name) >= 0, f"fitting.{name}={getattr(self, name)} must be >= 0")
+        _require(self.lr_rotation >= 0 and self.lr_scale >= 0, "fitting learning rates must be >= 0")
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A complete quantization recipe.
 
@@ -156,6 +225,7 @@ class Recipe:
     :param overrides: per-module exceptions, the last matching one wins.
     :param ignore: regular expressions of linears never quantized (lm_head and embeddings by default).
     :param transforms: Hadamard transforms per site (QuaRot / SpinQuant placement), fused or online.
+    :param fitting: learn transforms end to end before the layer-wise solve (None: no fitting).
     """
 
     name: str = "custom"
@@ -169,6 +239,7 @@ class Recipe:
     transforms: tuple[TransformSpec, ...] = ()
     solver: SolverSpec = field(default_factory=SolverSpec)
     calibration: CalibSpec = field(default_factory=CalibSpec)
+    fitting: FitSpec | None = None
 
     def __post_init__(self) -> None:
         _one_of("version", self.version, [RECIPE_VERSION])

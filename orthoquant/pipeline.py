@@ -18,6 +18,7 @@ from .config import Recipe
 from .data import calibration_windows
 from .errors import UserError
 from .fakequant.attention import use_orthoquant_attention
+from .fitting import fit_transforms
 from .formats import make_format
 from .layerwise import capture_inputs, final_hidden
 from .models.loading import InMemorySource, WeightSource, build_skeleton, open_model
@@ -65,9 +66,13 @@ def run_quantization(model: nn.Module, spec: ArchSpec, recipe: Recipe, source: W
     """Prepare the model, quantize it layer by layer, then lm_head if the recipe targets it."""
     plan = make_plan(model, spec, recipe)
     prepare_model(model, spec, source, device, plan)
+    fitted = (fit_transforms(model, spec, recipe, plan, source, windows, device, run.path if run else None)
+              if recipe.fitting is not None else None)  # learned transforms join the plan
     batches = list(windows.split(recipe.calibration.batch_size))
     inputs = capture_inputs(model, spec, batches, device)
     runner = LayerwiseQuantizer(model, spec, recipe, source, device, plan, run)
+    if fitted is not None:
+        runner.metrics["fitting"] = fitted
     last = runner.run_layers(inputs)
     quantized = _quantize_lm_head(model, spec, recipe, last.hidden, device)
     if run is not None:

@@ -49,23 +49,24 @@ class OutputPipeline:
         return output
 
 
+def _hooked(module: nn.Module, attr: str, make, register) -> object:
+    """The pipeline stored on ``module`` under ``attr``, created and registered as a hook on first use."""
+    pipe = getattr(module, attr, None)
+    if pipe is None:
+        pipe = make()
+        setattr(module, attr, pipe)
+        register(module, pipe)
+    return pipe
+
+
 def input_pipeline(module: nn.Module) -> InputPipeline:
     """The module's input pipeline, created (and hooked) on first use."""
-    pipe = getattr(module, "orthoquant_inputs", None)
-    if pipe is None:
-        pipe = InputPipeline()
-        module.orthoquant_inputs = pipe
-        module.register_forward_pre_hook(pipe)
-    return pipe
+    return _hooked(module, "orthoquant_inputs", InputPipeline, nn.Module.register_forward_pre_hook)
 
 
 def output_pipeline(module: nn.Module) -> OutputPipeline:
-    pipe = getattr(module, "orthoquant_outputs", None)
-    if pipe is None:
-        pipe = OutputPipeline()
-        module.orthoquant_outputs = pipe
-        module.register_forward_hook(pipe)
-    return pipe
+    """The module's output pipeline, created (and hooked) on first use."""
+    return _hooked(module, "orthoquant_outputs", OutputPipeline, nn.Module.register_forward_hook)
 
 
 def set_input_quantizer(module: nn.Module, quantizer: Op | None) -> None:

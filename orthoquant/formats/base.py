@@ -82,6 +82,8 @@ class QuantFormat(ABC):
     """
 
     name: ClassVar[str]
+    # weights coded together along a row: 1 for scalar formats, 8 for the E8 lattice (solvers step by it)
+    vector_size: ClassVar[int] = 1
 
     def __init__(self, spec: "QuantSpec") -> None:
         self.check(spec)

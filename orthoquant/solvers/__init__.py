@@ -60,3 +60,6 @@ def proxy_loss(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor | None) -> flo
 
 from . import rtn  # noqa: E402,F401  (registration)
 from . import gptq  # noqa: E402,F401  (registration)
+from . import block_transformed  # noqa: E402,F401  (registration)
+from . import ldlq  # noqa: E402,F401  (registration)
+from . import quip  # noqa: E402,F401  (registration)

@@ -1,17 +1,26 @@
 """GPTQ (Frantar et al. 2022): quantize columns in order and fold each one's error into the rest.
 
-With ``H = E[x xᵀ]`` and ``U`` the upper Cholesky factor of ``H⁻¹`` (``H⁻¹ = UᵀU``), column ``j`` is
-rounded to ``q``, then ``W[:, j+1:] -= (w_j − q)/U_jj ⊗ U[j, j+1:]``, which minimises ``tr(ΔW H ΔWᵀ)``
-over the columns not yet quantized. Updates inside a block of ``spec.blocksize`` columns are rank 1;
-the rest of the weight gets one lazy GEMM per block, so the cost is one ``m·n²`` pass of GEMMs.
+IST's form: with ``U`` upper and ``H'⁻¹ = UᵀU`` (``H'`` the damped ``H = E[x xᵀ]``), column ``j`` is
+rounded to ``q``, then ``W[:, j+1:] -= (w_j − q)/U_jj ⊗ U[j, j+1:]``. This module runs the same algorithm
+in its LDL form (QuIP's LDLQ, proven equal to GPTQ): with ``H' = R Rᵀ``, R upper (``R = U⁻¹``), column
+``k`` is rounded from ``W_k + Σ_{j<k} (W_j − Q_j) F_jk``, ``F = R·diag(R)⁻¹ − I`` strictly upper. Both give
+the same ``Q`` in exact arithmetic (``W − Q = E·U`` with E the scaled errors), but R is one Cholesky
+factorisation of the reversed ``H'`` (n³/3 flops) where IST takes three (4n³/3), which dominates for
+wide layers, and no inverse is formed. Within a block of ``spec.blocksize`` columns the feedback is
+rank 1 per column; each block first gets the feedback of all earlier blocks in one GEMM (m·n² in all).
+The partial sums of the two forms differ for columns not reached yet: IST's updated weights of columns
+a..b after columns < a are ``W + Y·R_gg⁻¹`` where the LDL form holds ``W + Y·diag(R_gg)⁻¹`` (Y the
+feedback of columns < a, ``R_gg`` the diagonal block of R), so dynamic groups convert with a small
+triangular solve before fitting.
 
 Scale parameters come from the format only (``fit``/``encode``/``decode``), so every format works:
 - per tensor (group 0), per channel (group -1) and static groups are fitted once on the whole weight
   (in its original order, after dead columns are zeroed); static groups keep contiguous groups under
   act-order, which kernels and exports prefer;
 - dynamic groups are fitted when GPTQ reaches the first column of the group in processing order, on the
-  *current* weights of the group, including updates from earlier columns of the same block (IST reads
-  the block-stale outer weight there). Under act-order such groups hold permuted columns, hence g_idx;
+  *current* weights of the group, feedback from every earlier column included (IST reads the block-stale
+  outer weight there). Blocks are rounded to whole groups so that a group never spans two blocks. Under
+  act-order such groups hold permuted columns, hence g_idx;
 - a per-tensor factor (``fmt.global_scale``, NVFP4) is fitted once on the whole weight and passed to
   every ``fit``.
 """
@@ -53,51 +62,60 @@ def sequential_groups(roles: Iterable[str], true_sequential: bool = True) -> lis
     return [g for g in groups if g]
 
 
-def _processing_hessian(H: torch.Tensor, dead: torch.Tensor, perm: torch.Tensor | None,
-                        dtype: torch.dtype) -> torch.Tensor:
-    """A fresh ``dtype`` copy of ``H`` (in, in) in processing order with dead inputs pinned to ``H_dd = 1``.
+def _reversed_hessian(H: torch.Tensor, dead: torch.Tensor, perm: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A fresh ``dtype`` copy of ``H`` (in, in) in *reversed* processing order, dead inputs pinned to 1.
 
-    A zero diagonal entry means the input is always 0; ``H_dd = 1`` keeps the factorisation defined (and
-    the weights of that input are zeroed by the caller). Casting before the gather halves its traffic.
+    A zero diagonal entry means the input is always 0; ``H_dd = 1`` keeps the factorisation defined (the
+    caller zeroes that input's weights). Casting before the gather halves its traffic.
 
-    :param dead: (in,) bool, processing order.
+    :param dead: (in,) bool, original order.
+    :param perm: (in,) processing order.
     """
-    Hd = H.to(dtype, copy=perm is None)
-    if perm is not None:
-        Hd = Hd.index_select(0, perm).index_select(1, perm)
-    Hd.diagonal()[dead] = 1
-    return Hd
+    rev = perm.flip(0)
+    Hr = H.to(dtype).index_select(0, rev).index_select(1, rev)
+    Hr.diagonal()[dead[rev]] = 1
+    return Hr
 
 
-def _inverse_cholesky(H: torch.Tensor, dead: torch.Tensor, perm: torch.Tensor | None, damp: float) -> torch.Tensor:
-    """Upper ``U`` with ``(H' + λI)⁻¹ = UᵀU``, in float32 when possible (IST: chol(chol⁻¹(chol(H)))).
+def upper_factor(H: torch.Tensor, dead: torch.Tensor, perm: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper ``R`` with ``H' + λI = R Rᵀ``, in float32 when possible.
 
-    ``H'`` is ``H`` in processing order with dead inputs pinned, ``λ = damp · mean(diag H')``. A failed
-    factorisation retries with 10x and 100x the damping, then the same in float64, logging a warning
-    each time; it never falls back to round-to-nearest.
+    ``H'`` is ``H`` in processing order with dead inputs pinned, ``λ = damp · mean(diag H')``. R is the
+    lower Cholesky factor of the reversed matrix, reversed. A failed factorisation retries with 10x and
+    100x the damping, then the same in float64, logging a warning each time; it never falls back to
+    round-to-nearest.
 
     :param H: (in, in) float64 second moment, original order.
     :param dead: (in,) bool, inputs with a zero diagonal entry, original order.
-    :param perm: (in,) processing order, or None.
-    :return: (in, in) float32 or float64 upper triangular factor, processing order.
+    :param perm: (in,) processing order.
+    :return: (in, in) float32 or float64, processing order.
     """
     mean_diag = float(torch.where(dead, 1.0, H.diagonal()).mean())
-    dead = dead if perm is None else dead[perm]
     for dtype in (torch.float32, torch.float64):
         for step in DAMP_STEPS:
-            Hd = _processing_hessian(H, dead, perm, dtype)
-            Hd.diagonal().add_(damp * step * mean_diag)
-            L, info = torch.linalg.cholesky_ex(Hd)
-            if not info:
-                del Hd
-                U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-                if not info and bool(torch.isfinite(U.diagonal()).all()):
-                    return U
+            Hr = _reversed_hessian(H, dead, perm, dtype)
+            Hr.diagonal().add_(damp * step * mean_diag)
+            L, info = torch.linalg.cholesky_ex(Hr)
+            del Hr
+            if not info and bool(torch.isfinite(L.diagonal()).all()):
+                return L.flip(0, 1)
             log.warning("GPTQ: Cholesky failed in %s with damping %.3g x mean diag; retrying",
                         str(dtype).removeprefix("torch."), damp * step)
     raise torch.linalg.LinAlgError(
         f"GPTQ: the Hessian is not positive definite even with damping {damp * DAMP_STEPS[-1]:.3g} x mean "
         "diag in float64; check the calibration statistics for NaN/Inf or a broken capture")
+
+
+def feedback_from_factor(R: torch.Tensor) -> torch.Tensor:
+    """The strictly upper feedback ``F = R·diag(R)⁻¹ − I`` of an upper factor ``R`` (overwritten)."""
+    R /= R.diagonal().clone()  # column k divided by R_kk
+    R.diagonal().zero_()
+    return R
+
+
+def _feedback(H: torch.Tensor, dead: torch.Tensor, perm: torch.Tensor, damp: float) -> torch.Tensor:
+    """Strictly upper ``F = R·diag(R)⁻¹ − I`` with ``H' + λI = R Rᵀ`` (see :func:`upper_factor`)."""
+    return feedback_from_factor(upper_factor(H, dead, perm, damp))
 
 
 class _Scales:
@@ -123,11 +141,18 @@ class _Scales:
         self._current = None if self.group else self.whole.columns(1)
         self._g: int | None = None
 
+    def blocksize(self, blocksize: int) -> int:
+        """``blocksize`` rounded to whole dynamic groups (at least one), so no group spans two blocks."""
+        if not self.dynamic:
+            return blocksize
+        return max(self.group, blocksize // self.group * self.group)
+
     def column(self, k: int, current: Callable[[int, int], torch.Tensor]) -> QParams:
         """Parameters of the ``k``-th processed column, expanded to one column.
 
         :param current: ``current(a, b)`` returns the up-to-date weights (out, b − a) of processed
-            columns ``a..b``; dynamic groups are fitted on it at their first column.
+            columns ``a..b`` (all in the current block); dynamic groups are fitted on it at their first
+            column.
         """
         if self.dynamic and k % self.group == 0:
             p = self.fmt.fit(current(k, k + self.group).float(), global_scale=self.global_scale)
@@ -158,37 +183,35 @@ def _slice(p: QParams, g: int) -> QParams:
     return QParams(p.scale[:, g:g + 1], None if p.zero is None else p.zero[:, g:g + 1], p.global_scale)
 
 
-def _quantize_columns(Wt: torch.Tensor, U: torch.Tensor, scales: _Scales, fmt, blocksize: int) -> torch.Tensor:
-    """The GPTQ loop on the transposed, processed-order weight ``Wt`` (in, out), updated in place.
+def _quantize_columns(Wt: torch.Tensor, F: torch.Tensor, scales: _Scales, fmt, blocksize: int) -> torch.Tensor:
+    """The GPTQ loop on the transposed, processed-order weight ``Wt`` (in, out).
 
     Working on Wᵀ makes each weight column a contiguous row, which keeps the per-column ops cheap on CPU.
+    Row k of ``Wt`` is overwritten with the error ``W_k − Q_k`` once column k is quantized.
 
-    :param U: (in, in) upper Cholesky factor of the damped inverse Hessian, same dtype as ``Wt``.
+    :param F: (in, in) strictly upper feedback matrix (see :func:`_feedback`), same dtype as ``Wt``.
     :return: (in, out) uint8 codes in processing order (transposed like ``Wt``).
     """
     cols, rows = Wt.shape
     codes = torch.empty(cols, rows, dtype=torch.uint8, device=Wt.device)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1, U1 = Wt[i1:i2], U[i1:i2, i1:i2]
-        d = U1.diagonal().tolist()
-        Err1 = torch.zeros_like(W1)
+        W1 = torch.addmm(Wt[i1:i2], F[:i1, i1:i2].T, Wt[:i1])  # feedback of all earlier blocks
+        F1 = F[i1:i2, i1:i2]
 
         def current(a: int, b: int) -> torch.Tensor:
-            # Rows of this block are up to date; later ones still miss this block's lazy update so far.
-            inside = Wt[a:min(b, i2)]
-            if b > i2:
-                inside = torch.cat([inside, Wt[i2:b] - U[i1:a, i2:b].T @ Err1[:a - i1]])
-            return inside.T
+            # W1 = W + Y·diag(R)⁻¹ with Y the feedback of columns < a; IST's updated weights of columns
+            # a..b are W + Y·R_gg⁻¹ = W + (W1 − W)·(I + F_gg)⁻¹, a unit triangular solve.
+            Z = torch.linalg.solve_triangular(F1[a - i1:b - i1, a - i1:b - i1].T, W1[a - i1:b - i1] - Wt[a:b],
+                                              upper=False, unitriangular=True)
+            return (Wt[a:b] + Z).T
 
         for i in range(i2 - i1):
             p = scales.column(i1 + i, current)
-            w = W1[i]
-            c = fmt.encode(w[:, None].float(), p)
-            err = torch.sub(w, fmt.decode(c, p)[:, 0], out=Err1[i]).div_(d[i])
-            W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1)
+            c = fmt.encode(W1[i][:, None].float(), p)
+            err = Wt[i1 + i].sub_(fmt.decode(c, p)[:, 0])
+            W1[i + 1:].addr_(F1[i, i + 1:], err)
             codes[i1 + i] = c[:, 0]
-        Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1)
     return codes
 
 
@@ -212,9 +235,9 @@ def solve_gptq(W: torch.Tensor, H: torch.Tensor | None, fmt, spec) -> SolveResul
     if spec.act_order:
         perm = torch.argsort(torch.where(dead, 1.0, H.diagonal()), descending=True, stable=True)
     scales = _Scales(fmt, Wz, perm, spec.static_groups)
-    U = _inverse_cholesky(H, dead, perm, spec.damp)
-    Wt = (Wz if perm is None else Wz[:, perm]).T.to(U.dtype).contiguous()
-    codes = _quantize_columns(Wt, U, scales, fmt, spec.blocksize).T
+    F = _feedback(H, dead, torch.arange(W.shape[1], device=W.device) if perm is None else perm, spec.damp)
+    Wt = (Wz if perm is None else Wz[:, perm]).T.to(F.dtype).contiguous()
+    codes = _quantize_columns(Wt, F, scales, fmt, scales.blocksize(spec.blocksize)).T
     codes = (codes if perm is None else codes[:, torch.argsort(perm)]).contiguous()
     params, g_idx = scales.params()
     qweight = QuantizedTensor(codes, params, g_idx)

@@ -84,6 +84,20 @@ class Hadamard(Transform):
         return cls(int(state["dim"]), signs if signs.numel() else None)
 
 
+class HadamardTranspose(Hadamard):
+    """``M = Had_nᵀ · diag(s)``, the inverse of :class:`Hadamard` with the same signs: ``x → (x Had_nᵀ) ⊙ s``.
+
+    QuIP#'s output RHT: a linear quantized as ``Had_mᵀ diag(s) W …`` gets its output back with it.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return Hadamard.inverse(self, x)
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ M⁻¹ = (x ⊙ s) Had_n``."""
+        return Hadamard.forward(self, x)
+
+
 class Dense(Transform):
     """An explicit matrix M (d, d); the consumer side uses a solve, not an inverse."""
 

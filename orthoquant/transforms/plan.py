@@ -1,12 +1,14 @@
 """A recipe's transforms, built for one model: fuse them into weights and attach the online parts.
 
 Random Hadamards draw their signs from a private generator seeded from the recipe (a per-layer seed
-for per-layer sites), so a run, its resume and its reload rebuild identical transforms.
+for per-layer sites), so a run, its resume and its reload rebuild identical transforms. Learned
+transforms (fitted or imported, :mod:`orthoquant.fitting`) join the plan through :meth:`set_learned`
+and are fused by the same site functions.
 """
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 from torch import nn
@@ -15,12 +17,14 @@ from ..errors import ConfigError
 from ..hadamard import hadamard_factor, random_signs
 from ..models.spec import ArchSpec
 from .base import AcrossBlocks, Hadamard, PerBlock, Transform
-from .sites import SITE_ORDER, SITES, Dims, fuse_residual_rest
+from .folding import IN_PLACE, Folding
+from .sites import SITE_ORDER, SITES, Dims, fuse_residual_rest, site_of
 
 if TYPE_CHECKING:
     from ..config import TransformSpec
 
 KINDS = ("hadamard", "random_hadamard")
+GLOBAL = -1  # the layer index of model-level transforms (the residual site)
 
 
 def layer_seed(seed: int, index: int) -> int:
@@ -52,39 +56,66 @@ class _Signed(Transform):
 
 
 class TransformPlan:
-    """The transforms of a recipe for a model of dimensions ``dims``."""
+    """The transforms of a recipe for a model of dimensions ``dims``.
+
+    :ivar learned: (site, layer index or :data:`GLOBAL`) -> fitted/imported transform, fused after
+        the recipe's own transforms of the same layer in :data:`SITE_ORDER`.
+    """
 
     def __init__(self, specs: tuple["TransformSpec", ...], dims: Dims, arch: ArchSpec) -> None:
         self.specs = {s.site: s for s in specs}
         self.dims, self.arch = dims, arch
+        self.learned: dict[tuple[str, int], Transform] = {}
         for s in specs:  # fail early, naming the size, rather than inside layer 37
             self.transform(s.site, 0)
 
     def __bool__(self) -> bool:
-        return bool(self.specs)
+        return bool(self.specs) or bool(self.learned)
 
     @lru_cache(maxsize=None)
     def transform(self, site: str, index: int) -> Transform:
         spec = self.specs[site]
-        per_layer = SITES.get(site).per_layer and site != "residual"
-        seed = layer_seed(spec.seed, index if per_layer else -1)
+        seed = layer_seed(spec.seed, index if SITES.get(site).per_layer else GLOBAL)
         t = build_transform(spec, SITES.get(site).width(self.dims), seed)
         return AcrossBlocks(t, self.dims.head_dim) if site == "o_input" else t
 
-    def fuse_rest(self, model: nn.Module) -> None:
-        if "residual" in self.specs:
-            fuse_residual_rest(model, self.arch, self.transform("residual", -1))
+    def set_learned(self, learned: Mapping[tuple[str, int], Transform]) -> None:
+        """Add learned transforms; a site may not hold both a recipe transform and a learned one."""
+        clash = sorted({site for site, _ in learned} & set(self.specs))
+        if clash:
+            raise ConfigError(f"sites {clash} hold both a recipe transform and a learned one; drop one")
+        self.learned.update(learned)
 
-    def fuse_layer(self, layer: nn.Module, index: int) -> None:
-        """Fold every site's weight side into a freshly loaded layer (norms already folded)."""
+    def site_transform(self, site: str, index: int, live: Mapping[str, Transform] | None = None):
+        """The transform at ``site`` of layer ``index``: ``live`` (fitting) first, then learned, then
+        the recipe's; None when the site is empty."""
+        if live is not None and site in live:
+            return live[site]
+        key = (site, index if site_of(site).per_layer else GLOBAL)
+        if key in self.learned:
+            return self.learned[key]
+        return self.transform(site, index) if site in self.specs else None
+
+    def fuse_rest(self, model: nn.Module, folding: Folding = IN_PLACE,
+                  live: Mapping[str, Transform] | None = None) -> None:
+        t = self.site_transform("residual", GLOBAL, live)
+        if t is not None:
+            fuse_residual_rest(model, self.arch, t, folding)
+
+    def fuse_layer(self, layer: nn.Module, index: int, folding: Folding = IN_PLACE,
+                   live: Mapping[str, Transform] | None = None) -> None:
+        """Fold every site's weight side into a freshly loaded layer (norms already folded).
+
+        :param folding: in place in float64 (deployment) or :class:`~.folding.Live` (fitting).
+        :param live: site -> transform overriding the plan's (the fitting's current parameters).
+        """
         for name in SITE_ORDER:
-            site = SITES.get(name)
-            if name in self.specs and site.fuse is not None:
-                site.fuse(layer, self.arch, self.dims, self.transform(name, index))
+            site, t = site_of(name), self.site_transform(name, index, live)
+            if t is not None and site.fuse is not None:
+                site.fuse(layer, self.arch, self.dims, t, folding)
 
     def attach_layer(self, layer: nn.Module, index: int) -> None:
         """Install the online parts (idempotent: each call replaces what the last installed)."""
         for name in SITE_ORDER:
-            site = SITES.get(name)
-            if name in self.specs and site.online:
-                site.attach(layer, self.arch, self.dims, self.transform(name, index))
+            if name in self.specs and SITES.get(name).online:
+                SITES.get(name).attach(layer, self.arch, self.dims, self.transform(name, index))

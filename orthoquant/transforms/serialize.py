@@ -7,10 +7,11 @@ from __future__ import annotations
 import torch
 
 from ..registry import Registry
-from .base import BlockDense, Dense, Diagonal, Hadamard, Transform
+from .base import BlockDense, Dense, Diagonal, Hadamard, HadamardTranspose, Transform
 
 TRANSFORM_TYPES: Registry[type] = Registry("transform type")
 TRANSFORM_TYPES.add("hadamard", Hadamard)
+TRANSFORM_TYPES.add("hadamard_transpose", HadamardTranspose)
 TRANSFORM_TYPES.add("dense", Dense)
 TRANSFORM_TYPES.add("diagonal", Diagonal)
 TRANSFORM_TYPES.add("block_dense", BlockDense)

@@ -1,21 +1,30 @@
 """Sites: where activations of a given width flow, who writes and reads them, and how a transform
-placed there is fused into weights (float64) and/or run online. The table, not code paths, says
-what R1–R4 are:
+placed there is fused into weights and/or run online. The table, not code paths, says what R1–R4
+and OSTQuant's scales are. In fusing order:
 
-| site        | width      | fused into                                   | online (at inference)            |
-|-------------|------------|----------------------------------------------|----------------------------------|
-| residual    | hidden     | embed, o/down rows (write); q/k/v/gate/up, lm_head (read) | –                   |
-| attn_value  | head_dim   | v rows per KV head (write); o columns per head (read)     | –                   |
-| o_input     | heads      | o columns, across heads (read)               | o_proj input, across heads       |
-| down_input  | intermed.  | down columns (read)                          | down_proj input (R4)             |
-| qk          | head_dim   | –                                            | Q and K after RoPE (R3)          |
+| site        | width          | fused into: writers (``Mᵀ W``) / readers (``W M⁻ᵀ``)           | online (at inference)     |
+|-------------|----------------|-----------------------------------------------------------------|---------------------------|
+| residual    | hidden         | embed, o/down rows / q/k/v/gate/up, lm_head                     | –                         |
+| attn_norm   | hidden         | input_layernorm γ / q, k, v            (S_attn, diagonal only)  | –                         |
+| mlp_norm    | hidden         | post_attention_layernorm γ / gate, up  (S_ffn, diagonal only)   | –                         |
+| qk_scale    | head_dim (×kv) | k rows / q rows by M⁻ᵀ; Qwen3: k_norm γ / q_norm γ  (S_qk)      | –                         |
+| attn_value  | head_dim (×kv) | v rows per KV head / o columns per query head  (R2, R_ov·S_ov)  | –                         |
+| o_input     | heads          | – / o columns, across heads                                     | o_proj input, across heads|
+| up_down     | intermediate   | up rows / down columns  (S_up_down, diagonal only)              | –                         |
+| down_input  | intermediate   | – / down columns                                                | down_proj input (R4)      |
+| qk          | head_dim       | –                                                               | Q and K after RoPE (R3)   |
+
+``up_down`` folds before ``down_input``: the activation is ``(m ⊙ s) H``, so down_proj must take
+``W diag(1/s) H`` — the scale first (OSTQuant folds it after the Hadamard, which is not exact).
+``qk_scale`` acts before RoPE, so it must be diagonal with equal scales on each RoPE pair
+(:mod:`~orthoquant.transforms.learnable` ties them); a width of kv_heads·head_dim gives every KV head
+its own scales, a width of head_dim shares them (Qwen3 must share: its q/k norms are per head_dim).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 from torch import nn
 
 from ..fakequant.attention import set_qk_transforms
@@ -23,7 +32,11 @@ from ..fakequant.inputs import input_pipeline
 from ..models.spec import ArchSpec
 from ..models.surgery import get_module, linears_of
 from ..registry import Registry
-from .base import PerBlock, Transform, fold_consumer, fold_producer
+from .base import PerBlock, Transform
+from .folding import IN_PLACE, Dual, Folding, consume, produce, to_query_heads
+
+__all__ = ["Dims", "Site", "SITES", "DIAGONAL_SITES", "SITE_ORDER", "site_of", "consume", "produce",
+           "fuse_residual_rest"]
 
 
 @dataclass(frozen=True)
@@ -42,33 +55,21 @@ class Dims:
         return cls(config.hidden_size, config.intermediate_size, config.num_attention_heads,
                    getattr(config, "num_key_value_heads", None) or config.num_attention_heads, head_dim)
 
+    def per_kv_head(self, t: Transform) -> Transform:
+        """A head_dim-wide transform repeated on every KV head; a kv_heads·head_dim one as it is."""
+        return PerBlock(t, self.kv_heads) if t.dim == self.head_dim else t
 
-@torch.no_grad()
-def consume(linear: nn.Linear, t: Transform) -> None:
-    """The linear reads the site: ``W ← W M⁻ᵀ`` in float64."""
-    linear.weight.data = fold_consumer(linear.weight.data.double(), t).to(linear.weight.dtype)
-
-
-@torch.no_grad()
-def produce(module: nn.Module, t: Transform) -> None:
-    """The linear (or embedding, whose rows are outputs) writes the site: ``W ← Mᵀ W``, ``b ← b M``."""
-    if isinstance(module, nn.Embedding):
-        module.weight.data = t.forward(module.weight.data.double()).to(module.weight.dtype)
-        return
-    bias = module.bias.data.double() if module.bias is not None else None
-    w, b = fold_producer(module.weight.data.double(), bias, t)
-    module.weight.data = w.to(module.weight.dtype)
-    if b is not None:
-        module.bias.data = b.to(module.bias.dtype)
+    def to_query_heads(self, t: Transform) -> Transform:
+        return to_query_heads(self.per_kv_head(t), self.heads, self.kv_heads, self.head_dim)
 
 
-LayerFn = Callable[[nn.Module, ArchSpec, Dims, Transform], None]
+LayerFn = Callable[..., None]  # (layer, spec, dims, transform, folding=IN_PLACE) -> None
 
 
 @dataclass(frozen=True)
 class Site:
     """A place for a transform. ``fuse`` edits a decoder layer's weights; ``attach`` installs the
-    online part (None for fully fused sites); ``width`` is the transform's own size."""
+    online part (None for fully fused sites); ``width`` is the size a recipe's Hadamard takes."""
 
     name: str
     width: Callable[[Dims], int]
@@ -81,28 +82,57 @@ class Site:
         return self.attach is not None
 
 
-def _fuse_residual(layer, spec, dims, t):
+def _fuse_residual(layer, spec, dims, t, folding: Folding = IN_PLACE):
     lin = linears_of(layer, spec)
     for role in ("q", "k", "v", "gate", "up"):
-        consume(lin[role], t)
+        consume(lin[role], t, folding)
     for role in ("o", "down"):
-        produce(lin[role], t)
+        produce(lin[role], t, folding)
 
 
-def fuse_residual_rest(model: nn.Module, spec: ArchSpec, t: Transform) -> None:
+def fuse_residual_rest(model: nn.Module, spec: ArchSpec, t: Transform, folding: Folding = IN_PLACE) -> None:
     """The model-level part of the residual site: embeddings write it, lm_head reads it."""
-    produce(get_module(model, spec.embed), t)
-    consume(get_module(model, spec.lm_head), t)
+    produce(get_module(model, spec.embed), t, folding)
+    consume(get_module(model, spec.lm_head), t, folding)
 
 
-def _fuse_attn_value(layer, spec, dims, t):
+def _fuse_attn_value(layer, spec, dims, t, folding: Folding = IN_PLACE):
     lin = linears_of(layer, spec)
-    produce(lin["v"], PerBlock(t, dims.kv_heads))
-    consume(lin["o"], PerBlock(t, dims.heads))  # every query head of a group reads its KV head's values
+    produce(lin["v"], dims.per_kv_head(t), folding)
+    consume(lin["o"], dims.to_query_heads(t), folding)  # each query head reads its KV head's values
+
+
+def _fuse_qk_scale(layer, spec, dims, t, folding: Folding = IN_PLACE):
+    if spec.qk_norms is not None:  # Qwen3: per-head RMSNorms sit between the projections and RoPE
+        q_norm, k_norm = (get_module(layer, p) for p in spec.qk_norms)
+        produce(k_norm, t, folding)
+        produce(q_norm, Dual(t), folding)
+        return
+    lin = linears_of(layer, spec)
+    produce(lin["k"], dims.per_kv_head(t), folding)
+    produce(lin["q"], Dual(dims.to_query_heads(t)), folding)  # q M⁻ᵀ · (k M)ᵀ = q kᵀ
+
+
+def _fuse_norm_group(index: int) -> LayerFn:
+    """The norm of ``spec.norm_groups[index]`` writes the site (through γ), its linears read it."""
+    def fuse(layer, spec, dims, t, folding: Folding = IN_PLACE):
+        group, lin = spec.norm_groups[index], linears_of(layer, spec)
+        produce(get_module(layer, group.norm), t, folding)
+        for role in group.roles:
+            consume(lin[role], t, folding)
+    return fuse
+
+
+def _fuse_up_down(layer, spec, dims, t, folding: Folding = IN_PLACE):
+    lin = linears_of(layer, spec)
+    produce(lin["up"], t, folding)  # (act(gate) ⊙ up) M = act(gate) ⊙ (up M) for a diagonal M
+    consume(lin["down"], t, folding)
 
 
 def _consume_role(role: str) -> LayerFn:
-    return lambda layer, spec, dims, t: consume(linears_of(layer, spec)[role], t)
+    def fuse(layer, spec, dims, t, folding: Folding = IN_PLACE):
+        consume(linears_of(layer, spec)[role], t, folding)
+    return fuse
 
 
 def _online_input(role: str) -> LayerFn:
@@ -115,14 +145,32 @@ def _attach_qk(layer, spec, dims, t):
     set_qk_transforms(get_module(layer, spec.attention), [lambda q, k: (t.forward(q), t.forward(k))])
 
 
+# Sites a recipe's Hadamard may take.
 SITES: Registry[Site] = Registry("transform site")
 for _site in (
-    Site("residual", lambda d: d.hidden, _fuse_residual),
+    Site("residual", lambda d: d.hidden, _fuse_residual, per_layer=False),
     Site("attn_value", lambda d: d.head_dim, _fuse_attn_value),
     Site("o_input", lambda d: d.heads, _consume_role("o"), _online_input("o")),
     Site("down_input", lambda d: d.intermediate, _consume_role("down"), _online_input("down")),
     Site("qk", lambda d: d.head_dim, None, _attach_qk),
 ):
     SITES.add(_site.name, _site)
-# Fusing order within a layer: o's columns take attn_value before the online o_input transform.
-SITE_ORDER = ("residual", "attn_value", "o_input", "down_input", "qk")
+
+# Sites that only a diagonal (a scale) preserves the function at: fitted or imported, never a Hadamard.
+DIAGONAL_SITES: Registry[Site] = Registry("scale site")
+for _site in (
+    Site("attn_norm", lambda d: d.hidden, _fuse_norm_group(0)),
+    Site("mlp_norm", lambda d: d.hidden, _fuse_norm_group(1)),
+    Site("qk_scale", lambda d: d.head_dim, _fuse_qk_scale),
+    Site("up_down", lambda d: d.intermediate, _fuse_up_down),
+):
+    DIAGONAL_SITES.add(_site.name, _site)
+
+# Fusing order within a layer (see the module docstring for why it matters).
+SITE_ORDER = ("residual", "attn_norm", "mlp_norm", "qk_scale", "attn_value", "o_input", "up_down",
+              "down_input", "qk")
+
+
+def site_of(name: str) -> Site:
+    """The site called ``name`` in either table."""
+    return DIAGONAL_SITES.get(name) if name in DIAGONAL_SITES else SITES.get(name)

@@ -245,6 +245,10 @@ class Recipe:
         _one_of("version", self.version, [RECIPE_VERSION])
         sites = [t.site for t in self.transforms]
         _require(len(sites) == len(set(sites)), f"transforms: each site may appear once, got {sites}")
+        dynamic_act_order = self.solver.act_order and not self.solver.static_groups
+        fp_groups = self.weights is not None and self.weights.format in ("mxfp4", "nvfp4")
+        _require(not (dynamic_act_order and fp_groups),
+                 "solver.act_order with FP4 weights needs solver.static_groups=true (FP4 layouts have no g_idx)")
 
     # --- per-module resolution ------------------------------------------------------------------
     def _override(self, module: str) -> Override | None:

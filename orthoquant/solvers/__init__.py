@@ -51,11 +51,14 @@ SOLVERS: Registry[Solver] = Registry("solver")
 
 
 def proxy_loss(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor | None) -> float:
-    """``tr(ΔW H ΔWᵀ)`` in float64, or ``‖ΔW‖²`` when H is None."""
-    d = (W.double() - Wq.double())
+    """``tr(ΔW H ΔWᵀ)``, or ``‖ΔW‖²`` when H is None.
+
+    A float32 GEMM with a float64 sum: it is a metric, and in float64 it cost a third of GPTQ's time.
+    """
+    d = W.float() - Wq.float()
     if H is None:
-        return float((d * d).sum())
-    return float(((d @ H.double()) * d).sum())
+        return float((d * d).double().sum())
+    return float(((d @ H.to(d)) * d).double().sum())
 
 
 from . import rtn  # noqa: E402,F401  (registration)

@@ -1,0 +1,189 @@
+"""Benchmark the GPTQ solver: time, peak memory, FLOP rate against dense GEMM, MSE clip search, loss vs RTN.
+
+For each layer size out x in (W is out x in) it reports:
+- ``gptq_s``: wall time of one ``solve_gptq`` call (INT sym per channel by default, act-order on), including
+  its float64 proxy loss ``tr(ΔW H ΔWᵀ)``, reported on its own as ``loss_s``;
+- ``peak_mib``: extra memory at the peak of that call: ``torch.cuda.max_memory_allocated`` on CUDA, the
+  process RSS high-water mark above the level before the call on CPU (sampled every 2 ms);
+- ``gemm_frac``: achieved rate ``(m·n² + n³) / gptq_s`` (column updates, then Cholesky and inverse) over the
+  dense fp32 GEMM rate of this machine, timed in the same run on a 4096³ matmul (target ≥ 1/3);
+  ``gemm_frac_ex_loss`` leaves out the proxy loss, an extra float64 m·n² GEMM;
+- ``clip_fit_s`` / ``gptq_clip_s``: the MSE clip search alone (one ``fit`` of the whole weight) and GPTQ
+  with ``QuantSpec(clip_search=True)``;
+- ``loss_gptq / loss_rtn``: layer losses with ``H = E[x xᵀ]`` of synthetic correlated activations
+  ``x = z·A + ε``, z ~ N(0, diag(1/(k+1))) of rank 256, A ~ N(0, 1), ε with log-normal per-channel
+  scales (outlier channels); H is that expectation in closed form (``Aᵀ diag(s) A + diag(σ²)``), so
+  building it costs 256·n² instead of N·n².
+
+Defaults are the Llama-3-8B shapes 4096x4096, 4096x14336 and 14336x4096, meant for a GPU. On a small
+CPU: ``--sizes 1024x1024,1024x3584,3584x1024`` runs in a few minutes.
+
+    python scripts/bench_solvers.py --device cuda
+    python scripts/bench_solvers.py --sizes 1024x1024,1024x3584,3584x1024 --out runs/bench_small.json
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+try:
+    import orthoquant  # noqa: F401
+except ImportError:  # run from a checkout without installing the package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from orthoquant.config import QuantSpec, SolverSpec  # noqa: E402
+from orthoquant.formats import make_format  # noqa: E402
+from orthoquant.solvers import SOLVERS, proxy_loss  # noqa: E402
+from orthoquant.solvers.gptq import solve_gptq  # noqa: E402
+
+DEFAULT_SIZES = "4096x4096,4096x14336,14336x4096"
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str):
+    """(result, seconds) of ``fn()``, synchronised on CUDA."""
+    sync(device)
+    t = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t
+
+
+class PeakMemory:
+    """Extra memory at the peak of a ``with`` block, in MiB (CUDA allocator, or sampled RSS on CPU)."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.peak_mib = device, 0.0
+
+    @staticmethod
+    def _release_freed_memory() -> None:
+        """Hand freed heap pages back to the OS (glibc), or earlier sizes' frees hide this call's peak."""
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._max = max(self._max, self._rss())
+            time.sleep(0.002)
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        else:
+            self._release_freed_memory()
+            self._base = self._max = self._rss()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            peak = max(self._max, self._rss())
+        self.peak_mib = (peak - self._base) / 2**20
+
+
+def gemm_rate(device: str, n: int = 4096, repeats: int = 3) -> float:
+    """Dense fp32 matmul rate (FLOP/s) of this machine: best of ``repeats`` n³ products."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    timed(lambda: a @ b, device)  # warm-up
+    best = min(timed(lambda: a @ b, device)[1] for _ in range(repeats))
+    return 2 * n**3 / best
+
+
+def synthetic_layer(m: int, n: int, device: str, seed: int = 0, rank: int = 256):
+    """Weight (m, n) float32 and second moment H (n, n) float64 of correlated activations (module doc)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    W = torch.randn(m, n, generator=g) / n**0.5
+    r = min(rank, n)
+    A = torch.randn(r, n, generator=g, dtype=torch.float64)
+    s = 1.0 / torch.arange(1, r + 1, dtype=torch.float64)
+    sigma = torch.exp(torch.randn(n, generator=g, dtype=torch.float64))
+    H = A.T @ (s[:, None] * A) + torch.diag(0.1 * sigma**2)
+    return W.to(device), H.to(device)
+
+
+def bench_size(m: int, n: int, args, rate: float) -> dict:
+    """Every measurement of one layer size, as a JSON-ready dict."""
+    W, H = synthetic_layer(m, n, args.device)
+    spec = SolverSpec(name="gptq", blocksize=args.blocksize, act_order=args.act_order)
+    qspec = dict(bits=args.bits, symmetric=True, group_size=args.group_size)
+    fmt, fmt_clip = make_format(QuantSpec(**qspec)), make_format(QuantSpec(**qspec, clip_search=True))
+    solve_gptq(W[:8, :128], H[:128, :128], fmt, spec)  # warm-up of the kernels
+    with PeakMemory(args.device) as mem:
+        res, t_gptq = timed(lambda: solve_gptq(W, H, fmt, spec), args.device)
+    _, t_loss = timed(lambda: proxy_loss(W, res.weight, H), args.device)
+    rtn, t_rtn = timed(lambda: SOLVERS.get("rtn").solve(W, H, fmt, None), args.device)
+    _, t_clip_fit = timed(lambda: fmt_clip.fit(W), args.device)
+    res_clip, t_gptq_clip = timed(lambda: solve_gptq(W, H, fmt_clip, spec), args.device)
+    flops = m * n**2 + n**3
+    return dict(size=f"{m}x{n}", gptq_s=t_gptq, loss_s=t_loss, peak_mib=mem.peak_mib,
+                gflops=flops / t_gptq / 1e9, gemm_frac=flops / t_gptq / rate,
+                gemm_frac_ex_loss=flops / max(t_gptq - t_loss, 1e-9) / rate, rtn_s=t_rtn,
+                clip_fit_s=t_clip_fit, gptq_clip_s=t_gptq_clip, loss_gptq=res.loss, loss_rtn=rtn.loss,
+                loss_ratio=res.loss / rtn.loss, loss_gptq_clip=res_clip.loss)
+
+
+def markdown(rows: list[dict], rate: float) -> str:
+    cols = ["size", "gptq_s", "loss_s", "peak_mib", "gflops", "gemm_frac", "gemm_frac_ex_loss", "rtn_s", "clip_fit_s",
+            "gptq_clip_s", "loss_ratio"]
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = [f"dense fp32 GEMM: {rate / 1e9:.1f} GFLOP/s", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sizes", default=DEFAULT_SIZES, help=f"comma-separated OUTxIN layers (default {DEFAULT_SIZES})")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=-1, help="-1 per channel (default), 0 per tensor, g > 0")
+    p.add_argument("--blocksize", type=int, default=128)
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--out", type=Path, default=Path("runs/bench_solvers.json"))
+    args = p.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 GEMM rate, as GPTQ runs it
+    rate = gemm_rate(args.device)
+    rows = []
+    for size in args.sizes.split(","):
+        m, n = (int(v) for v in size.lower().split("x"))
+        rows.append(bench_size(m, n, args, rate))
+        print(f"{size}: {rows[-1]['gptq_s']:.2f} s", file=sys.stderr)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(device=args.device, threads=torch.get_num_threads(), torch=torch.__version__,
+                gemm_gflops=rate / 1e9, bits=args.bits, group_size=args.group_size,
+                blocksize=args.blocksize, act_order=args.act_order)
+    args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+    print(markdown(rows, rate))
+
+
+if __name__ == "__main__":
+    main()

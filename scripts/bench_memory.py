@@ -57,6 +57,7 @@ def main() -> None:
     p.add_argument("--layers", default="2,4,8,16")
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--intermediate", type=int, default=2816)
+    p.add_argument("--repeats", type=int, default=3, help="runs per depth; the median peak is reported")
     p.add_argument("--out", type=Path, default=Path("runs/bench_memory.json"))
     args = p.parse_args()
     from orthoquant.demo import train_tokenizer
@@ -70,13 +71,15 @@ def main() -> None:
         tokenizer = train_tokenizer([text], 320, None)
         for n in [int(x) for x in args.layers.split(",")]:
             model_bytes = make_model(tmp / f"m{n}", n, args.hidden, args.intermediate, tokenizer)
-            rss = peak_rss_mb(tmp / f"m{n}", calib, tmp / f"run{n}")
-            rows.append({"layers": n, "model_mb": model_bytes / 2**20, "peak_rss_mb": rss})
+            peaks = sorted(peak_rss_mb(tmp / f"m{n}", calib, tmp / f"run{n}-{r}") for r in range(args.repeats))
+            rss = peaks[len(peaks) // 2]
+            rows.append({"layers": n, "model_mb": model_bytes / 2**20, "peak_rss_mb": rss, "peaks_mb": peaks})
             print(f"layers {n}: model {model_bytes / 2**20:.0f} MB, peak RSS {rss:.0f} MB", file=sys.stderr)
     base = rows[0]["peak_rss_mb"]
-    lines = ["| layers | model (MB, fp32) | peak RSS (MB) | RSS / RSS at fewest layers |", "|---|---|---|---|"]
-    lines += [f"| {r['layers']} | {r['model_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / base:.2f} |"
-              for r in rows]
+    lines = ["| layers | model (MB, fp32) | median peak RSS (MB) | all runs | peak / peak at fewest layers |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['layers']} | {r['model_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
+              f"{', '.join(f'{p:.0f}' for p in r['peaks_mb'])} | {r['peak_rss_mb'] / base:.2f} |" for r in rows]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"hidden": args.hidden, "intermediate": args.intermediate, "rows": rows}, indent=2))
     print("\n".join(lines))

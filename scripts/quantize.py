@@ -18,6 +18,7 @@ from orthoquant.errors import UserError
 
 def main(argv: list[str] | None = None) -> int:
     from orthoquant.device import resolve_device
+    from orthoquant.evaluate.lm_eval import TaskOptions
     from orthoquant.evaluate.run_eval import evaluate
     from orthoquant.progress import setup_logging, setup_threads
 
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd_quantize(args)
         sources = [s for s in args.ppl.split(",") if s]
         result = evaluate(args.out, sources, args.eval_seqlen, resolve_device(args.device), args.dtype,
-                          args.batch_size, args.stream, args.max_windows)
+                          args.batch_size, args.stream, args.max_windows, TaskOptions.from_args(args))
     except UserError as e:
         print(f"quantize.py: error: {e}", file=sys.stderr)
         return 2

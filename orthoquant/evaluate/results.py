@@ -1,0 +1,95 @@
+"""``results.json`` and ``results.md`` in a run folder: what was measured, with what, and how long it took.
+
+Evaluations accumulate: a later ``orthoquant eval RUN --tasks ...`` keeps the perplexities of an
+earlier ``--ppl`` call (unless it measures perplexity again at another seqlen) and adds its tasks.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+from .. import __version__
+from ..runfolder import write_json
+from .lm_eval import SEEDS, lm_eval_version, suite_averages
+
+RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
+
+
+def versions() -> dict[str, str | None]:
+    return {"orthoquant": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "lm_eval": lm_eval_version()}
+
+
+def fmt(value: float | None, digits: int = 4) -> str:
+    """A number as the tables print it (and as tests read them back); huge ones in e-notation."""
+    if value is None:
+        return "–"
+    return f"{value:.{digits}f}" if abs(value) < 1e5 else f"{value:.{digits}e}"
+
+
+def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` on top of ``old``: tasks by name; perplexities by source when the seqlen is the same."""
+    if not new["ppl"]:
+        ppl, seqlen = old.get("ppl", {}), old.get("seqlen", new["seqlen"])
+    elif old.get("seqlen") == new["seqlen"]:
+        ppl, seqlen = {**old.get("ppl", {}), **new["ppl"]}, new["seqlen"]
+    else:
+        ppl, seqlen = new["ppl"], new["seqlen"]
+    return {**new, "ppl": ppl, "seqlen": seqlen, "tasks": {**old.get("tasks", {}), **new["tasks"]}}
+
+
+def write_results(folder: Path, result: dict[str, Any], timings: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``result`` (the CLI's JSON) into ``folder/results.json`` and rewrite ``results.md``."""
+    path = folder / RESULTS_JSON
+    old = _read(path)
+    record = merge(old, result)
+    recipe = record.get("recipe") or {}
+    record.update({
+        "averages": suite_averages(record["tasks"]),
+        "seeds": {"calibration": recipe.get("calibration", {}).get("seed"), "lm_eval": SEEDS},
+        "versions": versions(), "timings": timings,
+        "evaluated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    })
+    write_json(path, record)
+    (folder / RESULTS_MD).write_text(render_markdown(folder.name, record), encoding="utf-8")
+    return record
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Markdown table lines."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def render_markdown(name: str, record: dict[str, Any]) -> str:
+    recipe = record.get("recipe") or {}
+    lines = [f"# {name}", "", f"Recipe: `{recipe.get('name', 'full precision')}` {recipe.get('description', '')}", ""]
+    if record["ppl"]:
+        lines += [f"## Perplexity (seqlen {record['seqlen']})", ""]
+        lines += table(["source", "ppl"], [[src, fmt(v)] for src, v in record["ppl"].items()]) + [""]
+    if record["tasks"]:
+        lines += ["## Tasks", ""]
+        rows = [[task, str(t["metric"]), fmt(t["value"]), str(t.get("samples")), str(t.get("num_fewshot"))]
+                for task, t in record["tasks"].items()]
+        rows += [[f"**{suite} avg**", "", fmt(v), "", ""] for suite, v in record["averages"].items()]
+        lines += table(["task", "metric", "value", "docs", "shots"], rows) + [""]
+    lines += ["## Versions and time", ""]
+    lines += table(["item", "value"], [[k, str(v)] for k, v in record["versions"].items()]
+                   + [[f"seconds: {k}", _seconds(v)] for k, v in record["timings"].items()])
+    return "\n".join(lines) + "\n"
+
+
+def _seconds(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v:.1f}" for k, v in value.items())
+    return f"{value:.1f}"

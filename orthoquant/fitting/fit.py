@@ -1,0 +1,104 @@
+"""What the pipeline calls: fit (or import) the recipe's learnable transforms on the whole model, then
+hand them to the plan, whose site table fuses them layer by layer in float64 like any transform."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import Recipe
+from ..device import peak_memory
+from ..errors import ConfigError
+from ..models.loading import WeightSource
+from ..models.spec import ArchSpec
+from ..models.surgery import fold_layer_norms, layers_of
+from ..transforms.base import Transform
+from ..transforms.learnable import PARAMS, LearnedTransforms
+from ..transforms.plan import GLOBAL, TransformPlan
+from ..transforms.sites import fuse_residual_rest
+from .init import hadamard_init, klt_init
+from .loop import train
+from .qsur import measure_qsur
+from .released import import_released
+from .session import FitSession, quantizers_off, swapped
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "fit.pt"
+
+
+def _check_sites(recipe: Recipe, plan: TransformPlan) -> None:
+    """Fail before any work when a learned parameter would share a site with a recipe transform."""
+    clash = sorted({PARAMS.get(n).site for n in recipe.fitting.params} & set(plan.specs))
+    if clash and not recipe.fitting.released:
+        raise ConfigError(f"fitting.params learn at {clash}, where the recipe already puts a transform; "
+                          "drop one of the two")
+
+
+def prepare_session(model: nn.Module, spec: ArchSpec, recipe: Recipe, plan: TransformPlan,
+                    device: torch.device) -> FitSession:
+    """Fold the layers' norms in place (exact; the layer-wise run's own fold then finds γ = 1),
+    freeze the model, initialise the learnable transforms and install the fitting-time runtime."""
+    fit, layers = recipe.fitting, layers_of(model, spec)
+    for layer in layers:
+        fold_layer_norms(layer, spec)
+    model.requires_grad_(False)
+    init = klt_init(model, spec, plan.dims, fit.seed) if fit.init == "klt" else hadamard_init(plan.dims, fit.seed)
+    learned = LearnedTransforms(fit.params, plan.dims, spec, len(layers), init, device)
+    session = FitSession(model, spec, recipe, plan, learned, device)
+    session.install()
+    return session
+
+
+def deploy(model: nn.Module, spec: ArchSpec, plan: TransformPlan, learned: dict[tuple[str, int], Transform]) -> None:
+    """Give the plan the learned transforms and fuse the model-level residual into embed/lm_head
+    (the layers take theirs when the layer-wise run fuses them)."""
+    plan.set_learned(learned)
+    residual = learned.get(("residual", GLOBAL))
+    if residual is not None:
+        fuse_residual_rest(model, spec, residual)
+
+
+def measure(session: FitSession, windows: torch.Tensor) -> dict[str, list[float]]:
+    """QSUR per site and layer of the current transforms, quantizers off."""
+    n = session.fit.qsur_samples
+    with swapped(session.fold_all()), quantizers_off(session.model):
+        return measure_qsur(session.model, session.spec, windows[:n], session.device, session.fit.batch_size)
+
+
+def fit_transforms(model: nn.Module, spec: ArchSpec, recipe: Recipe, plan: TransformPlan, source: WeightSource,
+                   windows: torch.Tensor, device: torch.device, run_dir: Path | None = None) -> dict:
+    """Fit ``recipe.fitting``'s transforms (or import released ones) and add them to ``plan``.
+
+    The whole model is materialised for fitting (streamed layers are released afterwards and
+    reloaded fresh by the layer-wise run). Returns the fit's metrics.
+
+    :param windows: (n, seqlen) training token windows.
+    :param run_dir: where the fit checkpoint lives (None: no checkpoint, no resume).
+    """
+    fit = recipe.fitting
+    _check_sites(recipe, plan)
+    if fit.released:
+        deploy(model, spec, plan, import_released(Path(fit.released), plan.dims, spec, len(layers_of(model, spec))))
+        return {"released": fit.released}
+    layers = layers_of(model, spec)
+    for i, layer in enumerate(layers):
+        source.materialize(layer, f"{spec.layers}.{i}.", device)
+    try:
+        session = prepare_session(model, spec, recipe, plan, device)
+        report = {"qsur_before": measure(session, windows)} if fit.qsur_samples else {}
+        report.update(train(session, windows, run_dir / CHECKPOINT if run_dir is not None else None))
+        if fit.qsur_samples:
+            report["qsur_after"] = measure(session, windows)
+        session.remove_quantizers()
+        deploy(model, spec, plan, session.learned.frozen())
+    finally:
+        if source.streaming:
+            for layer in layers:
+                source.release(layer)
+    report["peak_memory_bytes"] = peak_memory(device)
+    log.info("fitted %s in %d steps: loss %s -> %s", ", ".join(fit.params), len(report["losses"]),
+             f"{report['losses'][0]:.4f}" if report["losses"] else "-",
+             f"{report['losses'][-1]:.4f}" if report["losses"] else "-")
+    return report

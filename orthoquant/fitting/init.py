@@ -1,0 +1,78 @@
+"""Initial rotations: random Hadamard (QuaRot/SpinQuant, OSTQuant W4A16) or OSTQuant's weight KLT
+(eigenvectors of the covariance of the weights that read a site, times a random Hadamard: the
+eigenbasis decorrelates, the Hadamard then spreads outliers evenly over the channels)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..hadamard import random_signs
+from ..models.spec import ArchSpec
+from ..models.surgery import layers_of, linears_of
+from ..transforms.base import Hadamard
+from ..transforms.learnable import ParamKind, RotationInit
+from ..transforms.plan import GLOBAL, layer_seed
+from ..transforms.sites import Dims
+from .qsur import Moments
+
+
+def random_hadamard(n: int, seed: int) -> torch.Tensor:
+    """``diag(s) · Had_n`` as a dense float64 (n, n) matrix."""
+    return Hadamard(n, random_signs(n, seed).double()).matrix()
+
+
+def _seed(seed: int, index: int, head: int = 0) -> int:
+    return layer_seed(seed, index) * 1_009 + head
+
+
+def hadamard_init(dims: Dims, seed: int) -> RotationInit:
+    """Every rotation a random Hadamard with its own signs (per layer, per KV head)."""
+    def init(kind: ParamKind, index: int) -> torch.Tensor:
+        if kind.name == "R_res":
+            return random_hadamard(dims.hidden, _seed(seed, GLOBAL))
+        if kind.name == "R_ov":
+            return torch.stack([random_hadamard(dims.head_dim, _seed(seed, index, h)) for h in range(dims.kv_heads)])
+        return random_hadamard(dims.head_dim, _seed(seed, index))
+    return init
+
+
+def _eigenvectors(moments: Moments) -> torch.Tensor:
+    """Columns: eigenvectors of the centred covariance of the rows added to ``moments``."""
+    return torch.linalg.eigh(moments.cov()).eigenvectors
+
+
+def _o_blocks(o: nn.Linear, dims: Dims) -> torch.Tensor:
+    """o_proj columns grouped by KV head: (kv_heads, out · n_rep, head_dim) rows of each block."""
+    n_rep = dims.heads // dims.kv_heads
+    w = o.weight.detach().reshape(o.out_features, dims.kv_heads, n_rep, dims.head_dim)
+    return w.permute(1, 0, 2, 3).reshape(dims.kv_heads, -1, dims.head_dim)
+
+
+def klt_init(model: nn.Module, spec: ArchSpec, dims: Dims, seed: int) -> RotationInit:
+    """OSTQuant's KLT init from the (norm-folded) weights of ``model``."""
+    fallback = hadamard_init(dims, seed)
+    layers = layers_of(model, spec)
+
+    def residual() -> torch.Tensor:
+        device = linears_of(layers[0], spec)["q"].weight.device
+        moments = Moments(dims.hidden, device)  # accumulated, never stacking all layers' rows
+        for layer in layers:
+            for role in ("q", "k", "v", "gate", "up"):
+                moments.add(linears_of(layer, spec)[role].weight.double())
+        return _eigenvectors(moments).cpu() @ random_hadamard(dims.hidden, _seed(seed, GLOBAL))
+
+    def per_head(index: int, head: int, blocks: torch.Tensor) -> torch.Tensor:
+        moments = Moments(dims.head_dim, blocks.device)
+        moments.add(blocks.double())
+        return _eigenvectors(moments).cpu() @ random_hadamard(dims.head_dim, _seed(seed, index, head))
+
+    def init(kind: ParamKind, index: int) -> torch.Tensor:
+        if kind.name == "R_res":
+            return residual()
+        blocks = _o_blocks(linears_of(layers[index], spec)["o"], dims)
+        if kind.name == "R_ov":
+            return torch.stack([per_head(index, h, blocks[h]) for h in range(dims.kv_heads)])
+        if kind.name == "R2":
+            return per_head(index, 0, blocks.reshape(-1, dims.head_dim))
+        return fallback(kind, index)
+    return init

@@ -1,0 +1,145 @@
+"""The fitting loop: seeded batches of calibration windows, gradient accumulation, all-reduced
+gradients across processes, geoopt optimisers, learning-rate decay, checkpoints and resume.
+
+A step sees ``batch_size × grad_accum × world`` windows. Micro-batch m of process r takes slice
+``m·world + r`` of the step's global batch and each micro-batch loss is a mean over its own tokens,
+so the averaged gradient does not depend on how the global batch is split over processes — the
+property the distributed test checks. Only the transforms' gradients are all-reduced (the model is
+frozen), which is what DDP would do for them and what OSTQuant's FSDP path forgets.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import geoopt
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from ..config import FitSpec
+from .losses import LOSSES
+from .session import FitSession
+
+log = logging.getLogger(__name__)
+
+
+def world() -> tuple[int, int]:
+    """(rank, number of processes) of the default process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def batch_indices(n: int, per_step: int, step: int, seed: int) -> torch.Tensor:
+    """Window indices of a step's global batch: consecutive positions of a stream of seeded
+    permutations of ``range(n)`` (each window once per epoch), a function of ``step`` alone so that
+    a resumed fit draws the same batches."""
+    start, out = step * per_step, []
+    epoch, offset = divmod(start, n)
+    while len(out) < per_step:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.extend(perm[offset:offset + per_step - len(out)].tolist())
+        epoch, offset = epoch + 1, 0
+    return torch.tensor(out)
+
+
+def micro_batches(indices: torch.Tensor, batch_size: int, rank: int, size: int) -> list[torch.Tensor]:
+    """This process's micro-batches of a global batch (see the module docstring)."""
+    slices = indices.split(batch_size)
+    return [slices[m] for m in range(rank, len(slices), size)]
+
+
+def lr_factor(schedule: str, step: int, steps: int) -> float:
+    """Multiplier of the base learning rates at ``step`` (decay to 0 at ``steps``, no warm-up)."""
+    progress = step / max(steps, 1)
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def make_optimizer(fit: FitSpec, rotations: list, scales: list) -> torch.optim.Optimizer:
+    """RiemannianAdam (OSTQuant) or RiemannianSGD on the canonical Stiefel manifold (Cayley retraction,
+    SpinQuant); rotations and scales in their own groups with their own learning rates."""
+    groups = [g for g in ({"params": rotations, "lr": fit.lr_rotation}, {"params": scales, "lr": fit.lr_scale})
+              if g["params"]]
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    stabilize = fit.stabilize or None
+    if fit.optimizer == "cayley_sgd":
+        return geoopt.optim.RiemannianSGD(groups, lr=fit.lr_rotation, momentum=fit.momentum, stabilize=stabilize)
+    return geoopt.optim.RiemannianAdam(groups, lr=fit.lr_rotation, stabilize=stabilize)
+
+
+def accumulate_gradients(session: FitSession, windows: torch.Tensor, step: int) -> float:
+    """Gradients of step ``step`` on the learned parameters (all-reduced); returns the mean loss."""
+    fit, (rank, size) = session.fit, world()
+    per_step = fit.batch_size * fit.grad_accum * size
+    batches = micro_batches(batch_indices(len(windows), per_step, step, fit.seed), fit.batch_size, rank, size)
+    objective = LOSSES.get(fit.loss)
+    session.learned.zero_grad(set_to_none=False)
+    teacher, student = session.step_tensors()
+    total = 0.0
+    for idx in batches:
+        total += session.micro_step(windows[idx].to(session.device), teacher, student, objective, 1 / len(batches))
+    session.backward_through_folds(student)
+    loss = torch.tensor(total / len(batches), device=session.device)
+    if size > 1:
+        for p in session.learned.parameters():
+            if p.grad is None:  # every rank must join every all-reduce
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= size
+        dist.all_reduce(loss)
+        loss /= size
+    return loss.item()
+
+
+def _save(path: Path, session: FitSession, optimizer, step: int, losses: list[float], done: bool) -> None:
+    if world()[0] != 0:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"step": step, "params": session.learned.state_dict(), "optimizer": optimizer.state_dict(),
+                "losses": losses, "complete": done}, tmp)
+    tmp.replace(path)
+
+
+def _resume(path: Path | None, session: FitSession, optimizer) -> tuple[int, list[float], bool]:
+    if path is None or not path.is_file():
+        return 0, [], False
+    state = torch.load(path, map_location=session.device, weights_only=False)
+    session.learned.load_state_dict(state["params"])
+    optimizer.load_state_dict(state["optimizer"])
+    for param_state in optimizer.state.values():  # torch loads geoopt's int step as a float32 tensor,
+        if torch.is_tensor(param_state.get("step")):  # which changes Adam's bias correction by an ulp
+            param_state["step"] = int(param_state["step"].item())
+    log.info("resuming the fit from %s at step %d", path, state["step"])
+    return state["step"], state["losses"], state["complete"]
+
+
+def train(session: FitSession, windows: torch.Tensor, checkpoint: Path | None = None) -> dict:
+    """Run (or resume) ``fitting.steps`` optimiser steps; returns losses and timing."""
+    fit = session.fit
+    optimizer = make_optimizer(fit, session.learned.rotations(), session.learned.scales())
+    start, losses, done = _resume(checkpoint, session, optimizer)
+    began = time.perf_counter()
+    bar = tqdm(range(start, fit.steps if not done else start), desc="fitting", unit="step",
+               disable=world()[0] != 0)
+    for step in bar:
+        for g in optimizer.param_groups:
+            g["lr"] = g["base_lr"] * lr_factor(fit.schedule, step, fit.steps)
+        losses.append(accumulate_gradients(session, windows, step))
+        optimizer.step()
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        last = step + 1 == fit.steps
+        if checkpoint is not None and (last or (fit.checkpoint_every and (step + 1) % fit.checkpoint_every == 0)):
+            _save(checkpoint, session, optimizer, step + 1, losses, last)
+    seconds = time.perf_counter() - began
+    ran = len(bar)
+    return {"losses": losses, "seconds": seconds, "steps_run": ran,
+            "steps_per_s": ran / seconds if ran and seconds > 0 else None,
+            "orthogonality_error": session.learned.orthogonality_error()}

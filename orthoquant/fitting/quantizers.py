@@ -1,0 +1,51 @@
+"""Fake-quantizers of the fitting, whose gradient also flows through the quantization scale.
+
+A pure straight-through estimator (``x + (q − x).detach()``) gives the transforms no reason to shrink
+an outlier: the scale that the outlier inflates is invisible to the gradient. SpinQuant and OSTQuant
+only make the rounding straight-through and let the dynamic min/max scale carry gradient (as LSQ
+does): ``q = s · (x/s + ((q₀ − x)/s).detach())``, so ``∂q/∂s = (q₀ − x)/s`` is the rounding error.
+The value returned is exactly ``q₀``, the format's own quantize-dequantize — the same number the
+deployed quantizer computes; only the backward pass differs.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from ..config import Recipe
+from ..fakequant.attention import set_kv_quantizers
+from ..fakequant.inputs import set_input_quantizer
+from ..formats import QuantFormat, make_format
+from ..models.spec import ArchSpec
+from ..models.surgery import get_module, linears_of
+
+
+def scale_grad_fake_quant(fmt: QuantFormat, x: torch.Tensor) -> torch.Tensor:
+    """Quantize-dequantize ``x`` (..., d) row-wise; gradient straight through the rounding and
+    through the scale. Formats with a per-tensor global scale fall back to the plain STE."""
+    if not x.requires_grad:
+        return fmt.fake_quant(x)
+    rows = x.reshape(-1, x.shape[-1]).float()
+    params = fmt.fit(rows)
+    if params.global_scale is not None:
+        return fmt.fake_quant(x)
+    cols = params.columns(rows.shape[-1])
+    with torch.no_grad():  # exactly QuantFormat.quantize_dequantize, reusing the fitted scales
+        q0 = fmt.decode(fmt.encode(rows, cols), cols)
+    scale = cols.scale
+    surrogate = scale * (rows / scale + ((q0 - rows) / scale).detach())
+    # q0 exactly in value (surrogate − surrogate.detach() is 0), the surrogate's gradient
+    return (q0 + (surrogate - surrogate.detach())).reshape(x.shape).to(x.dtype)
+
+
+def install_fitting_quantizers(layer: nn.Module, prefix: str, spec: ArchSpec, recipe: Recipe) -> None:
+    """The recipe's activation and KV quantizers on ``layer``, in their fitting form."""
+    def op(q_spec):
+        return functools.partial(scale_grad_fake_quant, make_format(q_spec)) if q_spec is not None else None
+
+    for role, lin in linears_of(layer, spec).items():
+        set_input_quantizer(lin, op(recipe.activations_for(prefix + spec.path(role))))
+    kv = op(recipe.kv_cache)
+    set_kv_quantizers(get_module(layer, spec.attention), kv, kv)

@@ -3,5 +3,6 @@ __version__ = "0.1.0"
 
 from .config import Recipe, load_recipe  # noqa: E402
 from .pipeline import open_run, quantize, quantize_pretrained  # noqa: E402
+from .export import load_quantized  # noqa: E402
 
-__all__ = ["Recipe", "load_recipe", "quantize", "quantize_pretrained", "open_run", "__version__"]
+__all__ = ["Recipe", "load_recipe", "quantize", "quantize_pretrained", "open_run", "load_quantized", "__version__"]

@@ -1,0 +1,175 @@
+"""Export a finished run to a checkpoint format, verify it, and load exports back.
+
+Every export is written into an empty folder, hashed into its manifest, reloaded with
+:func:`load_quantized` (hashes checked first) and compared with the run reopened by
+:func:`orthoquant.open_run` on a few token batches, plus each format's stock-runtime checks. A failed
+check renames the manifest so the folder can never load as a good export.
+
+Sizes are bytes per parameter: for the quantized linears, every stored tensor standing for their
+weights (codes, scales, zeros, group indices, transform state) over their weight count; for the
+checkpoint, all safetensors bytes over all parameters of the model as exported.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..device import DTYPES
+from ..errors import UserError
+from . import compressed, gptq, native  # noqa: F401  (register the formats)
+from .base import EXPORT_FORMATS, ExportFormat, ExportOptions, copy_side_files
+from .contents import RunContents
+from .verify import (MANIFEST, ExportCheckError, check_batches, check_manifest, compare_logits,
+                     relative_tolerance, update_manifest, write_manifest)
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+FAILED_MANIFEST = "orthoquant_config.failed.json"
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    versions = {"orthoquant": __version__, "torch": torch.__version__}
+    for package in ("transformers", "safetensors", "compressed-tensors"):
+        try:
+            versions[package] = md.version(package)
+        except md.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _empty_folder(out: Path | str) -> Path:
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"output folder {out} exists and is not empty; choose another --out or delete it")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def export_run(run_dir: Path | str, out: Path | str, format: str = "native", dtype: torch.dtype | None = None,
+               calib: str | None = None, batches: int = 2) -> dict[str, Any]:
+    """Write the run in ``run_dir`` as a ``format`` checkpoint in ``out``, reload it and compare.
+
+    :param format: a registered export format: ``native``, ``compressed-tensors`` or ``gptq``.
+    :param dtype: dtype of full-precision tensors (None: the run's own).
+    :param calib: calibration text for static activation scales some stock formats need.
+    :param batches: token batches (2 x 32 tokens each) the reload is compared on.
+    :returns: {"format", "out", "dtype", "sizes": bytes per parameter, "checks": reload results}.
+    :raises UserError: the run cannot be held by ``format`` (nothing is written), or a check failed.
+    """
+    fmt = EXPORT_FORMATS.get(format)
+    contents = RunContents(run_dir)
+    options = ExportOptions(dtype or contents.stored_dtype(), calib)
+    fmt.check(contents, options.dtype)
+    out = _empty_folder(out)
+    try:
+        fields = fmt.write(contents, out, options)
+        copy_side_files(contents, out)
+        manifest = write_manifest(out, {"format": fmt.name, "format_version": FORMAT_VERSION,
+                                        "recipe": contents.recipe.to_dict(), "dtype": _dtype_name(options.dtype),
+                                        "source_run": str(contents.path), "versions": _versions(), **fields})
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    try:
+        checks, reference = _verify(contents, out, fmt, options.dtype, batches)
+    except BaseException:
+        (out / MANIFEST).replace(out / FAILED_MANIFEST)
+        raise
+    manifest.update(checks=checks, sizes=measure_sizes(out, manifest, contents, reference))
+    update_manifest(out, manifest)
+    log.info("exported %s as %s into %s", contents.path, fmt.name, out)
+    return {"format": fmt.name, "out": str(out), "dtype": manifest["dtype"], "sizes": manifest["sizes"],
+            "checks": checks}
+
+
+def _verify(contents: RunContents, out: Path, fmt: ExportFormat, dtype: torch.dtype,
+            n_batches: int) -> tuple[dict[str, Any], nn.Module]:
+    """Reload ``out`` and compare it with the run; returns the check results and the run's model."""
+    from ..pipeline import open_run
+
+    reference, *_ = open_run(contents.path, torch.device("cpu"), dtype)
+    batches = check_batches(contents.config, n_batches)
+    result = compare_logits(reference, load_quantized(out, dtype=dtype), batches)
+    tol = 0.0 if fmt.exact else relative_tolerance(dtype)
+    if result["max_rel_diff"] > tol or (fmt.exact and not result["bit_exact"]):
+        raise ExportCheckError(f"orthoquant.load_quantized({out}) differs from the run: relative logit "
+                               f"difference {result['max_rel_diff']:.3g} (allowed {tol:.3g})")
+    checks = {"load_quantized": result}
+    for stock_check in fmt.stock_checks:
+        checks.update(stock_check(out, contents, reference, batches, dtype))
+    return checks, reference
+
+
+# --- sizes, from the safetensors headers (no tensor is loaded) -----------------------------------
+def tensor_bytes(path: Path) -> dict[str, int]:
+    """Tensor name -> stored bytes, from a safetensors file's header."""
+    with path.open("rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+
+
+def _owner(key: str, linears: dict[str, int]) -> str | None:
+    """The quantized linear a tensor belongs to (its bias excluded: the bias is not the weight)."""
+    name = key
+    while "." in name:
+        name = name.rsplit(".", 1)[0]
+        if name in linears:
+            return None if key == f"{name}.bias" else name
+    return None
+
+
+def measure_sizes(out: Path, manifest: dict[str, Any], contents: RunContents, model: nn.Module) -> dict[str, Any]:
+    """Bytes per parameter of the quantized linears and of the whole checkpoint.
+
+    :param manifest: the export's manifest; its optional ``prefixes`` maps a file to the name prefix of
+        its tensors (the native format stores layers under relative names).
+    :param model: the quantized model, for the parameter count.
+    """
+    linears = {lin.name: model.get_submodule(lin.name).weight.numel()
+               for part in contents.parts() for lin in part.linears()}
+    prefixes = manifest.get("prefixes", {})
+    linear_bytes = total_bytes = 0
+    for name in manifest["files"]:
+        if not name.endswith(".safetensors"):
+            continue
+        total_bytes += (out / name).stat().st_size
+        for key, size in tensor_bytes(out / name).items():
+            if _owner(prefixes.get(name, "") + key, linears) is not None:
+                linear_bytes += size
+    params = sum(p.numel() for p in model.parameters())
+    linear_params = sum(linears.values())
+    return {"linear_bytes_per_param": linear_bytes / max(linear_params, 1),
+            "checkpoint_bytes_per_param": total_bytes / max(params, 1),
+            "linear_params": linear_params, "linear_bytes": linear_bytes,
+            "params": params, "checkpoint_bytes": total_bytes}
+
+
+def load_quantized(path: Path | str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """The quantized model of an orthoquant export, as the run computes it (online transforms and
+    activation/KV fake-quant re-attached), built from the stock transformers model class.
+
+    Every file is checked against the manifest's sha256 first.
+
+    :param dtype: compute dtype (None: the export's).
+    :raises UserError: not an export, or a file is missing, truncated, altered or unexpected.
+    """
+    folder = Path(path)
+    manifest = check_manifest(folder)
+    fmt = EXPORT_FORMATS.get(manifest.get("format", "?"))
+    dtype = dtype or DTYPES[manifest["dtype"]]
+    return fmt.load(folder, manifest, torch.device(device), dtype).eval()

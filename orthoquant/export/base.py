@@ -1,0 +1,158 @@
+"""The table of export formats and what their writers and loaders share.
+
+A format is data: a check that refuses runs it cannot hold (before anything is written), a writer,
+a loader that rebuilds the quantized model exactly as :func:`orthoquant.open_run` does, and optional
+extra checks against a stock runtime. Adding a format means registering one :class:`ExportFormat`.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ..config import Recipe
+from ..errors import UserError
+from ..fakequant.attention import use_orthoquant_attention
+from ..models.loading import build_skeleton
+from ..models.spec import spec_for
+from ..models.surgery import layers_of
+from ..registry import Registry
+from ..runner import install_runtime
+from ..transforms.plan import TransformPlan
+from ..transforms.sites import Dims
+from .contents import RunContents
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Settings of one export besides the format.
+
+    :param dtype: dtype of full-precision tensors (and of the scales compressed-tensors stores).
+    :param calib: text for static activation scales a stock format needs and a dynamic quantizer
+        lacks (compressed-tensors NVFP4 ``input_global_scale``): a source name or file; None takes the
+        recipe's calibration source.
+    :param calib_samples: calibration windows used for those scales.
+    """
+
+    dtype: torch.dtype
+    calib: str | None = None
+    calib_samples: int = 16
+
+
+Checker = Callable[[RunContents, torch.dtype], None]
+Writer = Callable[[RunContents, Path, ExportOptions], dict[str, Any]]
+Loader = Callable[[Path, dict[str, Any], torch.device, torch.dtype], nn.Module]
+Decoder = Callable[[Path, Recipe, dict[str, tuple[int, int]]], dict[str, torch.Tensor]]
+# (export folder, run, reference model, token batches, dtype) -> named check results
+StockCheck = Callable[[Path, RunContents, nn.Module, list[torch.Tensor], torch.dtype], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """One checkpoint format.
+
+    :param check: raise :class:`~orthoquant.errors.UserError` when the run cannot be written in this format.
+    :param write: write the checkpoint into an empty folder; returns extra manifest fields.
+    :param load: rebuild the quantized model (online transforms and fake-quant attached) from a checked export.
+    :param exact: whether ``load`` reproduces the run's logits bit for bit (else within a tolerance).
+    :param stock_checks: reloads through stock runtimes (transformers, gptqmodel), run after writing.
+    """
+
+    name: str
+    check: Checker
+    write: Writer
+    load: Loader
+    exact: bool = True
+    stock_checks: tuple[StockCheck, ...] = ()
+
+
+EXPORT_FORMATS: Registry[ExportFormat] = Registry("export format")
+
+
+def attach_runtime(model: nn.Module, recipe: Recipe) -> nn.Module:
+    """Install the recipe's online transforms and activation/KV fake-quant on a model whose weights are
+    already the run's (fused, dequantized) weights, the same way a run folder is reopened."""
+    arch = spec_for(model.config)
+    plan = TransformPlan(recipe.transforms, Dims.of(model.config), arch)
+    for index, layer in enumerate(layers_of(model, arch)):
+        install_runtime(layer, index, arch, recipe, plan, {})
+    use_orthoquant_attention(model)
+    return model.eval()
+
+
+def dense_reload(folder: Path, manifest: dict[str, Any], device: torch.device, dtype: torch.dtype,
+                 decode: Decoder) -> nn.Module:
+    """The stock model class of an export (its ``quantization_config`` dropped) holding the weights
+    ``decode`` reads, with the recipe's online transforms and fake-quant attached.
+
+    :param decode: (folder, recipe, {linear name: (out, in)}) -> full state dict, float32 weights.
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = build_skeleton(config, dtype)
+    recipe = Recipe.from_dict(manifest["recipe"])
+    shapes = {n: tuple(m.weight.shape) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    state, expected = decode(folder, recipe, shapes), model.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    if missing:
+        raise UserError(f"{folder} lacks {missing[:3]} of its model class")
+    model.load_state_dict({k: state[k].to(expected[k].dtype) for k in expected}, strict=True, assign=True)
+    return attach_runtime(model, recipe).to(device)
+
+
+def save_hf_config(contents: RunContents, out: Path, dtype: torch.dtype, **extra: Any) -> None:
+    """The run's config.json with the export dtype (and e.g. a quantization_config) set."""
+    config = contents.config.__class__.from_dict(contents.config.to_dict())
+    config.dtype = dtype
+    for key, value in extra.items():
+        setattr(config, key, value)
+    config.save_pretrained(out)
+
+
+def copy_side_files(contents: RunContents, out: Path) -> None:
+    """Tokenizer and generation files, byte for byte."""
+    for path in contents.side_files():
+        shutil.copyfile(path, out / path.name)
+
+
+@contextmanager
+def quiet_transformers():
+    """Silence transformers' load reports (unexpected CT keys such as input_global_scale) and warnings."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a (possibly sharded) safetensors checkpoint."""
+    index = folder / "model.safetensors.index.json"
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+        else ["model.safetensors"]
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        with safe_open(str(folder / shard), "pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    return tensors
+
+
+def cast_floats(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Floating-point tensors cast to ``dtype``; integer ones (codes, indices) untouched."""
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}

@@ -21,6 +21,7 @@ import resource, sys
 from orthoquant.cli import main
 code = main(sys.argv[1:])
 print("MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print("STATUS", " ".join(l.split()[0] + l.split()[1] for l in open("/proc/self/status") if l.startswith(("RssAnon", "RssFile"))))
 sys.exit(code)
 """
 
@@ -49,6 +50,8 @@ def peak_rss_mb(model: Path, calib: Path, out: Path) -> float:
     if proc.returncode:
         raise RuntimeError(f"quantize failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     line = [l for l in proc.stdout.splitlines() if l.startswith("MAXRSS_KB")][-1]
+    status = [l for l in proc.stdout.splitlines() if l.startswith("STATUS")][-1]
+    print(f"  {model.name}: peak {int(line.split()[1]) / 1024:.0f} MB; at exit {status[7:]}", file=sys.stderr)
     return int(line.split()[1]) / 1024
 
 

@@ -59,3 +59,17 @@ def trained_model(tmp_path_factory) -> Path:
     from orthoquant.demo import build_test_model
 
     return build_test_model(tmp_path_factory.mktemp("trained"))
+
+
+@pytest.fixture(scope="session")
+def trained_data(trained_model):
+    """(folder, calibration windows (32, 64) from train.txt, held-out windows (≤120, 64) from valid.txt)."""
+    from transformers import AutoTokenizer
+
+    from orthoquant.data import calibration_windows, evaluation_tokens, perplexity_windows
+
+    tokenizer = AutoTokenizer.from_pretrained(trained_model)
+    corpus = trained_model.parent / "corpus"
+    calib = calibration_windows(tokenizer, str(corpus / "train.txt"), 32, 64, seed=0)
+    held_out = perplexity_windows(evaluation_tokens(tokenizer, str(corpus / "valid.txt"), 64), 64)[:120]
+    return trained_model, calib, held_out

@@ -7,10 +7,9 @@ model's head_dim (16) as the preset's 128 is on Llama."""
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from orthoquant import load_recipe, quantize
-from orthoquant.data import calibration_windows, evaluation_tokens, perplexity_windows
 from orthoquant.evaluate.ppl import perplexity
 
 CPU = torch.device("cpu")
@@ -19,12 +18,8 @@ FIT = ["fitting.grad_accum=2", "fitting.top_k=100", "fitting.qsur_samples=0",
 
 
 @pytest.fixture(scope="module")
-def setup(trained_model):
-    tokenizer = AutoTokenizer.from_pretrained(trained_model)
-    corpus = trained_model.parent / "corpus"
-    calib = calibration_windows(tokenizer, str(corpus / "train.txt"), 32, 64, seed=0)
-    held_out = perplexity_windows(evaluation_tokens(tokenizer, str(corpus / "valid.txt"), 64), 64)[:120]
-    return trained_model, calib, held_out
+def setup(trained_data):
+    return trained_data
 
 
 def quantized(setup, preset, *sets):

@@ -3,10 +3,9 @@ methods rank as they should. Margins are on the perplexity *increase over FP* (w
 costs), which is deterministic for the presets' seeds."""
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from orthoquant import load_recipe, quantize
-from orthoquant.data import calibration_windows, evaluation_tokens, perplexity_windows
 from orthoquant.evaluate.ppl import perplexity
 from orthoquant.formats import make_format
 
@@ -14,12 +13,8 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def setup(trained_model):
-    tokenizer = AutoTokenizer.from_pretrained(trained_model)
-    corpus = trained_model.parent / "corpus"
-    calib = calibration_windows(tokenizer, str(corpus / "train.txt"), 32, 64, seed=0)
-    held_out = perplexity_windows(evaluation_tokens(tokenizer, str(corpus / "valid.txt"), 64), 64)[:120]
-    return trained_model, calib, held_out
+def setup(trained_data):
+    return trained_data
 
 
 def run(setup, recipe=None, *sets):

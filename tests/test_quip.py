@@ -98,7 +98,7 @@ def test_lattice_codes_round_trip_exactly_and_residual_stages_help(bits, group_s
     assert torch.equal(fmt.unpack(packed, q.codes.shape[-1]), q.codes)
     assert torch.equal(fmt.dequantize(q), fmt.quantize_dequantize(x))
     err = ((fmt.dequantize(q) - x) ** 2).mean() / (x**2).mean()
-    assert err < {2: 0.12, 3: 0.04, 4: 0.012}[bits]
+    assert err < {2: 0.12, 3: 0.04, 4: 0.011}[bits]  # N(0, 1): 0.091, 0.030, 0.0083
 
 
 def test_lattice_format_rejects_what_it_cannot_do():

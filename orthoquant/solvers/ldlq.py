@@ -163,7 +163,10 @@ def block_ldlq(W: torch.Tensor, H: torch.Tensor, fmt, damp: float = 0.01, blocks
 
 
 def solve_ldlq(W: torch.Tensor, H: torch.Tensor | None, fmt, spec, passes: int = 0) -> SolveResult:
-    """Solver entry: :func:`block_ldlq` with ``spec.damp`` and ``spec.blocksize``; loss with the undamped H."""
+    """Solver entry: :func:`block_ldlq` with ``spec.damp`` and ``spec.blocksize``; loss with the undamped H.
+
+    The column order is fixed (last block first), so ``spec.act_order`` and ``spec.static_groups`` do not apply.
+    """
     if H is None:
         raise ValueError("LDLQ needs the input second moment H of the linear")
     q = block_ldlq(W, H, fmt, spec.damp, spec.blocksize, passes)

@@ -2,14 +2,15 @@
 
 For each layer size out x in (W is out x in) it reports:
 - ``gptq_s``: wall time of one ``solve_gptq`` call (INT sym per channel by default, act-order on), including
-  its float64 proxy loss ``tr(ΔW H ΔWᵀ)``, reported on its own as ``loss_s``;
+  its proxy loss ``tr(ΔW H ΔWᵀ)``, which it takes from its own residuals in O(m·n);
+- ``loss_s`` / ``loss_rel_err``: a direct product ``tr(ΔW H ΔWᵀ)`` (another m·n² of GEMMs, which the
+  solver no longer pays) and the relative difference of the solver's loss from it;
 - ``peak_mib``: extra memory at the peak of that call: ``torch.cuda.max_memory_allocated`` on CUDA, the
   process RSS high-water mark above the level before the call on CPU (sampled every 2 ms);
 - ``gemm_frac``: achieved rate ``(m·n² + n³) / gptq_s`` (column updates, then Cholesky and inverse) over the
   dense fp32 GEMM rate of this machine, timed in the same run on a 4096³ matmul (target ≥ 1/3): at the
   start (the table's header) and again right before each size's GPTQ call (``gemm_gflops``, which its
   fractions use, as the rate of a CPU shared with other jobs drifts);
-  ``gemm_frac_ex_loss`` leaves out the proxy loss, an extra float64 m·n² GEMM;
 - ``clip_fit_s`` / ``gptq_clip_s``: the MSE clip search alone (one ``fit`` of the whole weight) and GPTQ
   with ``QuantSpec(clip_search=True)``; ``clip_vs_gptq`` is ``clip_fit_s / gptq_s``;
 - ``loss_gptq / loss_rtn``: layer losses with ``H = E[x xᵀ]`` of synthetic correlated activations
@@ -157,20 +158,20 @@ def bench_size(m: int, n: int, args) -> dict:
     rate = gemm_rate(args.device)
     with PeakMemory(args.device) as mem:
         res, t_gptq = timed(lambda: solve_gptq(W, H, fmt, spec), args.device)
-    _, t_loss = timed(lambda: proxy_loss(W, res.weight, H), args.device)
+    direct, t_loss = timed(lambda: proxy_loss(W, res.weight, H), args.device)
     rtn, t_rtn = timed(lambda: SOLVERS.get("rtn").solve(W, H, fmt, None), args.device)
     _, t_clip_fit = timed(lambda: fmt_clip.fit(W), args.device)
     res_clip, t_gptq_clip = timed(lambda: solve_gptq(W, H, fmt_clip, spec), args.device)
     flops = m * n**2 + n**3
-    return dict(size=f"{m}x{n}", gemm_gflops=rate / 1e9, gptq_s=t_gptq, loss_s=t_loss, peak_mib=mem.peak_mib,
-                gflops=flops / t_gptq / 1e9, gemm_frac=flops / t_gptq / rate,
-                gemm_frac_ex_loss=flops / max(t_gptq - t_loss, 1e-9) / rate, rtn_s=t_rtn,
+    return dict(size=f"{m}x{n}", gemm_gflops=rate / 1e9, gptq_s=t_gptq, loss_s=t_loss,
+                loss_rel_err=abs(res.loss - direct) / direct, peak_mib=mem.peak_mib,
+                gflops=flops / t_gptq / 1e9, gemm_frac=flops / t_gptq / rate, rtn_s=t_rtn,
                 clip_fit_s=t_clip_fit, clip_vs_gptq=t_clip_fit / t_gptq, gptq_clip_s=t_gptq_clip,
                 loss_gptq=res.loss, loss_rtn=rtn.loss, loss_ratio=res.loss / rtn.loss, loss_gptq_clip=res_clip.loss)
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    cols = ["size", "gemm_gflops", "gptq_s", "loss_s", "peak_mib", "gflops", "gemm_frac", "gemm_frac_ex_loss",
+    cols = ["size", "gemm_gflops", "gptq_s", "loss_s", "loss_rel_err", "peak_mib", "gflops", "gemm_frac",
             "rtn_s", "clip_fit_s", "clip_vs_gptq", "gptq_clip_s", "loss_ratio"]
     fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = [f"fp32 GFLOP/s at the start: GEMM {meta['gemm_gflops']:.1f}, Cholesky (n=4096) "

@@ -133,7 +133,7 @@ def _solve_block(Yt: torch.Tensor, H_bb: torch.Tensor, R_bb: torch.Tensor, fmt, 
     Ypt = t.consumer(Yt.T).T.contiguous()  # (Y T⁻¹)ᵀ
     R_t = _upper_root(T @ R_bb)  # T H_eff Tᵀ = R_t R_tᵀ, positive definite already: no extra damping
     params = fmt.fit(Ypt.T.float(), global_scale=gs)
-    codes = _quantize_columns(Ypt, feedback_from_factor(R_t), _Frozen(params), fmt, d).T
+    codes = _quantize_columns(Ypt, feedback_from_factor(R_t), _Frozen(params), fmt, d)[0].T
     Qt = to_original(fmt.decode(codes, params.columns(d)), t).T
     return codes, params, t.blocks[0], Qt
 
@@ -159,7 +159,7 @@ def solve_gptq_blocks(W: torch.Tensor, H: torch.Tensor | None, fmt, spec, rule: 
     with no_tf32():
         Wz = W.double().masked_fill(dead, 0)  # inputs that never fire: their weights cannot matter
         gs = fmt.global_scale(_build(rule, Wz, H, fmt, spec).consumer(Wz).float())
-        R = upper_factor(H, dead, torch.arange(n, device=W.device), spec.damp)
+        R, _ = upper_factor(H, dead, torch.arange(n, device=W.device), spec.damp)
         Wt = Wz.T.to(R.dtype).contiguous()
         Et = torch.empty_like(Wt)  # E = W − Q, transposed, filled block by block
         codes, scales, blocks = [], [], []

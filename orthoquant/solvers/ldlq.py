@@ -151,7 +151,7 @@ def block_ldlq(W: torch.Tensor, H: torch.Tensor, fmt, damp: float = 0.01, blocks
     params = fmt.fit(Wz)
     blocks = _Blocks(fmt, params.columns(n), n, g)
     rev = torch.arange(n - 1, -1, -1, device=W.device)  # processing order: last column first
-    F = block_feedback(upper_factor(H, dead, rev, damp), g)
+    F = block_feedback(upper_factor(H, dead, rev, damp)[0], g)
     Wt = Wz[:, rev].T.to(F.dtype).contiguous()
     _ldlq_loop(Wt, F, blocks, max(g, blocksize // g * g))
     if passes:

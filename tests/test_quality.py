@@ -62,9 +62,9 @@ def total_layer_loss(folder, calib, recipe, out, *sets):
 
 
 def test_gptq_lowers_the_layer_loss_it_optimizes_at_3_bits(setup, fp, tmp_path):
-    # Held-out perplexity of this 64-wide model does not separate GPTQ from RTN at W3 g32
-    # (measured +0.55 vs +0.48 over FP 38.49): assert GPTQ's own objective on real activations,
-    # and that its perplexity stays close to FP.
+    # Held-out perplexity of this 64-wide model barely separates GPTQ from RTN at W3 g32 (measured
+    # +0.256 vs +0.308 over FP 53.386): assert GPTQ's own objective on real activations, and that its
+    # perplexity stays close to FP.
     folder, calib, _ = setup
     sets = ("weights.bits=3", "weights.group_size=32")
     rtn = total_layer_loss(folder, calib, "rtn-w4a16", tmp_path / "rtn", *sets)

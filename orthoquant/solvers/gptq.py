@@ -139,9 +139,10 @@ def ldl_loss(residuals: torch.Tensor, errors: torch.Tensor, r_diag: torch.Tensor
     :param r_diag: (in,) the diagonal of R.
     :param dead: (in,) bool, processing order.
     """
-    damped = (residuals.double().square().sum(1) * r_diag.double().square()).sum()
-    d2 = errors.double().square().sum(1)
-    return float(damped - damping * d2.sum() - d2[dead].sum())
+    # float32 norms of one row each (vecdot would materialise an (in, out) product), combined in float64
+    r2 = torch.linalg.vector_norm(residuals, dim=1).double().square()
+    d2 = torch.linalg.vector_norm(errors, dim=1).double().square()
+    return float((r2 * r_diag.double().square()).sum() - damping * d2.sum() - d2[dead].sum())
 
 
 class _Scales:

@@ -39,7 +39,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MARKER = ".complete"  # written last: a folder without it is an interrupted build
-# The test model's corpus: its 300 steps see ~300k of its ~400k tokens, so it has not memorised its
+# The test model's corpus: its 300 steps see ~300k of its ~510k training tokens, so it has not memorised its
 # training text, and its held-out split (~650 windows of 64) is large enough that perplexity gaps
 # between recipes are not sampling noise. On 300k characters (150 steps, 1.5 passes) its held-out
 # predictions were overconfident: quantization noise then *lowered* held-out loss by about as much as

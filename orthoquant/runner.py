@@ -87,11 +87,11 @@ class LayerwiseQuantizer:
         for i in bar:
             layer, prefix = layers[i], f"{self.spec.layers}.{i}."
             self.source.materialize(layer, prefix, self.device)
-            path = self.run.layer_path(i) if self.run else None
-            if path is not None and path.is_file():
+            if self._finished_before(i):
                 bar.set_postfix_str(f"({i + 1}/{len(layers)}) resumed")
                 prepare_kv_scales(layer, self.spec, self.recipe)  # static KV scales are stored with the layer
-                solved = load_module(path, layer, self.device)
+                solved = load_module(self.run.layer_path(i), layer, self.device)
+                self.metrics[str(i)] = self.run.layer_metrics(i)
             else:
                 bar.set_postfix_str(f"({i + 1}/{len(layers)}) calibrating")
                 solved = self._quantize_layer(layer, i, prefix, inputs)
@@ -99,6 +99,15 @@ class LayerwiseQuantizer:
             inputs = LayerInputs(run_layer(layer, inputs, self.device), inputs.kwargs)
             self.source.release(layer)
         return inputs
+
+    def _finished_before(self, index: int) -> bool:
+        """Whether an earlier attempt stored this layer whole (a bad file is recomputed, not trusted)."""
+        if self.run is None:
+            return False
+        problem = self.run.layer_problem(index)
+        if problem is not None and self.run.layer_path(index).exists():
+            log.warning("%s %s: recomputing it", self.run.layer_path(index), problem)
+        return problem is None
 
     def _quantize_layer(self, layer: nn.Module, index: int, prefix: str, inputs: LayerInputs) -> Transforms:
         start = time.perf_counter()
@@ -108,9 +117,10 @@ class LayerwiseQuantizer:
         quantized, losses = self.solve_layer(layer, prefix, inputs)
         calibrate_kv_scales(layer, prefix, self.spec, self.recipe,  # static KV scales, saved with the layer
                             lambda: run_layer(layer, inputs, self.device, keep=False))
+        self.metrics[str(index)] = {"seconds": time.perf_counter() - start, "linears": losses}
         if self.run is not None:
             save_module(self.run.layer_path(index), layer, quantized)
-        self.metrics[str(index)] = {"seconds": time.perf_counter() - start, "linears": losses}
+            self.run.record_layer(index, self.metrics[str(index)])
         return solved_transforms(quantized)
 
     def solve_layer(self, layer: nn.Module, prefix: str, inputs: LayerInputs) -> tuple[Quantized, dict]:

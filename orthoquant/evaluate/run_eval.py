@@ -98,16 +98,17 @@ def _load_hf_quantized(target: str, device: torch.device, dtype: str, stream: bo
     return Loaded(model.to(device).eval(), AutoTokenizer.from_pretrained(target), _recipe_yaml(Path(target)))
 
 
-def _export_api() -> tuple[Callable, str] | None:
-    """``orthoquant.export``'s ``load_quantized`` and manifest file name, when this build has them."""
+def _export_api() -> tuple[Callable, tuple[str, ...]] | None:
+    """``orthoquant.export``'s ``load_quantized`` and the manifest names marking an export (verified
+    or not: ``load_quantized`` refuses an unverified one), when this build has them."""
     try:
         from ..export import load_quantized
-        from ..export.verify import MANIFEST
+        from ..export.verify import MANIFESTS
     except ModuleNotFoundError as e:
         if not (e.name or "").startswith("orthoquant.export"):  # the module exists but is broken: say so
             raise
         return None
-    return load_quantized, MANIFEST
+    return load_quantized, MANIFESTS
 
 
 def _load_export(target: str, device: torch.device, dtype: str, stream: bool | None) -> Loaded:
@@ -127,7 +128,7 @@ def target_kind(target: str) -> str:
     first: a native export is also a finished run folder, but its manifest must stay untouched."""
     path = Path(target)
     export = _export_api()
-    if export is not None and (path / export[1]).is_file():
+    if export is not None and any((path / name).is_file() for name in export[1]):
         return "export"
     if (path / "run.json").is_file():
         return "run"

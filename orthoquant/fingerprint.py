@@ -2,8 +2,8 @@
 two fingerprints that says in words what changed.
 
 A resume is only correct when everything that shaped the stored layers is unchanged, so the
-fingerprint covers the model's content (config.json, and every safetensors shard's header and size:
-a changed tensor value changes neither, but rewriting a checkpoint does, without hashing gigabytes),
+fingerprint covers the model's content (config.json, and every safetensors shard's size, header and
+evenly spaced samples of its data: a rewritten checkpoint shows without hashing gigabytes),
 the calibration text (sha256 of a local file or folder, or a hub dataset's id, config and split), the
 calibration token windows themselves (a changed tokenizer), the dtype, the device kind, the
 orthoquant version and the recipe.
@@ -26,23 +26,35 @@ from .integrity import sha256_file
 FORMAT = 2
 # safetensors refuses headers above 100 MB: reading more would hash tensor data, not a header.
 _MAX_HEADER = 100 * 2**20
+_SAMPLES, _SAMPLE_BYTES = 32, 64 * 2**10
 
 
-def safetensors_header_sha256(path: Path) -> str:
-    """sha256 of a safetensors file's length prefix and JSON header (names, dtypes, shapes, offsets)."""
+def shard_sha256(path: Path, samples: int = _SAMPLES, chunk: int = _SAMPLE_BYTES) -> str:
+    """sha256 of a safetensors file's length prefix, JSON header (names, dtypes, shapes, offsets) and
+    ``samples`` evenly spaced ``chunk``-byte pieces of its data: about 2 MiB read per shard, however
+    large, yet a rewrite with other values (fine-tuned, re-initialised) of the same shapes shows."""
+    digest = hashlib.sha256()
+    size = path.stat().st_size
     with path.open("rb") as f:
         prefix = f.read(8)
         length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
-        return hashlib.sha256(prefix + f.read(min(length, _MAX_HEADER))).hexdigest()
+        digest.update(prefix + f.read(min(length, _MAX_HEADER)))
+        start = f.tell()
+        span = max(size - start - chunk, 0)
+        for k in range(samples):
+            f.seek(start + span * k // max(samples - 1, 1))
+            digest.update(f.read(chunk))
+    return digest.hexdigest()
 
 
 def model_fingerprint(folder: Path, model_id: str) -> dict[str, Any]:
-    """config.json's sha256 and, per safetensors shard, its header's sha256 and its size.
+    """config.json's sha256 and, per safetensors shard, the sha256 of its header and sampled data
+    (:func:`shard_sha256`) and its size.
 
     :param model_id: what the user named; kept only for hub ids (a local folder may move).
     """
     folder = Path(folder)
-    shards = {p.name: {"header_sha256": safetensors_header_sha256(p), "bytes": p.stat().st_size}
+    shards = {p.name: {"sampled_sha256": shard_sha256(p), "bytes": p.stat().st_size}
               for p in sorted(folder.glob("*.safetensors"))}
     hub_id = None if Path(model_id).exists() else model_id
     return {"hub_id": hub_id, "config_sha256": sha256_file(folder / "config.json"), "weights": shards}
@@ -101,7 +113,7 @@ def _model_changes(old: dict, new: dict) -> list[str]:
     before, after = old.get("weights", {}), new.get("weights", {})
     changed = sorted(name for name in before.keys() & after.keys() if before[name] != after[name])
     if changed:
-        changes.append(f"the model's weights differ ({', '.join(changed)} header/size)")
+        changes.append(f"the model's weights differ ({', '.join(changed)} header/size/sampled bytes)")
     added, removed = sorted(after.keys() - before.keys()), sorted(before.keys() - after.keys())
     if added or removed:
         changes.append(f"the model's weight files differ (added {added or 'none'}, removed {removed or 'none'})")

@@ -25,7 +25,8 @@ from .layerwise import capture_inputs, final_hidden
 from .models.loading import InMemorySource, WeightSource, build_skeleton, open_model
 from .models.spec import ArchSpec, spec_for
 from .models.surgery import fold_final_norm, get_module, layers_of, untie_embeddings
-from .runfolder import RunFolder, SolvedLinear, decoded_state, load_module, save_module
+from .layerfile import SolvedLinear, decoded_state, load_module, save_module
+from .runfolder import RunFolder
 from .runner import LayerwiseQuantizer, attach_solved, install_runtime, solved_transforms
 from .transforms.plan import TransformPlan
 from .transforms.sites import Dims

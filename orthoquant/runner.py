@@ -20,7 +20,8 @@ from .layerwise import LayerInputs, run_layer
 from .models.loading import WeightSource
 from .models.spec import ArchSpec
 from .models.surgery import fold_layer_norms, layers_of, linears_of
-from .runfolder import RunFolder, SolvedLinear, Transforms, load_module, save_module
+from .layerfile import SolvedLinear, Transforms, load_module, save_module
+from .runfolder import RunFolder
 from .solvers import SOLVERS, proxy_loss
 from .stats import collect_input_stats
 from .fakequant.install import calibrate_kv_scales, install_layer_quantizers

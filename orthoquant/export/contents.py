@@ -16,7 +16,8 @@ from ..config import QuantSpec, Recipe
 from ..errors import UserError
 from ..formats import QParams, QuantizedTensor, make_format
 from ..models.spec import ArchSpec, spec_for
-from ..runfolder import SIDES, RunFolder, is_quant_key, read_module
+from ..layerfile import SIDES, is_quant_key, read_module
+from ..runfolder import RunFolder
 from ..transforms.plan import TransformPlan
 from ..transforms.sites import SITES, Dims
 from .verify import check_manifest

@@ -31,7 +31,8 @@ from ..device import DTYPES
 from ..errors import UserError
 from ..fakequant.kvcache import SCALE_NAMES
 from ..hadamard import hadamard_digest
-from ..runfolder import SIDES, read_module, write_json
+from ..layerfile import SIDES, read_module
+from ..runfolder import write_json
 from ..transforms.base import AcrossBlocks
 from ..transforms.sites import SITES
 from .base import EXPORT_FORMATS, ExportFormat, ExportOptions, save_hf_config

@@ -90,14 +90,17 @@ class RunFolder:
         self._refuse_foreign()
         self.path.mkdir(parents=True, exist_ok=True)
         with exclusive_lock(self.path / LOCK, f"output folder {self.path}"):
-            for path in _files_under(self.path):  # left by a killed writer: nobody else writes here now
-                if is_temporary(path):
-                    path.unlink()
+            for folder in (self.path, self.path / LAYERS):  # left by a killed writer: nobody writes here now
+                for path in folder.glob("*"):
+                    if is_temporary(path) and not path.is_symlink():
+                        path.unlink()
             yield self
 
     def _refuse_foreign(self) -> None:
-        if self.path.is_dir() and not self.info_path.is_file() \
-                and any(p.name != LOCK for p in self.path.iterdir()):
+        """A non-empty folder is refused unless orthoquant made it (its run.json or lock file is there:
+        a process killed before writing run.json leaves the lock file and maybe an empty layers/)."""
+        if self.path.is_dir() and not self.info_path.is_file() and not (self.path / LOCK).exists() \
+                and any(self.path.iterdir()):
             raise UserError(f"output folder {self.path} is not empty and holds no orthoquant run")
 
     def start(self, fingerprint: dict[str, Any], recipe_yaml: str, legacy: dict[str, Any] | None = None) -> bool:

@@ -125,6 +125,27 @@ def test_resume_keeps_earlier_metrics_and_seconds_and_equals_uninterrupted(input
     assert run_bytes(tmp_path / "run") == run_bytes(tmp_path / "full")
 
 
+def test_the_fingerprint_names_hub_sources_datasets_folders_device_and_version(tmp_path):
+    from orthoquant.fingerprint import calibration_fingerprint, describe_changes, run_fingerprint
+
+    tokens = torch.arange(8).reshape(2, 4)
+    hub = calibration_fingerprint("wikitext2", tokens)["hub"]  # read from the registry, no download
+    assert (hub["id"], hub["config"], hub["split"]) == ("Salesforce/wikitext", "wikitext-2-raw-v1", "train")
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "data.arrow").write_bytes(b"one")
+    before = calibration_fingerprint(str(tmp_path / "saved"), tokens)
+    (tmp_path / "saved" / "data.arrow").write_bytes(b"two")
+    after = calibration_fingerprint(str(tmp_path / "saved"), tokens)
+    assert before["text_sha256"] != after["text_sha256"]
+    a = run_fingerprint({}, before, torch.float32, torch.device("cpu"), {"name": "r"})
+    b = {**run_fingerprint({}, after, torch.float32, torch.device("cuda"), {"name": "r"}), "orthoquant": "9.9"}
+    assert describe_changes(a, b) == ["the calibration text differs (saved)", "device cpu → cuda",
+                                      f"orthoquant version {a['orthoquant']} → 9.9"]
+    retokenized = {**a, "calibration": {**before, "tokens_sha256": "0" * 64}}  # same text, other tokenizer
+    assert describe_changes(a, retokenized) == [
+        "the calibration tokens differ (same text: the tokenizer or the sampling changed)"]
+
+
 # --- integrity of run folders -----------------------------------------------------------------------
 @pytest.fixture
 def finished_run(inputs, tmp_path):
@@ -254,6 +275,18 @@ def test_a_verified_export_loads_and_its_provisional_manifest_is_gone(finished_r
     load_quantized(run / "native")
 
 
+@pytest.fixture
+def export(finished_run, tmp_path):
+    run, _ = finished_run
+    assert main(["export", str(run), "--format", "native", "--out", str(tmp_path / "native")]) == 0
+    return tmp_path / "native"
+
+
+def test_a_native_export_exports_again(export, tmp_path):
+    assert main(["export", str(export), "--format", "native", "--out", str(tmp_path / "again")]) == 0
+    load_quantized(tmp_path / "again")
+
+
 def test_native_export_copies_only_its_own_files(finished_run, tmp_path):
     run, _ = finished_run
     (run / "notes.json").write_text("{}")
@@ -264,13 +297,6 @@ def test_native_export_copies_only_its_own_files(finished_run, tmp_path):
     names = {p.relative_to(tmp_path / "native").as_posix() for p in (tmp_path / "native").rglob("*")}
     assert not {"notes.json", "extra", "extra/stray.safetensors", "hostname.yaml"} & names
     assert not [p for p in (tmp_path / "native").rglob("*") if p.is_symlink()]
-
-
-@pytest.fixture
-def export(finished_run, tmp_path):
-    run, _ = finished_run
-    assert main(["export", str(run), "--format", "native", "--out", str(tmp_path / "native")]) == 0
-    return tmp_path / "native"
 
 
 @pytest.mark.parametrize("name", ["../../etc/hostname", "/etc/hostname", "layers/../../run/run.json"])
@@ -335,3 +361,11 @@ def test_temporary_names_are_per_process_and_never_left_behind(tmp_path):
     with pytest.raises(OSError):
         atomic_write(target, fail)
     assert list(tmp_path.iterdir()) == []
+    run = tmp_path / "run"
+    (run / "layers").mkdir(parents=True)
+    (run / "run.lock").touch()
+    stale = [temporary_name(run / "run.json"), temporary_name(run / "layers" / "00000.safetensors")]
+    for path in stale:  # as a killed process leaves them
+        path.write_text("half")
+    with RunFolder(run).locked():
+        assert not any(p.exists() for p in stale)

@@ -105,9 +105,7 @@ def export_run(run_dir: Path | str, out: Path | str, format: str = "native", dty
 def _verify(contents: RunContents, out: Path, fmt: ExportFormat, dtype: torch.dtype,
             n_batches: int) -> tuple[dict[str, Any], nn.Module]:
     """Reload ``out`` and compare it with the run; returns the check results and the run's model."""
-    from ..pipeline import open_run
-
-    reference, *_ = open_run(contents.path, torch.device("cpu"), dtype)
+    reference, *_ = contents.open_model(torch.device("cpu"), dtype)
     batches = check_batches(contents.config, n_batches)
     result = compare_logits(reference, _load_checked(out, PROVISIONAL_MANIFEST, torch.device("cpu"), dtype), batches)
     tol = 0.0 if fmt.exact else relative_tolerance(dtype)

@@ -119,6 +119,12 @@ class RunContents:
     def path(self) -> Path:
         return self.run.path
 
+    def open_model(self, device: torch.device, dtype: torch.dtype, stream: bool = False):
+        """The run's quantized model as :func:`orthoquant.open_run` builds it (files checked above)."""
+        from ..pipeline import open_run
+
+        return open_run(self.path, device, dtype, stream=stream, manifest_checked=self.run.is_export)
+
     def layer_prefix(self, index: int) -> str:
         return f"{self.arch.layers}.{index}."
 

@@ -1,9 +1,8 @@
 """Trust in what is read: a truncated, corrupt or mismatched checkpoint, a nonsense config.json or a
-missing local path is one line and exit 2 naming the file (and tensor) before anything is written,
-and no file is ever unpickled (a planted payload is refused and never runs)."""
+missing local path is one line and exit 2 naming the file (and tensor) before anything is written.
+(tests/test_no_pickle.py: no file is ever unpickled.)"""
 import json
 import pathlib
-import pickle
 import random
 
 import pytest
@@ -12,15 +11,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from orthoquant.cli import main
-from orthoquant.config import FitSpec, QuantSpec, Recipe, TransformSpec
 from orthoquant.errors import UserError
-from orthoquant.fitting import loop, prepare_session
-from orthoquant.fitting.fit import CHECKPOINT
 from orthoquant.models.checkpoint import open_checkpoint, read_entry, read_header
-from orthoquant.models.loading import InMemorySource
-from orthoquant.models.spec import spec_for
-from orthoquant.models.tiny import tiny_model
-from orthoquant.pipeline import make_plan, prepare_model
 
 WEIGHTS = "model.safetensors"
 Q = "model.layers.0.self_attn.q_proj.weight"
@@ -54,10 +46,6 @@ def rewrite_header(file: pathlib.Path, change) -> None:
     file.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
 
 
-def last_tensor(file: pathlib.Path) -> str:
-    return max(read_header(file).values(), key=lambda e: e.end).key
-
-
 def cut(fraction: float | None = None, nbytes: int = 0):
     def corrupt(folder):
         file = folder / WEIGHTS
@@ -69,13 +57,14 @@ def cut(fraction: float | None = None, nbytes: int = 0):
     return corrupt
 
 
+def shift_offsets(file: pathlib.Path, key: str, by: int) -> None:
+    rewrite_header(file, lambda h: h[key].__setitem__("data_offsets", [o + by for o in h[key]["data_offsets"]]))
+
+
 def offsets_past_end(folder):
     file = folder / WEIGHTS
-    key = last_tensor(file)
-
-    def shift(header):
-        header[key]["data_offsets"] = [o + 1000 for o in header[key]["data_offsets"]]
-    rewrite_header(file, shift)
+    key = max(read_header(file).values(), key=lambda e: e.end).key
+    shift_offsets(file, key, 1000)
     return [str(file), f"tensor {key}", "past the end of the file"]
 
 
@@ -83,8 +72,7 @@ def overlap(folder):
     """The second tensor in the data section moved 4 bytes back, into the first."""
     file = folder / WEIGHTS
     first, second = sorted(read_header(file).values(), key=lambda e: e.begin)[:2]
-    rewrite_header(file, lambda h: h[second.key].__setitem__("data_offsets",
-                                                             [o - 4 for o in h[second.key]["data_offsets"]]))
+    shift_offsets(file, second.key, -4)
     return [str(file), f"tensor {second.key}", f"would overlap tensor {first.key}"]
 
 
@@ -117,9 +105,13 @@ def header_edit(key, field, value, *message):
 
 
 def vocab(folder):
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 10}))
+    config_edit(vocab_size=10)(folder)
     return [str(folder / WEIGHTS), "tensor model.embed_tokens.weight", f"{folder / 'config.json'} implies [10,"]
+
+
+def fewer_layers(folder):
+    config_edit(num_hidden_layers=1)(folder)
+    return [str(folder / WEIGHTS), "tensor model.layers.1.", "has no place in the model", str(folder / "config.json")]
 
 
 def write_index(folder, weight_map):
@@ -171,6 +163,7 @@ CHECKPOINT_CASES = {
     "shape-mismatch": header_edit(Q, "shape", lambda h: [32, 128], "config.json implies"),
     "integer-weights": header_edit(Q, "dtype", lambda h: "I32", "stored as torch.int32"),
     "vocab-mismatch": vocab,
+    "fewer-layers-in-config": fewer_layers,
     "index-missing-shard": indexed(lambda f, m: m.update({Q: "model-00002-of-00002.safetensors"}),
                                    "names shard model-00002-of-00002.safetensors, which does not exist"),
     "index-tensor-not-in-shard": indexed(other_shard, f"places tensor {Q} in model-extra.safetensors"),
@@ -234,8 +227,7 @@ def safe_open_check(path):
 
 
 FILE_CASES = ["cut-1-byte", "cut-30-percent", "offsets-past-end", "trailing-bytes", "header-length-past-end",
-              "corrupt-header",
-              "unknown-dtype", "span-disagrees-with-shape", "overlap"]
+              "corrupt-header", "unknown-dtype", "span-disagrees-with-shape", "overlap"]
 
 
 @pytest.mark.parametrize("case", FILE_CASES)
@@ -296,14 +288,20 @@ def no_hub(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("model", ["./nope", "models/nope", "../nope", "a/b/c", "models/", "/abs/nope"])
-def test_a_missing_local_path_is_not_sent_to_the_hub(model, no_hub, text_file, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("model, message", [
+    ("./nope", "model folder ./nope does not exist"),
+    ("../nope", "model folder ../nope does not exist"),
+    ("models/nope", "model folder models/nope does not exist"),  # models/ is a local folder: a path
+    ("a/b/c", "model folder a/b/c does not exist"),  # not shaped as a hub id
+    ("/abs/nope", "model folder /abs/nope does not exist"),
+    ("models/", "model folder models has no config.json"),
+])
+def test_a_missing_local_path_is_not_sent_to_the_hub(model, message, no_hub, text_file, tmp_path, monkeypatch,
+                                                     capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "tokenizer.json").write_text("{}")  # models/ is a folder without config.json
     assert main(quantize_args(model, text_file, tmp_path / "run")) == 2
-    err = error_line(capsys)
-    assert model.rstrip("/") in err and ("does not exist" in err or "has no config.json" in err)
+    assert message in error_line(capsys)
     assert no_hub == [] and not (tmp_path / "run").exists()
 
 
@@ -314,61 +312,3 @@ def test_a_hub_id_goes_to_the_hub_and_its_failure_says_no_local_folder_exists(no
     err = error_line(capsys)
     assert no_hub == ["some-org/some-model"]
     assert "no local folder some-org/some-model exists" in err and "offline" in err
-
-
-class Payload:
-    """Unpickling this creates ``marker``: the code a planted file would run."""
-
-    def __init__(self, marker: pathlib.Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return pathlib.Path.touch, (self.marker,)
-
-
-def plant(path: pathlib.Path, marker: pathlib.Path) -> None:
-    torch.save({"step": Payload(marker), "R1": torch.eye(4)}, path)
-    with open(path, "rb") as f:  # the payload is live: an unsafe load runs it
-        torch.load(f, weights_only=False)
-    assert marker.exists()
-    marker.unlink()
-
-
-def fit_session(fit: FitSpec):
-    model = tiny_model("llama", num_hidden_layers=1)
-    recipe = Recipe(activations=QuantSpec(bits=4, symmetric=False), transforms=(TransformSpec("qk"),), fitting=fit)
-    spec = spec_for(model.config)
-    plan = make_plan(model, spec, recipe)
-    prepare_model(model, spec, InMemorySource(), torch.device("cpu"), plan)
-    return prepare_session(model, spec, recipe, plan, torch.device("cpu"))
-
-
-def test_a_planted_pickle_fit_checkpoint_is_refused_and_never_runs(tmp_path):
-    fit = FitSpec(steps=2, batch_size=2, grad_accum=1, top_k=20, qsur_samples=0)
-    checkpoint, marker = tmp_path / CHECKPOINT, tmp_path / "pwned"
-    plant(checkpoint, marker)
-    windows = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(0))
-    with pytest.raises(UserError, match=f"{checkpoint} is not a valid fit checkpoint"):
-        loop.train(fit_session(fit), windows, checkpoint)
-    assert not marker.exists()
-
-
-def test_a_planted_pickle_released_file_is_refused_and_never_runs(saved_model, text_file, tmp_path, capsys):
-    released, marker = tmp_path / "R.bin", tmp_path / "pwned"
-    plant(released, marker)
-    args = quantize_args(saved_model("llama"), text_file, tmp_path / "run")
-    args[args.index("rtn-w4a16")] = "spinquant-had-w4a4kv4"
-    assert main([*args, "--set", f"fitting.released={released}", "--set", "fitting.params=[R_res,R2]"]) == 2
-    assert f"{released} is not a plain tensor file; refused" in error_line(capsys)
-    assert not marker.exists()
-
-
-def test_a_planted_pickle_in_a_quantized_hf_folder_is_never_read(saved_model, text_file, tmp_path, capsys):
-    folder, marker = saved_model("llama"), tmp_path / "pwned"
-    (folder / WEIGHTS).unlink()
-    config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "pack-quantized"}
-    (folder / "config.json").write_text(json.dumps(config))
-    plant(folder / "pytorch_model.bin", marker)
-    assert main(eval_args(folder, text_file, tmp_path / "eval.json")) == 2
-    assert str(folder) in error_line(capsys) and not marker.exists()

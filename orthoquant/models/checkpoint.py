@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,18 +113,20 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
             raise UserError(f"{path}: tensor {e.key}: data_offsets start at {e.begin - data_start}, which would "
                             f"{problem} {previous} (it ends at {position - data_start})")
         position, previous = e.end, f"tensor {e.key}"
-    if position != file_size:
+    if position != file_size:  # no tensor ends past the file (checked above): bytes no tensor owns
         raise UserError(f"{path}: the header says the data ends at byte {position} but the file has "
-                        f"{file_size} bytes ({'truncated' if position > file_size else 'trailing bytes'})")
+                        f"{file_size} bytes (trailing bytes: not the file its header describes)")
     return {e.key: e for e in entries}
 
 
 def read_entry(entry: TensorEntry) -> torch.Tensor:
     """One tensor read with plain file I/O; a short read (the file shrank since it was opened) is an error."""
     buf = bytearray(entry.end - entry.begin)
+    view, got = memoryview(buf), 0
     with open(entry.file, "rb") as f:
         f.seek(entry.begin)
-        got = f.readinto(buf)
+        while got < len(buf) and (n := f.readinto(view[got:])):  # a read may return less than asked
+            got += n
     if got != len(buf):
         raise UserError(f"{entry.file}: tensor {entry.key}: read {got} of {len(buf)} bytes "
                         "(the file was truncated or changed while reading)")
@@ -170,10 +173,25 @@ def open_checkpoint(folder: Path) -> dict[str, TensorEntry]:
     raise UserError(f"{folder} holds no safetensors weights (model.safetensors or an index)")
 
 
+def _unexpected(entries: dict[str, TensorEntry], skeleton: nn.Module) -> list[str]:
+    """Stored tensors the skeleton has no place for, less those transformers ignores when loading
+    (old checkpoints' per-layer ``rotary_emb.inv_freq``, the class's own patterns)."""
+    known = {n for n, _ in skeleton.named_parameters(remove_duplicate=False)} | {n for n, _ in skeleton.named_buffers()}
+    ignored = [re.compile(p) for p in [r"rotary_emb\.inv_freq", *(skeleton._keys_to_ignore_on_load_unexpected or ())]]
+    return sorted(k for k in entries if k not in known and not any(p.search(k) for p in ignored))
+
+
 def check_skeleton(entries: dict[str, TensorEntry], skeleton: nn.Module, aliases: dict[str, str],
                    config_file: Path) -> None:
     """Every parameter of ``skeleton`` (built from ``config_file``) has a stored tensor of its shape
-    and kind (floating point or not); the cast to the run's dtype is the loader's."""
+    and kind (floating point or not), and every stored tensor has a place in it (a config with fewer
+    layers than the weights is a mismatch, not a smaller model); the cast to the run's dtype is the
+    loader's."""
+    if unexpected := _unexpected(entries, skeleton):
+        e = entries[unexpected[0]]
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise UserError(f"{e.file}: tensor {e.key}{more} has no place in the model {config_file} describes; "
+                        "the config and the weights do not match")
     for name, param in skeleton.named_parameters(remove_duplicate=False):
         key = name if name in entries else aliases.get(name, name)
         if key not in entries:

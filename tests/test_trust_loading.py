@@ -312,3 +312,9 @@ def test_a_hub_id_goes_to_the_hub_and_its_failure_says_no_local_folder_exists(no
     err = error_line(capsys)
     assert no_hub == ["some-org/some-model"]
     assert "no local folder some-org/some-model exists" in err and "offline" in err
+
+
+def test_a_tied_model_reads_its_unstored_lm_head_from_the_embedding(saved_model, text_file, tmp_path):
+    folder = saved_model("llama-tied")  # an untied one must store it ("index-lacks-lm-head" above)
+    assert "lm_head.weight" not in read_header(folder / WEIGHTS)
+    assert main(quantize_args(folder, text_file, tmp_path / "run")) == 0

@@ -18,6 +18,7 @@ from .config import QuantSpec
 from .errors import UserError
 from .formats import QParams, QuantizedTensor, make_format
 from .integrity import atomic_write
+from .models.checkpoint import read_header
 from .transforms.base import Transform
 from .transforms.serialize import transform_from_state, transform_state
 
@@ -78,6 +79,7 @@ def save_module(path: Path, module: nn.Module, quantized: dict[str, SolvedLinear
 
 def read_module(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, str]]:
     """Raw tensors, quantization metadata and the file's other metadata."""
+    read_header(path)  # verified first: a truncated, corrupt or foreign file is an error naming it
     with safe_open(str(path), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         metadata = f.metadata() or {}

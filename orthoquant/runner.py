@@ -150,8 +150,8 @@ class LayerwiseQuantizer:
     def _solve(self, linear: nn.Linear, H: torch.Tensor, q_spec: QuantSpec) -> tuple[SolvedLinear, dict]:
         """Solve one linear in place; returns what to store and its proxy loss (absolute and relative)."""
         W = linear.weight.detach().float()
+        reference = proxy_loss(W, torch.zeros_like(W), H)  # tr(W H Wᵀ): the output's energy
         result = SOLVERS.get(self.recipe.solver.name).solve(W, H, make_format(q_spec), self.recipe.solver)
         linear.weight.data = result.weight.to(linear.weight.dtype)
-        reference = proxy_loss(W, torch.zeros_like(W), H)  # tr(W H Wᵀ): the output's energy
         solved = SolvedLinear(result.qweight, q_spec, result.input_transform, result.output_transform)
         return solved, {"loss": result.loss, "relative": result.loss / max(reference, 1e-30)}

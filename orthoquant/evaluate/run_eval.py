@@ -15,7 +15,6 @@ What a target is decides how it loads (:data:`LOADERS`):
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -29,7 +28,7 @@ from torch import nn
 from ..data import evaluation_tokens, perplexity_windows, source_label
 from ..device import resolve_dtype
 from ..errors import UserError
-from ..models.loading import WeightSource, open_model
+from ..models.loading import WeightSource, open_model, read_config_json
 from ..models.surgery import get_module
 from ..pipeline import open_run, rest_paths
 from .lm_eval import TaskOptions, run_tasks
@@ -91,10 +90,10 @@ def _load_model(target: str, device: torch.device, dtype: str, stream: bool | No
 def _load_hf_quantized(target: str, device: torch.device, dtype: str, stream: bool | None) -> Loaded:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        model = AutoModelForCausalLM.from_pretrained(target, dtype=resolve_dtype(dtype, device))
-    except ImportError as e:  # the checkpoint's quantization library is not installed
-        raise UserError(f"{target}: {e}") from None
+    try:  # safetensors only: a pytorch_model.bin would be unpickled
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=resolve_dtype(dtype, device), use_safetensors=True)
+    except (ImportError, OSError) as e:  # the quantization library is not installed; no safetensors weights
+        raise UserError(f"{target}: {' '.join(str(e).split())}") from None
     return Loaded(model.to(device).eval(), AutoTokenizer.from_pretrained(target), _recipe_yaml(Path(target)))
 
 
@@ -133,7 +132,7 @@ def target_kind(target: str) -> str:
     if (path / "run.json").is_file():
         return "run"
     config = path / "config.json"
-    quantized = config.is_file() and "quantization_config" in json.loads(config.read_text())
+    quantized = config.is_file() and "quantization_config" in read_config_json(path)
     return "hf-quantized" if quantized else "model"
 
 

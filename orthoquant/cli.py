@@ -85,6 +85,14 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     return run.info()
 
 
+def show(text: str) -> None:
+    """Print ``text``; a reader that closed the pipe (``| head``) must not stop the files being written."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # as the Python docs advise
+
+
 def cmd_eval(args: argparse.Namespace) -> dict:
     from .device import resolve_device
     from .evaluate.lm_eval import TaskOptions
@@ -97,7 +105,7 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     evaluation = measure(args.target, sources, args.eval_seqlen, resolve_device(args.device), args.dtype,
                          args.batch_size, args.stream, args.max_windows, TaskOptions.from_args(args))
     text = json.dumps(evaluation.result, indent=2)
-    print(text, flush=True)  # first: when a write below fails, the numbers are already shown
+    show(text)  # first: when a write below fails, the numbers are already shown
     if args.json:
         with naming(args.json):
             args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -191,6 +199,20 @@ def _fail(message: str) -> int:
     return 2
 
 
+def run_command(run: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
+    """Run a command: 0, or 2 after one line for bad input or a filesystem error anywhere in it."""
+    try:
+        run(args)
+    except UserError as e:
+        return _fail(str(e))
+    except Exception as e:  # filesystem errors are reported here once, not around every write
+        os_error = filesystem_error(e)
+        if os_error is None:
+            raise
+        return _fail(describe_os_error(os_error, getattr(args, "out", None)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .progress import setup_logging, setup_threads
 
@@ -198,16 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(commands).parse_args(argv)
     setup_logging(args.verbose)
     setup_threads()
-    try:
-        commands[args.command].run(args)
-    except UserError as e:
-        return _fail(str(e))
-    except Exception as e:  # filesystem errors anywhere in a command: the path and the reason, once here
-        os_error = filesystem_error(e)
-        if os_error is None:
-            raise
-        return _fail(describe_os_error(os_error, getattr(args, "out", None)))
-    return 0
+    return run_command(commands[args.command].run, args)
 
 
 if __name__ == "__main__":

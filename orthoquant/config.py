@@ -49,6 +49,14 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+# Seeds seed a torch.Generator (64 bits) after per-layer mixing (transforms.plan.layer_seed): keep them far inside
+SEED_LIMIT = 2**32
+
+
+def _check_seed(name: str, seed: int) -> None:
+    _require(-SEED_LIMIT < seed < SEED_LIMIT, f"{name}={seed}: seeds must lie within ±2**32")
+
+
 def _one_of(name: str, value: Any, allowed: typing.Iterable[Any]) -> None:
     allowed = list(allowed)
     _require(value in allowed, f"{name}={value!r} is not allowed; choose one of {allowed}")
@@ -147,6 +155,7 @@ class TransformSpec:
         _one_of("transforms.site", self.site, SITES.names())
         _one_of("transforms.kind", self.kind, KINDS)
         _require(self.block_size >= 0, f"transforms.block_size={self.block_size} must be >= 0")
+        _check_seed("transforms.seed", self.seed)
 
 
 @dataclass(frozen=True)
@@ -182,6 +191,7 @@ class CalibSpec:
         _require(self.nsamples > 0, f"calibration.nsamples={self.nsamples} must be positive")
         _require(self.seqlen > 1, f"calibration.seqlen={self.seqlen} must be at least 2")
         _require(self.batch_size > 0, f"calibration.batch_size={self.batch_size} must be positive")
+        _check_seed("calibration.seed", self.seed)
 
 
 @dataclass(frozen=True)
@@ -252,6 +262,7 @@ class FitSpec:
         for name in ("steps", "checkpoint_every", "qsur_samples", "stabilize"):
             _require(getattr(self, name) >= 0, f"fitting.{name}={getattr(self, name)} must be >= 0")
         _require(self.lr_rotation >= 0 and self.lr_scale >= 0, "fitting learning rates must be >= 0")
+        _check_seed("fitting.seed", self.seed)
 
 
 @dataclass(frozen=True)

@@ -129,6 +129,7 @@ CASES = [
     ("set-exponent-is-a-number", lambda c: c.quantize("--set", "solver.damp=2e0"), "solver.damp=2.0 must lie in (0, 1)"),
     ("nsamples-0", lambda c: c.quantize("--nsamples", "0"), "calibration.nsamples=0 must be positive"),
     ("seqlen-1", lambda c: c.quantize("--seqlen", "1"), "calibration.seqlen=1 must be at least 2"),
+    ("seed-overflow", lambda c: c.quantize("--seed", str(2**70)), f"calibration.seed={2**70}: seeds must lie within"),
     ("dtype", lambda c: c.quantize("--dtype", "banana"), "--dtype banana"),
     # --- the recipe against the model's sizes ---
     ("group-size", lambda c: c.quantize("--set", "weights.group_size=64"),

@@ -107,7 +107,7 @@ def quantize(model: nn.Module, recipe: Recipe, windows: torch.Tensor, out: Path 
     device = torch.device(device)
     spec = spec_for(model.config)
     check_seqlen(model, windows.shape[1])
-    check_request(model, spec, recipe, out)  # before the run folder exists: nothing to clean up
+    check_request(model, spec, recipe, out, device)  # before the run folder exists: nothing to clean up
     run = RunFolder(out) if out is not None else None
     if run is not None:
         run.start({"model": f"in-memory:{type(model).__name__}", "recipe": recipe.to_dict()}, recipe.to_yaml())
@@ -123,7 +123,7 @@ def quantize_pretrained(model_id: str, recipe: Recipe, out: Path | str, device: 
                         dtype: str = "auto") -> RunFolder:
     """Quantize a hub id or local folder into the run folder ``out``, streaming one layer at a time."""
     model, tokenizer, spec, source, path = open_model(model_id, dtype, device)
-    check_request(model, spec, recipe, out)  # before the run folder exists: nothing to clean up
+    check_request(model, spec, recipe, out, device)  # before the run folder exists: nothing to clean up
     cal = recipe.calibration
     check_seqlen(model, cal.seqlen)
     run = RunFolder(out)

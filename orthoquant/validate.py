@@ -14,9 +14,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import torch
 from torch import nn
 
 from .config import Recipe
+from .device import resolve_device
 from .errors import ConfigError, UserError
 from .formats import make_format
 from .models.spec import ArchSpec
@@ -26,9 +28,11 @@ from .transforms.plan import TransformPlan
 from .transforms.sites import Dims
 
 
-def check_request(model: nn.Module, spec: ArchSpec, recipe: Recipe, out: Path | str | None) -> None:
+def check_request(model: nn.Module, spec: ArchSpec, recipe: Recipe, out: Path | str | None,
+                  device: torch.device | str = "cpu") -> None:
     """Raise naming the first problem of quantizing ``model`` (a skeleton will do) with ``recipe``
-    into the run folder ``out`` (None: no folder)."""
+    on ``device`` into the run folder ``out`` (None: no folder)."""
+    resolve_device(str(device))  # library callers pass devices the CLI never checked
     plan = TransformPlan(recipe.transforms, Dims.of(model.config), spec)  # builds every recipe Hadamard
     check_weights(model, spec, recipe)
     check_inputs(model, spec, recipe, plan.dims)

@@ -120,7 +120,9 @@ def _no_cuda(c: Ctx) -> list[str]:
 
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 SAFETENSORS_ENOSPC = "Error while serializing: I/O error: No space left on device (os error 28)"
-WRITE = {"disk-full", "disk-full-safetensors", "eval-read-only-run", "eval-json-disk-full"}
+# cases failing while writing: the request was fine, so a quantize run stays resumable and eval shows its result
+WRITE_QUANTIZE = {"disk-full", "disk-full-safetensors"}
+WRITE_EVAL = {"eval-read-only-run", "eval-json-disk-full"}
 CASES = [
     # --- the recipe, as text ---
     ("recipe-yaml", lambda c: c.quantize(recipe=str(c.file("r.yaml", "weights: {bits: 4\nsolver: rtn\n"))),
@@ -140,6 +142,8 @@ CASES = [
      "kv_cache (head_dim 16): group_size 32 does not divide the 16 columns"),
     ("block-transform-group", lambda c: c.quantize("--set", "weights.group_size=24", recipe="blockhad-int4-g32"),
      "model.layers.0.self_attn.q_proj (64x64): group_size 24 does not divide the 64 input columns"),
+    ("vector-format-solver", lambda c: c.quantize("--set", "solver.name=quip-gptq", recipe="quip-e8p-2bit"),
+     "GPTQ codes one column at a time, but the e8p format codes 8 together"),
     ("hadamard-size", lambda c: c.quantize(model=c.model_with(intermediate_size=90), recipe="quarot-w4a4kv4"),
      "no Hadamard matrix of order n=90"),
     ("hadamard-block", lambda c: c.quantize(recipe=str(c.file("b.yaml", "transforms: [{site: down_input, block_size: 64}]"))),
@@ -154,8 +158,8 @@ CASES = [
     ("out-is-a-file", lambda c: c.quantize("--out", str(c.file("f", "x"))), "f is a file, not a folder"),
     ("out-below-a-file", lambda c: c.quantize("--out", str(c.file("f", "x") / "run")), "f is a file, not a folder"),
     ("out-read-only", lambda c: c.quantize("--out", str(c.read_only(c.tmp / "ro") / "run")),
-     "cannot write in"),
-    ("run-read-only", _existing_run_read_only, "cannot write in"),
+     "ro/run: cannot write in"),
+    ("run-read-only", _existing_run_read_only, "out: cannot write in"),
     # --- the filesystem while writing ---
     ("disk-full", lambda c: _disk_full_while_saving_layers(c, ENOSPC), "No space left on device (writing"),
     ("disk-full-safetensors", lambda c: _disk_full_while_saving_layers(c, _safetensors_error(SAFETENSORS_ENOSPC)),
@@ -170,7 +174,8 @@ CASES = [
     ("eval-num-fewshot", lambda c: c.eval("--num-fewshot", "-1"), "--num-fewshot -1 must be at least 0"),
     ("eval-limit", lambda c: c.eval("--limit", "0"), "--limit 0.0 must be positive"),
     ("eval-json-is-a-folder", lambda c: c.eval("--json", str(c.tmp)), "is a folder, not a file"),
-    ("eval-json-read-only", lambda c: c.eval("--json", str(c.read_only(c.tmp / "ro") / "r.json")), "cannot write in"),
+    ("eval-json-read-only", lambda c: c.eval("--json", str(c.read_only(c.tmp / "ro") / "r.json")),
+     "ro/r.json: cannot write in"),
     ("eval-read-only-run", _eval_read_only_run, "results.json: Permission denied"),
     ("eval-json-disk-full", _eval_json_disk_full, "result.json: No space left on device"),
 ]
@@ -211,16 +216,29 @@ def test_bad_input_is_one_line_and_exit_2(setup, message, request, finished_run,
     lines = [line for line in err.splitlines() if "error" in line.lower() or "Traceback" in line]
     assert len(lines) == 1 and lines[0].startswith("orthoquant: error: "), err
     assert message in lines[0]
-    if case in ("eval-read-only-run", "eval-json-disk-full"):
+    if case in WRITE_QUANTIZE:
+        assert json.loads((ctx.out / "run.json").read_text())["status"] == "running"
+    elif case in WRITE_EVAL:
         assert json.loads(out)["ppl"], "the computed result is printed before the failed write"
-    if case not in WRITE:  # a bad request writes nothing: no run folder, no file, nothing touched
+    else:  # a bad request writes nothing: no run folder, no file, nothing touched
         assert _tree(tmp_path, run) == before
 
 
+def test_a_corrected_rerun_is_not_refused(saved_model, text_file, tmp_path, capsys):
+    """The group size is refused before the run folder exists, so fixing it is a fresh run, not "a different run"."""
+    model, out = saved_model("llama"), tmp_path / "run"
+    quantize = ["quantize", str(model), "--recipe", "rtn-w4a16", "--calib", str(text_file), "--nsamples", "2",
+                "--seqlen", "16", "--out", str(out), "--device", "cpu", "--set"]
+    assert main([*quantize, "weights.group_size=64"]) == 2 and not out.exists()
+    assert main([*quantize, "weights.group_size=32"]) == 0
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"
+
+
 def test_exponents_are_numbers_in_set_and_in_recipe_files(tmp_path):
-    """YAML 1.1 reads 1e-30 as a string; recipes read it (and 1E5, -2.5e-3) as the number it is."""
+    """YAML 1.1 reads 1e-30 (an exponent without a dot) as a string; recipes read it as the number it is."""
     assert load_recipe("gptq-w4a16", ["solver.damp=1e-30"]).solver.damp == 1e-30
     path = tmp_path / "r.yaml"
     path.write_text("solver: {name: gptq, damp: 1e-30}\nfitting: {lr_rotation: 1.5e-2, lr_scale: 2E-3}\n")
     recipe = load_recipe(str(path))
     assert (recipe.solver.damp, recipe.fitting.lr_rotation, recipe.fitting.lr_scale) == (1e-30, 1.5e-2, 2e-3)
+    assert load_recipe("gptq-w4a16", ["description=1e-3x"]).description == "1e-3x"  # not a number: a string

@@ -184,12 +184,13 @@ def filesystem_error(e: Exception) -> OSError | None:
 
 
 def describe_os_error(e: OSError, written: Path | None) -> str:
-    """``PATH: reason``; an error naming no file names ``written``, the folder the command writes."""
+    """``PATH: reason``; a system error naming no file (a full disk) names ``written``, the folder the
+    command writes; an OSError without errno (libraries raise them for missing files) is its message."""
     reason = e.strerror or str(e)
     if e.filename is not None:
         path = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else str(e.filename)
         return f"{path}: {reason}"
-    return f"{reason} (writing {written})" if written is not None else reason
+    return f"{reason} (writing {written})" if written is not None and e.errno is not None else reason
 
 
 def _fail(message: str) -> int:

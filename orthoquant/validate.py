@@ -25,7 +25,7 @@ from .models.spec import ArchSpec
 from .models.surgery import get_module, layers_of, linears_of
 from .solvers import SOLVERS
 from .transforms.plan import TransformPlan
-from .transforms.sites import Dims
+from .transforms.sites import SITES, Dims
 
 
 def check_request(model: nn.Module, spec: ArchSpec, recipe: Recipe, out: Path | str | None,
@@ -33,7 +33,7 @@ def check_request(model: nn.Module, spec: ArchSpec, recipe: Recipe, out: Path | 
     """Raise naming the first problem of quantizing ``model`` (a skeleton will do) with ``recipe``
     on ``device`` into the run folder ``out`` (None: no folder)."""
     resolve_device(str(device))  # library callers pass devices the CLI never checked
-    plan = TransformPlan(recipe.transforms, Dims.of(model.config), spec)  # builds every recipe Hadamard
+    plan = check_transforms(recipe, Dims.of(model.config), spec)
     check_weights(model, spec, recipe)
     check_inputs(model, spec, recipe, plan.dims)
     if recipe.fitting is not None:
@@ -42,6 +42,14 @@ def check_request(model: nn.Module, spec: ArchSpec, recipe: Recipe, out: Path | 
         check_fitting(recipe, plan)
     if out is not None:
         check_output_folder(Path(out), "--out")
+
+
+def check_transforms(recipe: Recipe, dims: Dims, spec: ArchSpec) -> TransformPlan:
+    """The recipe's transform plan, whose construction builds every Hadamard; an error names the site."""
+    for t in recipe.transforms:
+        _check_shape(f"transform at {t.site} (width {SITES.get(t.site).width(dims)})",
+                     lambda: TransformPlan((t,), dims, spec))
+    return TransformPlan(recipe.transforms, dims, spec)
 
 
 def _layer_linears(model: nn.Module, spec: ArchSpec) -> Iterator[tuple[str, nn.Linear]]:

@@ -145,7 +145,7 @@ CASES = [
     ("vector-format-solver", lambda c: c.quantize("--set", "solver.name=quip-gptq", recipe="quip-e8p-2bit"),
      "GPTQ codes one column at a time, but the e8p format codes 8 together"),
     ("hadamard-size", lambda c: c.quantize(model=c.model_with(intermediate_size=90), recipe="quarot-w4a4kv4"),
-     "no Hadamard matrix of order n=90"),
+     "transform at down_input (width 90): no Hadamard matrix of order n=90"),
     ("hadamard-block", lambda c: c.quantize(recipe=str(c.file("b.yaml", "transforms: [{site: down_input, block_size: 64}]"))),
      "transforms.block_size=64 does not divide the down_input width 96"),
     ("quip-hadamard", lambda c: c.quantize(model=c.model_with(intermediate_size=90), recipe="quip-int4"),

@@ -49,7 +49,7 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-# Seeds seed a torch.Generator (64 bits) after per-layer mixing (transforms.plan.layer_seed): keep them far inside
+# Seeds go to a 64-bit torch.Generator after per-layer mixing (transforms.plan.layer_seed): keep them well inside
 SEED_LIMIT = 2**32
 
 

@@ -6,10 +6,13 @@ import argparse
 import importlib
 import json
 import logging
+import os
+import re
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .errors import UserError
 
@@ -82,20 +85,34 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     return run.info()
 
 
+def show(text: str) -> None:
+    """Print ``text``; a reader that closed the pipe (``| head``) must not stop the files being written."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # as the Python docs advise
+
+
 def cmd_eval(args: argparse.Namespace) -> dict:
     from .device import resolve_device
     from .evaluate.lm_eval import TaskOptions
-    from .evaluate.run_eval import evaluate
+    from .evaluate.run_eval import measure
+    from .validate import check_output_file
 
-    sources = [s for s in args.ppl.split(",") if s]
-    result = evaluate(args.target, sources, args.eval_seqlen, resolve_device(args.device), args.dtype,
-                      args.batch_size, args.stream, args.max_windows, TaskOptions.from_args(args))
-    text = json.dumps(result, indent=2)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text)
-    print(text)
-    return result
+        check_output_file(args.json, "--json")
+    sources = [s for s in args.ppl.split(",") if s]
+    evaluation = measure(args.target, sources, args.eval_seqlen, resolve_device(args.device), args.dtype,
+                         args.batch_size, args.stream, args.max_windows, TaskOptions.from_args(args))
+    text = json.dumps(evaluation.result, indent=2)
+    show(text)  # first: when a write below fails, the numbers are already shown
+    if args.json:
+        with naming(args.json):
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(text)
+    with naming(Path(args.target)):
+        evaluation.save()
+    return evaluation.result
 
 
 def cmd_recipes(args: argparse.Namespace) -> None:
@@ -143,6 +160,60 @@ def build_parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
     return parser
 
 
+@contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """Name ``path`` in a filesystem error that names no file (a full disk fails a write, not an open)."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
+
+
+_OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)")
+
+
+def filesystem_error(e: Exception) -> OSError | None:
+    """``e`` as an OSError if it is one: safetensors' writer reports I/O errors as ``SafetensorError``
+    with the errno in its text ("... No space left on device (os error 28)")."""
+    if isinstance(e, OSError):
+        return e
+    code = _OS_ERROR_CODE.search(str(e)) if type(e).__name__ == "SafetensorError" else None
+    return OSError(int(code[1]), os.strerror(int(code[1]))) if code else None
+
+
+def describe_os_error(e: OSError, written: Path | None) -> str:
+    """``PATH: reason``; a system error naming no file (a full disk) names ``written``, the folder the
+    command writes; an OSError without errno (libraries raise them for missing files) is its message."""
+    reason = e.strerror or str(e)
+    if e.filename is not None:
+        path = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else str(e.filename)
+        return f"{path}: {reason}"
+    return f"{reason} (writing {written})" if written is not None and e.errno is not None else reason
+
+
+def _fail(message: str) -> int:
+    """One line on stderr, exit code 2 (run with -v for the traceback, logged at debug level)."""
+    log.debug("details", exc_info=True)
+    print("orthoquant: error: " + " ".join(message.split("\n")), file=sys.stderr)
+    return 2
+
+
+def run_command(run: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
+    """Run a command: 0, or 2 after one line for bad input or a filesystem error anywhere in it."""
+    try:
+        run(args)
+    except UserError as e:
+        return _fail(str(e))
+    except Exception as e:  # filesystem errors are reported here once, not around every write
+        os_error = filesystem_error(e)
+        if os_error is None:
+            raise
+        return _fail(describe_os_error(os_error, getattr(args, "out", None)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .progress import setup_logging, setup_threads
 
@@ -150,12 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(commands).parse_args(argv)
     setup_logging(args.verbose)
     setup_threads()
-    try:
-        commands[args.command].run(args)
-    except UserError as e:
-        print(f"orthoquant: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(commands[args.command].run, args)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,40 @@ from .errors import ConfigError, UnknownNameError
 RECIPE_VERSION = 1
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader reading YAML 1.2 floats too: YAML 1.1 needs a dot, so ``1e-30`` would be
+    the string '1e-30' (and ``solver.damp=1e-30`` a type error). Resolvers added here come after the
+    1.1 ones, so only a scalar that 1.1 leaves a string and that is an exponent number changes."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"))
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """``text`` as YAML (with :class:`_RecipeLoader`); a syntax error is a one-line :class:`ConfigError`
+    naming ``where`` and the line and column."""
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where} is not valid YAML{at}: {problem}") from None
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+# Seeds go to a 64-bit torch.Generator after per-layer mixing (transforms.plan.layer_seed): keep them well inside
+SEED_LIMIT = 2**32
+
+
+def _check_seed(name: str, seed: int) -> None:
+    _require(-SEED_LIMIT < seed < SEED_LIMIT, f"{name}={seed}: seeds must lie within ±2**32")
 
 
 def _one_of(name: str, value: Any, allowed: typing.Iterable[Any]) -> None:
@@ -124,6 +155,7 @@ class TransformSpec:
         _one_of("transforms.site", self.site, SITES.names())
         _one_of("transforms.kind", self.kind, KINDS)
         _require(self.block_size >= 0, f"transforms.block_size={self.block_size} must be >= 0")
+        _check_seed("transforms.seed", self.seed)
 
 
 @dataclass(frozen=True)
@@ -159,6 +191,7 @@ class CalibSpec:
         _require(self.nsamples > 0, f"calibration.nsamples={self.nsamples} must be positive")
         _require(self.seqlen > 1, f"calibration.seqlen={self.seqlen} must be at least 2")
         _require(self.batch_size > 0, f"calibration.batch_size={self.batch_size} must be positive")
+        _check_seed("calibration.seed", self.seed)
 
 
 @dataclass(frozen=True)
@@ -229,6 +262,7 @@ class FitSpec:
         for name in ("steps", "checkpoint_every", "qsur_samples", "stabilize"):
             _require(getattr(self, name) >= 0, f"fitting.{name}={getattr(self, name)} must be >= 0")
         _require(self.lr_rotation >= 0 and self.lr_scale >= 0, "fitting learning rates must be >= 0")
+        _check_seed("fitting.seed", self.seed)
 
 
 @dataclass(frozen=True)
@@ -309,9 +343,9 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
-    def from_yaml(cls, text: str) -> "Recipe":
-        data = yaml.safe_load(text) or {}
-        _require(isinstance(data, dict), "a recipe file must hold a mapping at the top level")
+    def from_yaml(cls, text: str, where: str = "the recipe") -> "Recipe":
+        data = parse_yaml(text, where) or {}
+        _require(isinstance(data, dict), f"{where} must hold a mapping at the top level")
         return cls.from_dict(data)
 
     def with_overrides(self, assignments: typing.Sequence[str]) -> "Recipe":
@@ -320,7 +354,7 @@ class Recipe:
         for item in assignments:
             key, sep, raw = item.partition("=")
             _require(bool(sep) and bool(key), f"--set {item!r}: expected key.path=value")
-            _set_path(data, key.strip().split("."), yaml.safe_load(raw))
+            _set_path(data, key.strip().split("."), parse_yaml(raw, f"--set {item!r}: the value"))
         return Recipe.from_dict(data)
 
 
@@ -400,13 +434,20 @@ def preset_names() -> list[str]:
                   if p.name.endswith(".yaml"))
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"recipe file {path} is not UTF-8 text (byte {e.start})") from None
+
+
 def load_recipe(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Recipe:
     """A preset by name, or a recipe YAML file by path, with ``--set`` overrides applied."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
-            raise ConfigError(f"recipe file {path} does not exist")
-        recipe = Recipe.from_yaml(path.read_text())
+            raise ConfigError(f"recipe file {path} {'is not a file' if path.exists() else 'does not exist'}")
+        recipe = Recipe.from_yaml(_read_text(path), f"recipe file {path}")
     elif name_or_path in preset_names():
         recipe = Recipe.from_yaml(resources.files("orthoquant.recipes").joinpath(f"{name_or_path}.yaml").read_text())
     else:

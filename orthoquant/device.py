@@ -17,11 +17,17 @@ def resolve_device(name: str | None) -> torch.device:
     """``cpu``, ``cuda`` or ``cuda:N``; None picks CUDA when present. Asking for absent CUDA is an error."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but torch sees no CUDA device")
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch's message lists twenty device types orthoquant does not run on
+        raise UserError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {name}: use cpu or cuda")
+        raise UserError(f"--device {name}: use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for, but torch sees no CUDA device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s), "
+                        f"numbered from 0")
     return device
 
 

@@ -30,6 +30,7 @@ from .runfolder import RunFolder
 from .runner import LayerwiseQuantizer, attach_solved, install_runtime, solved_transforms
 from .transforms.plan import TransformPlan
 from .transforms.sites import Dims
+from .validate import check_request
 from .solvers import SOLVERS
 from .stats import InputStats
 
@@ -109,6 +110,7 @@ def quantize(model: nn.Module, recipe: Recipe, windows: torch.Tensor, out: Path 
     device = torch.device(device)
     spec = spec_for(model.config)
     check_seqlen(model, windows.shape[1])
+    check_request(model, spec, recipe, out, device)  # before the run folder exists: nothing to clean up
     if out is None:
         run_quantization(model, spec, recipe, InMemorySource(), windows, device, None)
         return model
@@ -128,6 +130,7 @@ def quantize_pretrained(model_id: str, recipe: Recipe, out: Path | str, device: 
                         dtype: str = "auto") -> RunFolder:
     """Quantize a hub id or local folder into the run folder ``out``, streaming one layer at a time."""
     model, tokenizer, spec, source, path = open_model(model_id, dtype, device)
+    check_request(model, spec, recipe, out, device)  # before the run folder exists: nothing to clean up
     cal = recipe.calibration
     check_seqlen(model, cal.seqlen)
     run = RunFolder(out)

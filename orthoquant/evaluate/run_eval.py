@@ -25,12 +25,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..config import parse_yaml
 from ..data import evaluation_tokens, perplexity_windows, source_label
 from ..device import resolve_dtype
 from ..errors import UserError
 from ..models.loading import WeightSource, open_model, read_config_json
 from ..models.surgery import get_module
 from ..pipeline import open_run, rest_paths
+from ..validate import check_eval_options
 from .lm_eval import TaskOptions, run_tasks
 from .ppl import perplexity, streamed_perplexity
 from .results import write_results
@@ -59,10 +61,8 @@ def _fits_in_memory(n_params: int, dtype: torch.dtype) -> bool:
 
 
 def _recipe_yaml(folder: Path) -> dict | None:
-    import yaml
-
     path = folder / "recipe.yaml"
-    return yaml.safe_load(path.read_text()) if path.is_file() else None
+    return parse_yaml(path.read_text(), str(path)) if path.is_file() else None
 
 
 def _load_run(target: str, device: torch.device, dtype: str, stream: bool | None) -> Loaded:
@@ -156,12 +156,30 @@ def _perplexity(loaded: Loaded, src: str, seqlen: int, device: torch.device, bat
     return value
 
 
-def evaluate(target: str, ppl_sources: list[str], seqlen: int | None, device: torch.device,
-             dtype: str = "auto", batch_size: int = 1, stream: bool | None = None,
-             max_windows: int | None = None, tasks: TaskOptions | None = None) -> dict[str, Any]:
-    """Perplexity of ``target`` on each source and its lm-eval ``tasks``; the CLI's JSON result
-    ``{"ppl": {source: float}, "seqlen": L, "tasks": {task: {...}}, "recipe": dict | None, "seconds": s}``."""
+@dataclass
+class Evaluation:
+    """A measured result (the CLI's JSON) and its timings; :meth:`save` writes them where they belong."""
+
+    target: str
+    kind: str
+    result: dict[str, Any]
+    timings: dict[str, Any]
+
+    def save(self) -> None:
+        """``results.json/md`` into a run folder; nothing is written into other targets."""
+        if self.kind == "run":
+            write_results(Path(self.target), self.result, self.timings)
+
+
+def measure(target: str, ppl_sources: list[str], seqlen: int | None, device: torch.device,
+            dtype: str = "auto", batch_size: int = 1, stream: bool | None = None,
+            max_windows: int | None = None, tasks: TaskOptions | None = None) -> Evaluation:
+    """Perplexity of ``target`` on each source and its lm-eval ``tasks``, written nowhere yet (a caller
+    shows the numbers first, so a failing write cannot lose them); see :func:`evaluate`."""
     start = time.perf_counter()
+    check_eval_options(seqlen=seqlen, batch_size=batch_size, max_windows=max_windows)
+    if tasks is not None:
+        check_eval_options(num_fewshot=tasks.num_fewshot, max_length=tasks.max_length, limit=tasks.limit)
     if tasks is not None and tasks.tasks and stream:
         raise UserError("--tasks needs the whole model in memory; drop --stream")
     kind = target_kind(target)
@@ -178,6 +196,15 @@ def evaluate(target: str, ppl_sources: list[str], seqlen: int | None, device: to
         result["tasks"] = run_tasks(loaded.model, loaded.tokenizer, tasks, seqlen)
         timings["tasks"] = time.perf_counter() - t0
     result["seconds"] = timings["total"] = time.perf_counter() - start
-    if kind == "run":
-        write_results(Path(target), result, timings)
-    return result
+    return Evaluation(target, kind, result, timings)
+
+
+def evaluate(target: str, ppl_sources: list[str], seqlen: int | None, device: torch.device,
+             dtype: str = "auto", batch_size: int = 1, stream: bool | None = None,
+             max_windows: int | None = None, tasks: TaskOptions | None = None) -> dict[str, Any]:
+    """Perplexity of ``target`` on each source and its lm-eval ``tasks``; the CLI's JSON result
+    ``{"ppl": {source: float}, "seqlen": L, "tasks": {task: {...}}, "recipe": dict | None, "seconds": s}``.
+    A run folder also gets ``results.json/md``."""
+    evaluation = measure(target, ppl_sources, seqlen, device, dtype, batch_size, stream, max_windows, tasks)
+    evaluation.save()
+    return evaluation.result

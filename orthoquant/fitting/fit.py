@@ -21,19 +21,22 @@ from ..transforms.sites import fuse_residual_rest
 from .init import hadamard_init, klt_init
 from .loop import train
 from .qsur import measure_qsur
-from .released import import_released
+from .released import check_released, import_released
 from .session import FitSession, quantizers_off, swapped
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "fit.safetensors"  # safetensors + JSON, never a pickle (fitting/checkpoint.py)
 
 
-def _check_sites(recipe: Recipe, plan: TransformPlan) -> None:
-    """Fail before any work when a learned parameter would share a site with a recipe transform."""
+def check_fitting(recipe: Recipe, plan: TransformPlan) -> None:
+    """Fail before any work when a learned parameter would share a site with a recipe transform, or
+    the released file to import is not there."""
     clash = sorted({PARAMS.get(n).site for n in recipe.fitting.params} & set(plan.specs))
     if clash and not recipe.fitting.released:
         raise ConfigError(f"fitting.params learn at {clash}, where the recipe already puts a transform; "
                           "drop one of the two")
+    if recipe.fitting.released:
+        check_released(Path(recipe.fitting.released))
 
 
 def prepare_session(model: nn.Module, spec: ArchSpec, recipe: Recipe, plan: TransformPlan,
@@ -78,7 +81,7 @@ def fit_transforms(model: nn.Module, spec: ArchSpec, recipe: Recipe, plan: Trans
     :param run_dir: where the fit checkpoint lives (None: no checkpoint, no resume).
     """
     fit = recipe.fitting
-    _check_sites(recipe, plan)
+    check_fitting(recipe, plan)
     if fit.released:
         deploy(model, spec, plan, import_released(Path(fit.released), plan.dims, spec, len(layers_of(model, spec))))
         return {"released": fit.released}

@@ -90,10 +90,14 @@ def ostquant_transforms(state: dict[str, torch.Tensor], dims: Dims) -> Learned:
     return out
 
 
-def import_released(path: Path, dims: Dims, arch: ArchSpec, n_layers: int) -> Learned:
-    """The transforms of a released SpinQuant or OSTQuant file, keyed as the plan expects."""
+def check_released(path: Path) -> None:
     if not path.is_file():
         raise UserError(f"fitting.released: {path} does not exist")
+
+
+def import_released(path: Path, dims: Dims, arch: ArchSpec, n_layers: int) -> Learned:
+    """The transforms of a released SpinQuant or OSTQuant file, keyed as the plan expects."""
+    check_released(path)
     try:  # the papers release torch.save files: read them without unpickling anything but tensors
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:

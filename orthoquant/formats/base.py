@@ -96,6 +96,11 @@ class QuantFormat(ABC):
     def check(cls, spec: "QuantSpec") -> None:
         """Raise :class:`ConfigError` when ``spec`` asks for something this format cannot do."""
 
+    def check_shape(self, rows: int, cols: int) -> None:
+        """Raise :class:`ConfigError` when a (rows, cols) tensor cannot be quantized in this format:
+        the checks quantizing makes, run on a meta tensor so that they cost nothing before any weight is read."""
+        self.grouped(torch.empty(rows, cols, device="meta"))
+
     # --- the three format-specific operations --------------------------------------------------
     @abstractmethod
     def fit(self, x: torch.Tensor, global_scale: torch.Tensor | None = None) -> QParams:

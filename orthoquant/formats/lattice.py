@@ -98,6 +98,10 @@ class LatticeFormat(QuantFormat):
         if spec.clip_search or spec.clip_ratio != 1.0:
             raise ConfigError("the e8p format takes no clipping: its scale is RMS / opt_scale (QuIP#)")
 
+    def check_shape(self, rows: int, cols: int) -> None:
+        super().check_shape(rows, cols)
+        _vectors(torch.empty(rows, cols, device="meta"))
+
     def fit(self, x: torch.Tensor, global_scale: torch.Tensor | None = None) -> QParams:
         """Scale ``RMS / opt_scale`` of the tensor (1, 1) or of each row (rows, 1)."""
         rms = self.grouped(x.float()).square().mean(-1).sqrt()

@@ -39,12 +39,20 @@ class SolveResult:
     output_transform: "Transform | None" = None
 
 
+def check_format(fmt: "QuantFormat", spec: "SolverSpec", rows: int, cols: int) -> None:
+    """The shape check every solver makes: ``fmt`` can hold a (rows, cols) weight (groups divide it)."""
+    fmt.check_shape(rows, cols)
+
+
 @dataclass(frozen=True)
 class Solver:
-    """A registered solver: the function and whether it needs the input's second moment."""
+    """A registered solver: the function, whether it needs the input's second moment, and ``check``:
+    ``check(fmt, spec, rows, cols)`` raises the :class:`~orthoquant.errors.ConfigError` that solving a
+    (rows, cols) weight would raise, without any weight (a request is validated before a run starts)."""
 
     solve: Callable[[torch.Tensor, torch.Tensor | None, "QuantFormat", "SolverSpec"], SolveResult]
     needs_hessian: bool
+    check: Callable[["QuantFormat", "SolverSpec", int, int], None] = check_format
 
 
 SOLVERS: Registry[Solver] = Registry("solver")

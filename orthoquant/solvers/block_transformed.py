@@ -27,9 +27,10 @@ import torch
 
 from ..errors import ConfigError
 from ..formats.base import QParams, QuantizedTensor
+from ..hadamard import hadamard_factor
 from ..transforms.base import BlockDense
 from ..transforms.wush import hadamard_blocks, no_tf32, wush_blocks
-from . import SOLVERS, SolveResult, Solver, proxy_loss
+from . import SOLVERS, SolveResult, Solver, check_format, proxy_loss
 from .gptq import _quantize_columns, feedback_from_factor, upper_factor
 
 
@@ -62,6 +63,18 @@ def block_size(fmt, cols: int) -> int:
     if cols % fmt.group_size:
         raise ConfigError(f"group_size {fmt.group_size} does not divide the {cols} input columns")
     return fmt.group_size
+
+
+def check_blocks(fmt, spec, rows: int, cols: int) -> None:
+    """Groups that divide the inputs and a Hadamard of the group's order (both rules end in H_d)."""
+    hadamard_factor(block_size(fmt, cols))
+    check_format(fmt, spec, rows, cols)
+
+
+def check_gptq_blocks(fmt, spec, rows: int, cols: int) -> None:
+    if spec.act_order:
+        raise ConfigError("solver.act_order=true: block-transformed GPTQ keeps the natural column order")
+    check_blocks(fmt, spec, rows, cols)
 
 
 def as_transform(T: torch.Tensor, orthogonal: bool) -> BlockDense:
@@ -150,8 +163,7 @@ def solve_gptq_blocks(W: torch.Tensor, H: torch.Tensor | None, fmt, spec, rule: 
     """
     if H is None:
         raise ValueError("GPTQ needs the input second moment H of the linear")
-    if spec.act_order:
-        raise ConfigError("solver.act_order=true: block-transformed GPTQ keeps the natural column order")
+    check_gptq_blocks(fmt, spec, *W.shape)
     n = W.shape[1]
     d = block_size(fmt, n)
     H = H.to(W.device)
@@ -181,5 +193,7 @@ def solve_gptq_blocks(W: torch.Tensor, H: torch.Tensor | None, fmt, spec, rule: 
 
 
 for _name, _rule in RULES.items():
-    SOLVERS.add(f"{_name}-rtn", Solver(partial(solve_rtn_blocks, rule=_rule), needs_hessian=_rule.needs_hessian))
-    SOLVERS.add(f"{_name}-gptq", Solver(partial(solve_gptq_blocks, rule=_rule), needs_hessian=True))
+    SOLVERS.add(f"{_name}-rtn", Solver(partial(solve_rtn_blocks, rule=_rule), needs_hessian=_rule.needs_hessian,
+                                       check=check_blocks))
+    SOLVERS.add(f"{_name}-gptq", Solver(partial(solve_gptq_blocks, rule=_rule), needs_hessian=True,
+                                        check=check_gptq_blocks))

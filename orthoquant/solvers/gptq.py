@@ -38,7 +38,7 @@ import torch
 
 from ..errors import ConfigError
 from ..formats.base import QParams, QuantizedTensor
-from . import SOLVERS, SolveResult, Solver
+from . import SOLVERS, SolveResult, Solver, check_format
 from .cholesky import cholesky_lower_
 
 log = logging.getLogger(__name__)
@@ -318,4 +318,12 @@ def solve_gptq(W: torch.Tensor, H: torch.Tensor | None, fmt, spec) -> SolveResul
     return SolveResult(fmt.dequantize(qweight), qweight, loss)
 
 
-SOLVERS.add("gptq", Solver(solve_gptq, needs_hessian=True))
+def check_gptq(fmt, spec, rows: int, cols: int) -> None:
+    """GPTQ codes one column at a time: a format coding vectors of columns (E8P) cannot follow it."""
+    if fmt.vector_size > 1:
+        raise ConfigError(f"GPTQ codes one column at a time, but the {fmt.name} format codes {fmt.vector_size} "
+                          "together; use solver ldlq or quip-ldlq")
+    check_format(fmt, spec, rows, cols)
+
+
+SOLVERS.add("gptq", Solver(solve_gptq, needs_hessian=True, check=check_gptq))

@@ -30,7 +30,7 @@ import torch
 
 from ..errors import ConfigError
 from ..formats.base import QParams, QuantizedTensor
-from . import SOLVERS, SolveResult, Solver, proxy_loss
+from . import SOLVERS, SolveResult, Solver, check_format, proxy_loss
 from .gptq import feedback_from_factor, upper_factor
 
 log = logging.getLogger(__name__)
@@ -142,8 +142,7 @@ def block_ldlq(W: torch.Tensor, H: torch.Tensor, fmt, damp: float = 0.01, blocks
     :return: the codes and parameters; ``fmt.dequantize`` gives the quantized weight.
     """
     n, g = W.shape[1], fmt.vector_size
-    if n % g:
-        raise ConfigError(f"BlockLDLQ with a {fmt.name} format needs a multiple of {g} input columns, got {n}")
+    check_ldlq(fmt, None, W.shape[0], n)
     H = H.to(W.device)
     dead = H.diagonal() == 0  # inputs that never fire: their weights cannot matter
     Wz = W.float().clone()
@@ -162,6 +161,14 @@ def block_ldlq(W: torch.Tensor, H: torch.Tensor, fmt, damp: float = 0.01, blocks
     return QuantizedTensor(blocks.codes, params)
 
 
+def check_ldlq(fmt, spec, rows: int, cols: int) -> None:
+    """BlockLDLQ quantizes ``fmt.vector_size`` columns together: they must divide the inputs."""
+    if cols % fmt.vector_size:
+        raise ConfigError(f"BlockLDLQ with a {fmt.name} format needs a multiple of {fmt.vector_size} "
+                          f"input columns, got {cols}")
+    check_format(fmt, spec, rows, cols)
+
+
 def solve_ldlq(W: torch.Tensor, H: torch.Tensor | None, fmt, spec, passes: int = 0) -> SolveResult:
     """Solver entry: :func:`block_ldlq` with ``spec.damp`` and ``spec.blocksize``; loss with the undamped H.
 
@@ -174,5 +181,5 @@ def solve_ldlq(W: torch.Tensor, H: torch.Tensor | None, fmt, spec, passes: int =
     return SolveResult(Wq, q, proxy_loss(W, Wq, H.to(W.device)))
 
 
-SOLVERS.add("ldlq", Solver(solve_ldlq, needs_hessian=True))
-SOLVERS.add("ldlq-tune", Solver(partial(solve_ldlq, passes=TUNE_PASSES), needs_hessian=True))
+SOLVERS.add("ldlq", Solver(solve_ldlq, needs_hessian=True, check=check_ldlq))
+SOLVERS.add("ldlq-tune", Solver(partial(solve_ldlq, passes=TUNE_PASSES), needs_hessian=True, check=check_ldlq))

@@ -32,7 +32,7 @@ from functools import partial
 
 import torch
 
-from ..hadamard import random_signs
+from ..hadamard import hadamard_factor, random_signs
 from ..transforms.base import Hadamard, HadamardTranspose
 from . import SOLVERS, SolveResult, Solver
 
@@ -83,5 +83,13 @@ def solve_quip(W: torch.Tensor, H: torch.Tensor | None, fmt, spec, inner: str) -
     return SolveResult(res.weight, res.qweight, res.loss, input_transform=t_in, output_transform=t_out)
 
 
+def check_quip(fmt, spec, rows: int, cols: int, inner: str) -> None:
+    """The RHT needs Hadamards of both sides' orders; then the inner solver's own check."""
+    hadamard_factor(cols)
+    hadamard_factor(rows)
+    SOLVERS.get(inner).check(fmt, spec, rows, cols)
+
+
 for _inner, _needs_h in (("rtn", False), ("gptq", True), ("ldlq", True), ("ldlq-tune", True)):
-    SOLVERS.add(f"quip-{_inner}", Solver(partial(solve_quip, inner=_inner), needs_hessian=_needs_h))
+    SOLVERS.add(f"quip-{_inner}", Solver(partial(solve_quip, inner=_inner), needs_hessian=_needs_h,
+                                         check=partial(check_quip, inner=_inner)))

@@ -69,6 +69,28 @@ def record_problem(path: Path, record: Any) -> str | None:
     return None
 
 
+def _busy(lock_path: Path, holder: str) -> UserError:
+    return UserError(f"{holder} is in use by another orthoquant process (it holds {lock_path}); "
+                     "wait for it to finish or choose another --out")
+
+
+def refuse_if_locked(lock_path: Path, holder: str) -> None:
+    """Raise the error :func:`exclusive_lock` would, without creating anything: a cheap early check
+    before a long preparation (the lock itself is taken later)."""
+    try:
+        fd = os.open(lock_path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return  # no lock file (or none we may read): nobody holds it, or exclusive_lock will say why
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise _busy(lock_path, holder) from None
+        raise
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def exclusive_lock(lock_path: Path, holder: str) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``lock_path`` (created if needed) for the ``with`` block.
@@ -87,8 +109,7 @@ def exclusive_lock(lock_path: Path, holder: str) -> Iterator[None]:
         except OSError as e:
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
-            raise UserError(f"{holder} is in use by another orthoquant process (it holds {lock_path}); "
-                            "wait for it to finish or choose another --out") from None
+            raise _busy(lock_path, holder) from None
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock

@@ -129,11 +129,12 @@ def quantize(model: nn.Module, recipe: Recipe, windows: torch.Tensor, out: Path 
 def quantize_pretrained(model_id: str, recipe: Recipe, out: Path | str, device: torch.device,
                         dtype: str = "auto") -> RunFolder:
     """Quantize a hub id or local folder into the run folder ``out``, streaming one layer at a time."""
+    run = RunFolder(out)
+    run.refuse_if_busy()  # before loading and tokenizing: a second process fails at once
     model, tokenizer, spec, source, path = open_model(model_id, dtype, device)
     check_request(model, spec, recipe, out, device)  # before the run folder exists: nothing to clean up
     cal = recipe.calibration
     check_seqlen(model, cal.seqlen)
-    run = RunFolder(out)
     windows = calibration_windows(tokenizer, cal.source, cal.nsamples, cal.seqlen, cal.seed)
     fingerprint = run_fingerprint(model_fingerprint(path, model_id), calibration_fingerprint(cal.source, windows),
                                   next(model.parameters()).dtype, device, recipe.to_dict())

@@ -26,7 +26,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 from .errors import UserError
-from .integrity import atomic_write, exclusive_lock, file_record, is_temporary, record_problem
+from .integrity import (atomic_write, exclusive_lock, file_record, is_temporary, record_problem,
+                        refuse_if_locked)
 # The stored file format, long imported from here (tests, scripts): it lives in layerfile.
 from .layerfile import (SIDES, SolvedLinear, Transforms, decoded_state, is_quant_key,  # noqa: F401
                         load_module, read_module, save_module)
@@ -95,6 +96,10 @@ class RunFolder:
                     if is_temporary(path) and not path.is_symlink():
                         path.unlink()
             yield self
+
+    def refuse_if_busy(self) -> None:
+        """Fail at once, writing nothing, when another process holds the folder's lock."""
+        refuse_if_locked(self.path / LOCK, f"output folder {self.path}")
 
     def _refuse_foreign(self) -> None:
         """A non-empty folder is refused unless orthoquant made it (its run.json or lock file is there:

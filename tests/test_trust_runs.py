@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from orthoquant.cli import main
+from orthoquant.config import load_recipe
 from orthoquant.errors import UserError
 from orthoquant.export import load_quantized
 from orthoquant.export.verify import FAILED_MANIFEST, MANIFEST, PROVISIONAL_MANIFEST, CorruptExportError
@@ -318,17 +319,23 @@ def test_a_symlink_in_an_export_is_refused_even_with_the_right_bytes(export, tmp
 
 
 # --- one writer per run folder; per-process temporary names -----------------------------------------
-def test_a_second_quantize_on_a_locked_run_folder_exits_2_at_once(inputs, tmp_path, capsys):
+def test_a_second_quantize_on_a_locked_run_folder_exits_2_at_once(inputs, tmp_path, monkeypatch, capsys):
+    import orthoquant.pipeline as pipeline
+
     model, calib = inputs
     out = tmp_path / "run"
-    with RunFolder(out).locked():  # as a first process quantizing into --out holds it
-        began = time.perf_counter()
+    with RunFolder(out).locked(), monkeypatch.context() as m:  # as a first process quantizing into --out
+        m.setattr(pipeline, "open_model", lambda *a: pytest.fail("loaded the model before checking the lock"))
         assert main(quantize_args(model, calib, out)) == 2
-        waited = time.perf_counter() - began
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "is in use by another orthoquant process" in err
-    assert waited < 30  # it never waits for the lock (the model load and tokenization take the time)
     assert sorted(p.name for p in out.iterdir()) == ["run.lock"]  # nothing else was written
+    recipe = load_recipe("rtn-w4a16", [f"calibration.source={calib}", "calibration.nsamples=4",
+                                       "calibration.seqlen=32"])
+    with RunFolder(out).locked(), monkeypatch.context() as m:  # taken while the second one prepared:
+        m.setattr(RunFolder, "refuse_if_busy", lambda self: None)  # the lock itself refuses
+        with pytest.raises(UserError, match="in use by another orthoquant process"):
+            pipeline.quantize_pretrained(str(model), recipe, out, torch.device("cpu"))
     assert main(quantize_args(model, calib, out)) == 0  # once released the run goes ahead
 
 

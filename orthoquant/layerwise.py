@@ -6,6 +6,7 @@ layer-streamed perplexity (``evaluate/ppl.py``) both build on these two primitiv
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,12 +45,16 @@ def _to(obj: Any, device: torch.device | str) -> Any:
 
 
 class _Catcher(nn.Module):
-    def __init__(self, store: LayerInputs, cache: torch.device | str) -> None:
+    def __init__(self, store: LayerInputs, cache: torch.device | str, layer: nn.Module) -> None:
         super().__init__()
         self.store, self.cache = store, cache
+        self.signature = inspect.signature(layer.forward)
 
     def forward(self, hidden, *args, **kwargs):
         self.store.hidden.append(hidden.detach().to(self.cache))
+        if args:  # some models (GPT-2) pass the mask positionally: keep it, by its name
+            bound = self.signature.bind_partial(hidden, *args)
+            kwargs = {**dict(list(bound.arguments.items())[1:]), **kwargs}
         kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
         self.store.kwargs.append(_to(kwargs, self.cache))
         raise _StopForward
@@ -65,7 +70,7 @@ def capture_inputs(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor]
     layers = layers_of(model, spec)
     first = layers[0]
     store = LayerInputs()
-    layers[0] = _Catcher(store, cache)
+    layers[0] = _Catcher(store, cache, first)
     try:
         for ids in batches:
             try:

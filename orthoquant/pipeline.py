@@ -23,7 +23,8 @@ from .fitting import fit_transforms
 from .formats import make_format
 from .layerwise import capture_inputs, final_hidden
 from .models.loading import InMemorySource, WeightSource, build_skeleton, open_model
-from .models.spec import ArchSpec, spec_for
+from .models.generic import linearize_conv1d_, require_full_support
+from .models.spec import ArchSpec, full_support, spec_for
 from .models.surgery import fold_final_norm, get_module, layers_of, untie_embeddings
 from .runfolder import RunFolder, SolvedLinear, decoded_state, load_module, save_module
 from .runner import LayerwiseQuantizer, attach_solved, install_runtime, solved_transforms
@@ -36,8 +37,8 @@ log = logging.getLogger(__name__)
 
 
 def rest_paths(spec: ArchSpec) -> tuple[str, ...]:
-    """The model-level modules outside the decoder layers."""
-    return (spec.embed, spec.final_norm, spec.lm_head, spec.rotary)
+    """The model-level modules outside the decoder layers (a generic spec lists them all)."""
+    return spec.rest or (spec.embed, spec.final_norm, spec.lm_head, spec.rotary)
 
 
 def make_plan(model: nn.Module, spec: ArchSpec, recipe: Recipe) -> TransformPlan:
@@ -51,7 +52,8 @@ def prepare_model(model: nn.Module, spec: ArchSpec, source: WeightSource, device
     for path in rest_paths(spec):
         source.materialize(get_module(model, path), f"{path}.", device)
     untie_embeddings(model, spec)
-    fold_final_norm(model, spec)
+    if not spec.generic:  # a generic model takes no transform, so its (maybe biased) norm stays as it is
+        fold_final_norm(model, spec)
     plan.fuse_rest(model)
     use_orthoquant_attention(model)
 
@@ -104,7 +106,9 @@ def quantize(model: nn.Module, recipe: Recipe, windows: torch.Tensor, out: Path 
     With ``out`` the run folder is written (and resumed), as the CLI does.
     """
     device = torch.device(device)
+    linearize_conv1d_(model)
     spec = spec_for(model.config)
+    require_full_support(spec, recipe, full_support())
     check_seqlen(model, windows.shape[1])
     run = RunFolder(out) if out is not None else None
     if run is not None:
@@ -121,6 +125,7 @@ def quantize_pretrained(model_id: str, recipe: Recipe, out: Path | str, device: 
                         dtype: str = "auto") -> RunFolder:
     """Quantize a hub id or local folder into the run folder ``out``, streaming one layer at a time."""
     model, tokenizer, spec, source, path = open_model(model_id, dtype, device)
+    require_full_support(spec, recipe, full_support())
     cal = recipe.calibration
     check_seqlen(model, cal.seqlen)
     run = RunFolder(out)

@@ -17,6 +17,7 @@ from .config import QuantSpec, Recipe
 from .fakequant.inputs import input_pipeline, output_pipeline
 from .formats import make_format
 from .layerwise import LayerInputs, run_layer
+from .models.generic import discover_input_groups
 from .models.loading import WeightSource
 from .models.spec import ArchSpec
 from .models.surgery import fold_layer_norms, layers_of, linears_of
@@ -116,7 +117,8 @@ class LayerwiseQuantizer:
     def solve_layer(self, layer: nn.Module, prefix: str, inputs: LayerInputs) -> tuple[Quantized, dict]:
         """Calibrate and solve the layer's linears, in true-sequential steps if the recipe asks."""
         linears = linears_of(layer, self.spec)
-        groups = self.spec.input_groups()
+        groups = self.spec.input_groups() or discover_input_groups(  # generic: by hooks, on one batch
+            linears, lambda: run_layer(layer, LayerInputs(inputs.hidden[:1], inputs.kwargs[:1]), self.device, keep=False))
         steps = groups if self.recipe.solver.true_sequential else (tuple(r for g in groups for r in g),)
         owner = {role: g[0] for g in groups for role in g}
         quantized: Quantized = {}

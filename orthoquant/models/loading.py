@@ -6,6 +6,7 @@ Small in-memory models use :class:`InMemorySource`, for which both operations ar
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from ..device import release_memory, use_mmap_for_large_blocks
 from ..errors import UserError
 from .checkpoint import TensorEntry, check_skeleton, open_checkpoint, read_entry
+from .generic import linearize_conv1d_
 from .spec import ArchSpec, spec_for
 
 log = logging.getLogger(__name__)
@@ -101,6 +103,7 @@ def build_skeleton(config, dtype: torch.dtype) -> nn.Module:
     use_mmap_for_large_blocks()
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    linearize_conv1d_(model)  # GPT-2's Conv1D as nn.Linear: every tool sees (out, in) weights
     return model.eval()
 
 
@@ -128,24 +131,29 @@ class SafetensorsSource(WeightSource):
     :param folder: holds ``model.safetensors`` or ``model.safetensors.index.json`` and its shards.
     :param dtype: dtype the floating-point parameters are cast to.
     :param aliases: name -> name to read instead (tied lm_head -> embedding).
+    :param transposed: names of weights stored transposed (GPT-2's Conv1D, linearized in the skeleton).
     """
 
     streaming = True
 
-    def __init__(self, folder: Path, dtype: torch.dtype, aliases: dict[str, str] | None = None) -> None:
+    def __init__(self, folder: Path, dtype: torch.dtype, aliases: dict[str, str] | None = None,
+                 transposed: frozenset[str] = frozenset()) -> None:
         use_mmap_for_large_blocks()
-        self.folder, self.dtype, self.aliases = folder, dtype, aliases or {}
+        self.folder, self.dtype, self.aliases, self.transposed = folder, dtype, aliases or {}, transposed
         self.entries: dict[str, TensorEntry] = open_checkpoint(folder)  # every header verified here
 
     def check(self, skeleton: nn.Module) -> None:
         """Every parameter of ``skeleton`` is stored with its shape (before anything is read or written)."""
-        check_skeleton(self.entries, skeleton, self.aliases, self.folder / "config.json")
+        as_read = {k: dataclasses.replace(e, shape=e.shape[::-1]) if k in self.transposed else e
+                   for k, e in self.entries.items()}
+        check_skeleton(as_read, skeleton, self.aliases, self.folder / "config.json")
 
     def tensor(self, name: str) -> torch.Tensor:
         key = name if name in self.entries else self.aliases.get(name, name)
         if key not in self.entries:
             raise UserError(f"tensor {name} is missing from the checkpoint in {self.folder}")
         t = read_entry(self.entries[key])
+        t = t.T.contiguous() if key in self.transposed else t
         return t.to(self.dtype) if t.is_floating_point() else t
 
     def materialize(self, module: nn.Module, prefix: str, device: torch.device) -> None:
@@ -177,6 +185,6 @@ def open_model(model: str, dtype_name: str, device: torch.device):
     # a tied lm_head is often not stored; an untied one must be (else config and weights disagree)
     tied = getattr(config, "tie_word_embeddings", False)
     aliases = {f"{spec.lm_head}.weight": f"{spec.embed}.weight"} if tied else {}
-    source = SafetensorsSource(path, dtype, aliases)
+    source = SafetensorsSource(path, dtype, aliases, frozenset(f"{p}.weight" for p in spec.transposed))
     source.check(skeleton)
     return skeleton, load_tokenizer(path), spec, source, path

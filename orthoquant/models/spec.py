@@ -33,7 +33,11 @@ class ArchSpec:
     :param linears: (role, path relative to a layer) for the seven projections.
     :param norm_groups: norms inside a layer and the roles they feed.
     :param qk_norms: per-head q/k RMSNorms applied before RoPE (Qwen3), never folded.
-    :param rotary: path of the rotary embedding module (model-level).
+    :param rotary: path of the rotary embedding module (model-level); "" if the model has none.
+    :param generic: found from the module tree (:mod:`.generic`): linears are named by their paths,
+        input groups are found by hooks, and only weight/activation quantization is supported.
+    :param rest: the model-level modules to load besides embed, final norm, lm_head and rotary.
+    :param transposed: modules stored as GPT-2 ``Conv1D`` (weight (in, out)), linearized on load.
     """
 
     layers: str = "model.layers"
@@ -52,6 +56,9 @@ class ArchSpec:
         NormGroup("post_attention_layernorm", ("gate", "up")),
     )
     qk_norms: tuple[str, str] | None = None
+    generic: bool = False
+    rest: tuple[str, ...] = ()
+    transposed: tuple[str, ...] = ()
 
     def path(self, role: str) -> str:
         """Path of a linear role relative to its decoder layer."""
@@ -61,7 +68,10 @@ class ArchSpec:
         return {p: r for r, p in self.linears}[path]
 
     def input_groups(self) -> tuple[tuple[str, ...], ...]:
-        """Roles grouped by shared input: (q,k,v), (o,), (gate,up), (down,)."""
+        """Roles grouped by shared input: (q,k,v), (o,), (gate,up), (down,); () for a generic spec,
+        whose groups are found by hooks (:func:`.generic.discover_input_groups`)."""
+        if self.generic:
+            return ()
         groups = {g.roles[0]: g.roles for g in self.norm_groups}
         return (groups["q"], ("o",), groups["gate"], ("down",))
 
@@ -74,11 +84,17 @@ ARCHITECTURES.add("Qwen2ForCausalLM", LLAMA)  # q/k/v biases are handled generic
 ARCHITECTURES.add("Qwen3ForCausalLM", dataclasses.replace(LLAMA, qk_norms=("self_attn.q_norm", "self_attn.k_norm")))
 
 
+def full_support() -> list[str]:
+    """The architectures with an ArchSpec (transforms, KV cache, fitting)."""
+    return list(ARCHITECTURES.names())
+
+
 def spec_for(config) -> ArchSpec:
-    """The spec of a transformers config (its ``architectures[0]``); unknown ones list the supported."""
+    """The spec of a transformers config (its ``architectures[0]``); an architecture without one gets
+    the generic spec found from its module tree (:mod:`.generic`)."""
+    from .generic import generic_spec_for_config
+
     archs = getattr(config, "architectures", None) or []
     if not archs:
-        raise UnknownNameError(
-            f"the model config names no architecture; supported: {', '.join(ARCHITECTURES.names())}"
-        )
-    return ARCHITECTURES.get(archs[0])
+        raise UnknownNameError(f"the model config names no architecture; full support: {', '.join(full_support())}")
+    return ARCHITECTURES.get(archs[0]) if archs[0] in ARCHITECTURES else generic_spec_for_config(config)

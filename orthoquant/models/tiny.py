@@ -26,7 +26,23 @@ TINY_CONFIGS: dict[str, dict] = {
     "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], **_COMMON),
     "qwen3": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], head_dim=16, **_COMMON),
 }
+# Families without an ArchSpec, served by the generic path (models/generic.py): GPT-2's Conv1D and
+# learned positions, OPT's biased LayerNorms under model.decoder, Phi-1's parallel block (q/k/v and fc1
+# read one LayerNorm output) with partial rotary and a biased lm_head.
+_SMALL = dict(vocab_size=101, max_position_embeddings=256)
+TINY_CONFIGS.update({
+    "gpt2": dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=101, n_positions=256,
+                 n_embd=64, n_layer=2, n_head=4, n_inner=96, tie_word_embeddings=True,
+                 bos_token_id=0, eos_token_id=0),
+    "opt": dict(model_type="opt", architectures=["OPTForCausalLM"], hidden_size=64, ffn_dim=96,
+                num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64, do_layer_norm_before=True,
+                tie_word_embeddings=False, **_SMALL),
+    "phi": dict(model_type="phi", architectures=["PhiForCausalLM"], hidden_size=64, intermediate_size=96,
+                num_hidden_layers=2, num_attention_heads=4, partial_rotary_factor=0.5,
+                tie_word_embeddings=False, **_SMALL),
+})
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+GENERIC_FAMILIES = ("gpt2", "opt", "phi")
 
 
 def tiny_config(name: str, **overrides) -> PretrainedConfig:
@@ -40,9 +56,10 @@ def tiny_config(name: str, **overrides) -> PretrainedConfig:
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give every parameter a non-trivial value: weights ~ N(0, 1/fan_in), norms ~ U(0.5, 1.5), biases ~ N(0, 0.1²)."""
     g = torch.Generator().manual_seed(seed)
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     for name, p in model.named_parameters():
         if p.ndim == 2:
-            std = 1.0 if "embed" in name else 1 / math.sqrt(p.shape[1])
+            std = 1.0 if id(p) in embeddings else 1 / math.sqrt(p.shape[1])
             p.copy_(torch.randn(p.shape, generator=g) * std)
         elif name.endswith("bias"):
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)

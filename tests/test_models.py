@@ -58,10 +58,11 @@ def test_tied_embeddings_are_untied_before_edits():
     assert not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
 
 
-def test_unknown_architecture_lists_supported():
-    config = tiny_config("llama", architectures=["GPT2LMHeadModel"])
-    with pytest.raises(UnknownNameError, match="unknown architecture 'GPT2LMHeadModel'; known: .*LlamaForCausalLM.*Qwen3ForCausalLM"):
-        spec_for(config)
+def test_an_architecture_without_a_spec_gets_the_generic_one():
+    spec = spec_for(tiny_config("gpt2"))
+    assert spec.generic and spec.layers == "transformer.h" and spec.norm_groups == ()
+    with pytest.raises(UnknownNameError, match="names no architecture; full support: .*LlamaForCausalLM.*Qwen3ForCausalLM"):
+        spec_for(tiny_config("llama", architectures=[]))
 
 
 def test_every_family_is_registered():

@@ -30,7 +30,7 @@ TINY_CONFIGS: dict[str, dict] = {
 # learned positions, OPT's biased LayerNorms under model.decoder, Phi-1's parallel block (q/k/v and fc1
 # read one LayerNorm output) with partial rotary and a biased lm_head.
 _SMALL = dict(vocab_size=101, max_position_embeddings=256)
-TINY_CONFIGS.update({
+GENERIC_CONFIGS: dict[str, dict] = {
     "gpt2": dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=101, n_positions=256,
                  n_embd=64, n_layer=2, n_head=4, n_inner=96, tie_word_embeddings=True,
                  bos_token_id=0, eos_token_id=0),
@@ -40,14 +40,14 @@ TINY_CONFIGS.update({
     "phi": dict(model_type="phi", architectures=["PhiForCausalLM"], hidden_size=64, intermediate_size=96,
                 num_hidden_layers=2, num_attention_heads=4, partial_rotary_factor=0.5,
                 tie_word_embeddings=False, **_SMALL),
-})
+}
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 GENERIC_FAMILIES = ("gpt2", "opt", "phi")
 
 
 def tiny_config(name: str, **overrides) -> PretrainedConfig:
-    """Config of a tiny model of family ``name`` (a key of :data:`TINY_CONFIGS`)."""
-    kwargs = {**TINY_CONFIGS[name], **overrides}
+    """Config of a tiny model of family ``name`` (a key of :data:`TINY_CONFIGS` or :data:`GENERIC_CONFIGS`)."""
+    kwargs = {**(TINY_CONFIGS[name] if name in TINY_CONFIGS else GENERIC_CONFIGS[name]), **overrides}
     model_type = kwargs.pop("model_type")
     return AutoConfig.for_model(model_type, **kwargs)
 

@@ -23,6 +23,7 @@ from .fitting import fit_transforms
 from .formats import make_format
 from .layerwise import capture_inputs, final_hidden
 from .models.loading import InMemorySource, WeightSource, build_skeleton, open_model
+from .models.fused import split_fused_
 from .models.generic import linearize_conv1d_, require_full_support
 from .models.spec import ArchSpec, full_support, spec_for
 from .models.surgery import fold_final_norm, get_module, layers_of, untie_embeddings
@@ -108,6 +109,7 @@ def quantize(model: nn.Module, recipe: Recipe, windows: torch.Tensor, out: Path 
     device = torch.device(device)
     linearize_conv1d_(model)
     spec = spec_for(model.config)
+    split_fused_(model, spec)
     require_full_support(spec, recipe, full_support())
     check_seqlen(model, windows.shape[1])
     run = RunFolder(out) if out is not None else None

@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from ..device import release_memory, use_mmap_for_large_blocks
 from ..errors import UserError
 from .checkpoint import TensorEntry, check_skeleton, open_checkpoint, read_entry
+from .fused import fused_slices, split_fused_
 from .generic import linearize_conv1d_
 from .spec import ArchSpec, spec_for
 
@@ -104,6 +105,7 @@ def build_skeleton(config, dtype: torch.dtype) -> nn.Module:
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     linearize_conv1d_(model)  # GPT-2's Conv1D as nn.Linear: every tool sees (out, in) weights
+    split_fused_(model, spec_for(config))  # Phi-3's qkv_proj / gate_up_proj as their parts
     return model.eval()
 
 
@@ -132,23 +134,32 @@ class SafetensorsSource(WeightSource):
     :param dtype: dtype the floating-point parameters are cast to.
     :param aliases: name -> name to read instead (tied lm_head -> embedding).
     :param transposed: names of weights stored transposed (GPT-2's Conv1D, linearized in the skeleton).
+    :param slices: name -> (stored name, first row, end row): parts of fused linears (:mod:`.fused`).
     """
 
     streaming = True
 
     def __init__(self, folder: Path, dtype: torch.dtype, aliases: dict[str, str] | None = None,
-                 transposed: frozenset[str] = frozenset()) -> None:
+                 transposed: frozenset[str] = frozenset(), slices: dict[str, tuple[str, int, int]] | None = None) -> None:
         use_mmap_for_large_blocks()
         self.folder, self.dtype, self.aliases, self.transposed = folder, dtype, aliases or {}, transposed
         self.entries: dict[str, TensorEntry] = open_checkpoint(folder)  # every header verified here
+        self.slices = {k: v for k, v in (slices or {}).items() if v[0] in self.entries}  # biases may be absent
 
     def check(self, skeleton: nn.Module) -> None:
         """Every parameter of ``skeleton`` is stored with its shape (before anything is read or written)."""
         as_read = {k: dataclasses.replace(e, shape=e.shape[::-1]) if k in self.transposed else e
                    for k, e in self.entries.items()}
+        fused = {stored for stored, _, _ in self.slices.values()}
+        as_read = {k: e for k, e in as_read.items() if k not in fused}
+        as_read.update({name: dataclasses.replace(self.entries[stored], shape=(end - start, *self.entries[stored].shape[1:]))
+                        for name, (stored, start, end) in self.slices.items()})
         check_skeleton(as_read, skeleton, self.aliases, self.folder / "config.json")
 
     def tensor(self, name: str) -> torch.Tensor:
+        if name in self.slices:  # a part of a fused linear: its rows of the stored tensor
+            stored, start, end = self.slices[name]
+            return self.tensor(stored)[start:end].contiguous()
         key = name if name in self.entries else self.aliases.get(name, name)
         if key not in self.entries:
             raise UserError(f"tensor {name} is missing from the checkpoint in {self.folder}")
@@ -185,6 +196,7 @@ def open_model(model: str, dtype_name: str, device: torch.device):
     # a tied lm_head is often not stored; an untied one must be (else config and weights disagree)
     tied = getattr(config, "tie_word_embeddings", False)
     aliases = {f"{spec.lm_head}.weight": f"{spec.embed}.weight"} if tied else {}
-    source = SafetensorsSource(path, dtype, aliases, frozenset(f"{p}.weight" for p in spec.transposed))
+    source = SafetensorsSource(path, dtype, aliases, frozenset(f"{p}.weight" for p in spec.transposed),
+                               fused_slices(spec, config, config.num_hidden_layers))
     source.check(skeleton)
     return skeleton, load_tokenizer(path), spec, source, path

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from ..errors import UnknownNameError
 from ..registry import Registry
+from .fused import FusedSpec
 
 # Linear roles inside one decoder layer. Their paths are relative to the layer.
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
@@ -38,6 +39,7 @@ class ArchSpec:
         input groups are found by hooks, and only weight/activation quantization is supported.
     :param rest: the model-level modules to load besides embed, final norm, lm_head and rotary.
     :param transposed: modules stored as GPT-2 ``Conv1D`` (weight (in, out)), linearized on load.
+    :param fused: linears stored stacked (Phi-3's ``qkv_proj``), held as their parts (:mod:`.fused`).
     """
 
     layers: str = "model.layers"
@@ -59,6 +61,13 @@ class ArchSpec:
     generic: bool = False
     rest: tuple[str, ...] = ()
     transposed: tuple[str, ...] = ()
+    fused: tuple[FusedSpec, ...] = ()
+
+    @property
+    def stock_layout(self) -> bool:
+        """Whether the linears orthoquant holds are the stock model class's own modules (stock loaders
+        of quantized checkpoints find them by name)."""
+        return not (self.transposed or self.fused)
 
     def path(self, role: str) -> str:
         """Path of a linear role relative to its decoder layer."""
@@ -82,6 +91,25 @@ ARCHITECTURES.add("LlamaForCausalLM", LLAMA)
 ARCHITECTURES.add("MistralForCausalLM", LLAMA)
 ARCHITECTURES.add("Qwen2ForCausalLM", LLAMA)  # q/k/v biases are handled generically
 ARCHITECTURES.add("Qwen3ForCausalLM", dataclasses.replace(LLAMA, qk_norms=("self_attn.q_norm", "self_attn.k_norm")))
+
+
+def _qkv_rows(config) -> tuple[int, int, int]:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    return config.num_attention_heads * head_dim, kv, kv
+
+
+# Phi-3 / Phi-4-mini: Llama with q/k/v and gate/up fused by rows (held as parts, see .fused); partial
+# rotary (Phi-4-mini) changes nothing here: R3 acts after RoPE, the other sites before q/k exist.
+PHI3 = dataclasses.replace(
+    LLAMA,
+    linears=(("q", "self_attn.qkv_proj.q_proj"), ("k", "self_attn.qkv_proj.k_proj"),
+             ("v", "self_attn.qkv_proj.v_proj"), ("o", "self_attn.o_proj"), ("gate", "mlp.gate_up_proj.gate_proj"),
+             ("up", "mlp.gate_up_proj.up_proj"), ("down", "mlp.down_proj")),
+    fused=(FusedSpec("self_attn.qkv_proj", ("q_proj", "k_proj", "v_proj"), _qkv_rows),
+           FusedSpec("mlp.gate_up_proj", ("gate_proj", "up_proj"), lambda c: (c.intermediate_size,) * 2)),
+)
+ARCHITECTURES.add("Phi3ForCausalLM", PHI3)
 
 
 def full_support() -> list[str]:

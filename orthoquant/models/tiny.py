@@ -25,6 +25,11 @@ TINY_CONFIGS: dict[str, dict] = {
     "mistral": dict(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=None, **_COMMON),
     "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], **_COMMON),
     "qwen3": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], head_dim=16, **_COMMON),
+    # Phi-3: fused qkv_proj / gate_up_proj; Phi-4-mini adds partial rotary (3/4 of head_dim) and tied embeddings
+    "phi3": dict(model_type="phi3", architectures=["Phi3ForCausalLM"], pad_token_id=0, bos_token_id=1,
+                 eos_token_id=2, **_COMMON),
+    "phi4-mini": dict(model_type="phi3", architectures=["Phi3ForCausalLM"], pad_token_id=0, bos_token_id=1,
+                      eos_token_id=2, partial_rotary_factor=0.75, **{**_COMMON, "tie_word_embeddings": True}),
 }
 # Families without an ArchSpec, served by the generic path (models/generic.py): GPT-2's Conv1D and
 # learned positions, OPT's biased LayerNorms under model.decoder, Phi-1's parallel block (q/k/v and fc1
@@ -41,7 +46,7 @@ GENERIC_CONFIGS: dict[str, dict] = {
                 num_hidden_layers=2, num_attention_heads=4, partial_rotary_factor=0.5,
                 tie_word_embeddings=False, **_SMALL),
 }
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 GENERIC_FAMILIES = ("gpt2", "opt", "phi")
 
 

@@ -23,9 +23,9 @@ from .fitting import fit_transforms
 from .formats import make_format
 from .layerwise import capture_inputs, final_hidden
 from .models.loading import InMemorySource, WeightSource, build_skeleton, open_model
-from .models.fused import split_fused_
-from .models.generic import linearize_conv1d_, require_full_support
-from .models.spec import ArchSpec, full_support, spec_for
+from .models.layout import to_layout_
+from .models.support import check_support
+from .models.spec import ArchSpec, spec_for
 from .models.surgery import fold_final_norm, get_module, layers_of, untie_embeddings
 from .runfolder import RunFolder, SolvedLinear, decoded_state, load_module, save_module
 from .runner import LayerwiseQuantizer, attach_solved, install_runtime, solved_transforms
@@ -107,10 +107,9 @@ def quantize(model: nn.Module, recipe: Recipe, windows: torch.Tensor, out: Path 
     With ``out`` the run folder is written (and resumed), as the CLI does.
     """
     device = torch.device(device)
-    linearize_conv1d_(model)
     spec = spec_for(model.config)
-    split_fused_(model, spec)
-    require_full_support(spec, recipe, full_support())
+    to_layout_(model, spec)
+    check_support(spec, model.config, recipe)
     check_seqlen(model, windows.shape[1])
     run = RunFolder(out) if out is not None else None
     if run is not None:
@@ -127,7 +126,7 @@ def quantize_pretrained(model_id: str, recipe: Recipe, out: Path | str, device: 
                         dtype: str = "auto") -> RunFolder:
     """Quantize a hub id or local folder into the run folder ``out``, streaming one layer at a time."""
     model, tokenizer, spec, source, path = open_model(model_id, dtype, device)
-    require_full_support(spec, recipe, full_support())
+    check_support(spec, model.config, recipe)
     cal = recipe.calibration
     check_seqlen(model, cal.seqlen)
     run = RunFolder(out)

@@ -97,7 +97,7 @@ class LayerwiseQuantizer:
                 bar.set_postfix_str(f"({i + 1}/{len(layers)}) calibrating")
                 solved = self._quantize_layer(layer, i, prefix, inputs)
             install_runtime(layer, i, self.spec, self.recipe, self.plan, solved)
-            inputs = LayerInputs(run_layer(layer, inputs, self.device), inputs.kwargs)
+            inputs = inputs.with_hidden(run_layer(layer, inputs, self.device))
             self.source.release(layer)
         return inputs
 
@@ -118,7 +118,7 @@ class LayerwiseQuantizer:
         """Calibrate and solve the layer's linears, in true-sequential steps if the recipe asks."""
         linears = linears_of(layer, self.spec)
         groups = self.spec.input_groups() or discover_input_groups(  # generic: by hooks, on one batch
-            linears, lambda: run_layer(layer, LayerInputs(inputs.hidden[:1], inputs.kwargs[:1]), self.device, keep=False))
+            linears, lambda: run_layer(layer, LayerInputs(inputs.hidden[:1], inputs.kwargs_for(layer)[:1]), self.device, keep=False))
         steps = groups if self.recipe.solver.true_sequential else (tuple(r for g in groups for r in g),)
         owner = {role: g[0] for g in groups for role in g}
         quantized: Quantized = {}

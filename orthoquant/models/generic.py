@@ -5,7 +5,7 @@ the decoder layers (the ModuleList of identical blocks holding most parameters: 
 ``transformer.h``, ``model.decoder.layers``), the linears inside them, and which linears read the same
 tensor (they share one Hessian; found by hooks at calibration, see :func:`discover_input_groups`).
 Transforms and KV quantization need the roles (q, k, v, o, …) an ArchSpec names, so a generic model
-refuses them (:func:`require_full_support`).
+refuses them (:func:`.support.check_support`).
 
 GPT-2's ``Conv1D`` computes ``x W + b`` with W stored (in, out); it is turned into an ``nn.Linear``
 holding Wᵀ (:func:`linearize_conv1d_`), so every solver, quantizer and run file sees (out, in); the
@@ -147,20 +147,6 @@ def generic_spec_for_config(config):
     state = config.to_dict()
     model_type = state.pop("model_type", None) or config.model_type
     return _spec_of_config_json(json.dumps(state, sort_keys=True, default=str), model_type)
-
-
-def require_full_support(spec, recipe, supported: list[str]) -> None:
-    """A generic model quantizes weights (and W8A8 activations) only; transforms, KV quantization and
-    fitting need the roles of an ArchSpec. Raises before anything is written."""
-    if not spec.generic:
-        return
-    needs = [what for what, present in (("transforms", bool(recipe.transforms)),
-                                        ("KV-cache quantization", recipe.kv_cache is not None),
-                                        ("learned fitting", recipe.fitting is not None)) if present]
-    if needs:
-        raise UserError(f"the recipe asks for {' and '.join(needs)}, which need an architecture spec this model "
-                        f"lacks (no arch spec: only weight-only RTN/GPTQ and W8A8 run on it); full support: "
-                        f"{', '.join(supported)}")
 
 
 def discover_input_groups(linears: dict[str, nn.Linear], forward: Callable[[], object]) -> tuple[tuple[str, ...], ...]:

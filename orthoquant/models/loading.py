@@ -22,8 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from ..device import release_memory, use_mmap_for_large_blocks
 from ..errors import UserError
 from .checkpoint import TensorEntry, check_skeleton, open_checkpoint, read_entry
-from .fused import fused_slices, split_fused_
-from .generic import linearize_conv1d_
+from .layout import StoredViews, stored_views, to_layout_
 from .spec import ArchSpec, spec_for
 
 log = logging.getLogger(__name__)
@@ -103,10 +102,18 @@ def build_skeleton(config, dtype: torch.dtype) -> nn.Module:
     # never touched and unmapped at once.
     use_mmap_for_large_blocks()
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    linearize_conv1d_(model)  # GPT-2's Conv1D as nn.Linear: every tool sees (out, in) weights
-    split_fused_(model, spec_for(config))  # Phi-3's qkv_proj / gate_up_proj as their parts
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention_for(config))
+    to_layout_(model, spec_for(config))  # Conv1D, fused linears, (1 + γ) norms: orthoquant's layout
     return model.eval()
+
+
+def attention_for(config) -> str:
+    """SDPA where the model class supports it; else (Gemma 2's soft-capping) eager. orthoquant's own
+    attention function replaces either once the model is prepared."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    return "sdpa" if cls is None or getattr(cls, "_supports_sdpa", True) else "eager"
 
 
 class WeightSource:
@@ -133,18 +140,18 @@ class SafetensorsSource(WeightSource):
     :param folder: holds ``model.safetensors`` or ``model.safetensors.index.json`` and its shards.
     :param dtype: dtype the floating-point parameters are cast to.
     :param aliases: name -> name to read instead (tied lm_head -> embedding).
-    :param transposed: names of weights stored transposed (GPT-2's Conv1D, linearized in the skeleton).
-    :param slices: name -> (stored name, first row, end row): parts of fused linears (:mod:`.fused`).
+    :param views: how parameters of orthoquant's layout are read from stock tensors (:mod:`.layout`).
     """
 
     streaming = True
 
     def __init__(self, folder: Path, dtype: torch.dtype, aliases: dict[str, str] | None = None,
-                 transposed: frozenset[str] = frozenset(), slices: dict[str, tuple[str, int, int]] | None = None) -> None:
+                 views: StoredViews = StoredViews()) -> None:
         use_mmap_for_large_blocks()
-        self.folder, self.dtype, self.aliases, self.transposed = folder, dtype, aliases or {}, transposed
+        self.folder, self.dtype, self.aliases = folder, dtype, aliases or {}
         self.entries: dict[str, TensorEntry] = open_checkpoint(folder)  # every header verified here
-        self.slices = {k: v for k, v in (slices or {}).items() if v[0] in self.entries}  # biases may be absent
+        self.transposed, self.offsets = views.transposed, views.offsets
+        self.slices = {k: v for k, v in views.slices.items() if v[0] in self.entries}  # biases may be absent
 
     def check(self, skeleton: nn.Module) -> None:
         """Every parameter of ``skeleton`` is stored with its shape (before anything is read or written)."""
@@ -165,6 +172,8 @@ class SafetensorsSource(WeightSource):
             raise UserError(f"tensor {name} is missing from the checkpoint in {self.folder}")
         t = read_entry(self.entries[key])
         t = t.T.contiguous() if key in self.transposed else t
+        if name in self.offsets:  # Gemma's γ is stored without its 1 (added in float64, then cast)
+            return (t.double() + self.offsets[name]).to(self.dtype)
         return t.to(self.dtype) if t.is_floating_point() else t
 
     def materialize(self, module: nn.Module, prefix: str, device: torch.device) -> None:
@@ -196,7 +205,6 @@ def open_model(model: str, dtype_name: str, device: torch.device):
     # a tied lm_head is often not stored; an untied one must be (else config and weights disagree)
     tied = getattr(config, "tie_word_embeddings", False)
     aliases = {f"{spec.lm_head}.weight": f"{spec.embed}.weight"} if tied else {}
-    source = SafetensorsSource(path, dtype, aliases, frozenset(f"{p}.weight" for p in spec.transposed),
-                               fused_slices(spec, config, config.num_hidden_layers))
+    source = SafetensorsSource(path, dtype, aliases, stored_views(spec, config, skeleton))
     source.check(skeleton)
     return skeleton, load_tokenizer(path), spec, source, path

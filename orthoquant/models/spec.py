@@ -40,6 +40,8 @@ class ArchSpec:
     :param rest: the model-level modules to load besides embed, final norm, lm_head and rotary.
     :param transposed: modules stored as GPT-2 ``Conv1D`` (weight (in, out)), linearized on load.
     :param fused: linears stored stacked (Phi-3's ``qkv_proj``), held as their parts (:mod:`.fused`).
+    :param norm_offset: RMSNorms scale by ``offset + γ`` (Gemma: 1); held as plain norms (:mod:`.norms`).
+    :param no_residual: why a residual rotation (R1 / R_res) cannot fold exactly ("" where it can).
     """
 
     layers: str = "model.layers"
@@ -62,12 +64,14 @@ class ArchSpec:
     rest: tuple[str, ...] = ()
     transposed: tuple[str, ...] = ()
     fused: tuple[FusedSpec, ...] = ()
+    norm_offset: float = 0.0
+    no_residual: str = ""
 
     @property
     def stock_layout(self) -> bool:
         """Whether the linears orthoquant holds are the stock model class's own modules (stock loaders
         of quantized checkpoints find them by name)."""
-        return not (self.transposed or self.fused)
+        return not (self.transposed or self.fused or self.norm_offset)
 
     def path(self, role: str) -> str:
         """Path of a linear role relative to its decoder layer."""
@@ -110,6 +114,22 @@ PHI3 = dataclasses.replace(
            FusedSpec("mlp.gate_up_proj", ("gate_proj", "up_proj"), lambda c: (c.intermediate_size,) * 2)),
 )
 ARCHITECTURES.add("Phi3ForCausalLM", PHI3)
+
+# Gemma 2 / Gemma 3 (text): (1 + γ) norms, √hidden-scaled and tied embeddings, sandwich norms. The
+# post-attention / post-feed-forward norms normalize o_proj's and down_proj's outputs and scale them by
+# γ before they join the residual: a residual rotation Q would need diag(γ)·Q = Q·diag(γ') for every
+# output, which holds only for a constant γ (RMS is rotation-invariant, the per-channel γ is not).
+_SANDWICH = ("Gemma's post-attention and post-feed-forward RMSNorms scale o_proj's and down_proj's normalized "
+             "outputs by a per-channel γ before the residual add, and diag(γ)·Q ≠ Q·diag(γ) for a rotation Q, so a "
+             "residual rotation (site residual, R1 / R_res) cannot fold exactly; attn_value (R2), o_input, "
+             "down_input (R4), qk (R3) and the per-linear solvers' transforms stay exact")
+GEMMA2 = dataclasses.replace(
+    LLAMA,
+    norm_groups=(NormGroup("input_layernorm", ("q", "k", "v")), NormGroup("pre_feedforward_layernorm", ("gate", "up"))),
+    norm_offset=1.0, no_residual=_SANDWICH,
+)
+ARCHITECTURES.add("Gemma2ForCausalLM", GEMMA2)
+ARCHITECTURES.add("Gemma3ForCausalLM", dataclasses.replace(GEMMA2, qk_norms=("self_attn.q_norm", "self_attn.k_norm")))
 
 
 def full_support() -> list[str]:

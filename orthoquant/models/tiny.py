@@ -12,6 +12,8 @@ import types
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from .loading import attention_for
+
 _COMMON = dict(
     vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -28,6 +30,14 @@ TINY_CONFIGS: dict[str, dict] = {
     # Phi-3: fused qkv_proj / gate_up_proj; Phi-4-mini adds partial rotary (3/4 of head_dim) and tied embeddings
     "phi3": dict(model_type="phi3", architectures=["Phi3ForCausalLM"], pad_token_id=0, bos_token_id=1,
                  eos_token_id=2, **_COMMON),
+    # Gemma 2 / 3: (1 + γ) norms, sandwich norms, √hidden embeddings, tied; a sliding window shorter than the
+    # test windows, a query_pre_attn_scalar ≠ head_dim, soft-capping (Gemma 2), q/k norms (Gemma 3)
+    "gemma2": dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"], head_dim=16, query_pre_attn_scalar=24,
+                   sliding_window=8, layer_types=["sliding_attention", "full_attention"], pad_token_id=0,
+                   bos_token_id=1, eos_token_id=2, **{**_COMMON, "tie_word_embeddings": True}),
+    "gemma3": dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], head_dim=16,
+                   query_pre_attn_scalar=24, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                   pad_token_id=0, bos_token_id=1, eos_token_id=2, **{**_COMMON, "tie_word_embeddings": True}),
     "phi4-mini": dict(model_type="phi3", architectures=["Phi3ForCausalLM"], pad_token_id=0, bos_token_id=1,
                       eos_token_id=2, partial_rotary_factor=0.75, **{**_COMMON, "tie_word_embeddings": True}),
 }
@@ -75,7 +85,9 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def _exact_rmsnorm(self, hidden_states: torch.Tensor) -> torch.Tensor:
     variance = hidden_states.pow(2).mean(-1, keepdim=True)
-    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+    eps = getattr(self, "variance_epsilon", None) or self.eps
+    scale = 1 + self.weight if type(self).__name__.startswith("Gemma") else self.weight  # Gemma: (1 + γ)
+    return scale * (hidden_states * torch.rsqrt(variance + eps))
 
 
 def exact_norms_(model: torch.nn.Module) -> torch.nn.Module:
@@ -97,7 +109,7 @@ def tiny_model(name: str = "llama", seed: int = 0, dtype: torch.dtype = torch.fl
     """
     config = tiny_config(name, **overrides)
     torch.manual_seed(seed)  # transformers' own init draws from the global RNG; ours overwrites it all
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention_for(config))
     if config.tie_word_embeddings:
         model.tie_weights()
     randomize_(model, seed)

@@ -121,3 +121,17 @@ def test_resume_equals_uninterrupted(saved_model, text_file, tmp_path, monkeypat
     quantize_pretrained(str(folder), r, tmp_path / "resumed", CPU)
     for name in [f"layers/{i:05d}.safetensors" for i in range(3)] + ["rest.safetensors"]:
         assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
+
+
+def test_w4a16_compressed_tensors_reloads_in_stock_transformers(saved_model, text_file, tmp_path, tokenizer):
+    run = quantize_pretrained(str(saved_model("phi4-mini")), recipe("gptq-w4a16-g128", text_file, "weights.group_size=32"),
+                              tmp_path / "run", CPU)
+    report = export_run(run.path, tmp_path / "ct", "compressed-tensors")
+    assert report["checks"]["stock_transformers"]["bit_exact"]
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+    assert type(stock.model.layers[0].self_attn.qkv_proj).__name__ != "FusedLinear"  # the stock, fused module
+    model, *_ = open_run(run.path, CPU)
+    ids = torch.randint(0, len(tokenizer), (2, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert relative(model(ids).logits, stock(ids).logits) <= 1e-5
+    assert main(["export", str(run.path), "--format", "gptq", "--out", str(tmp_path / "gptq")]) == 2

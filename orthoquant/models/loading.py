@@ -93,8 +93,9 @@ def load_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(path)
 
 
-def build_skeleton(config, dtype: torch.dtype) -> nn.Module:
-    """The model with parameters on the meta device (buffers such as RoPE frequencies are real)."""
+def build_skeleton(config, dtype: torch.dtype, layout: bool = True) -> nn.Module:
+    """The model with parameters on the meta device (buffers such as RoPE frequencies are real), in
+    orthoquant's layout (:mod:`.layout`) unless ``layout`` is False (the stock class as it is)."""
     # init_empty_weights creates each parameter on the CPU, then moves it to meta: the whole model is
     # allocated once, block by block. Under glibc's dynamic threshold those blocks came from the brk
     # heap and left it model-sized; later layers were carved from it, and freed parts of it stay
@@ -103,8 +104,14 @@ def build_skeleton(config, dtype: torch.dtype) -> nn.Module:
     use_mmap_for_large_blocks()
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention_for(config))
-    to_layout_(model, spec_for(config))  # Conv1D, fused linears, (1 + γ) norms: orthoquant's layout
+    if layout:
+        to_layout_(model, spec_for(config))  # Conv1D, fused linears, (1 + γ) norms: orthoquant's layout
     return model.eval()
+
+
+def views_of(config) -> StoredViews:
+    """How orthoquant's layout of ``config``'s model maps onto its stock checkpoint."""
+    return stored_views(spec_for(config), config, build_skeleton(config, torch.float32))
 
 
 def attention_for(config) -> str:

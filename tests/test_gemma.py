@@ -159,3 +159,29 @@ def test_w4a16_compressed_tensors_reloads_in_stock_transformers(family, saved_mo
     ids = torch.randint(0, len(tokenizer), (2, 32), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert relative(model(ids).logits, stock(ids).logits) <= 1e-5
+
+
+def test_a_multimodal_gemma3_checkpoint_quantizes_its_text_model(tokenizer, text_file, tmp_path):
+    from transformers import Gemma3Config
+
+    from orthoquant.models.tiny import tiny_config
+
+    text = {k: v for k, v in tiny_config("gemma3", vocab_size=len(tokenizer)).to_dict().items()
+            if k not in ("architectures", "model_type", "transformers_version")}
+    config = Gemma3Config(text_config=text, mm_tokens_per_image=4, architectures=["Gemma3ForConditionalGeneration"],
+                          vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14))
+    torch.manual_seed(0)
+    multimodal = AutoModelForCausalLM.from_config(config).eval()  # as google/gemma-3-4b-it is laid out
+    with torch.no_grad():
+        for name, p in multimodal.named_parameters():
+            if "norm" in name:
+                p.uniform_(-0.5, 0.5)
+    multimodal.save_pretrained(tmp_path / "mm")
+    tokenizer.save_pretrained(tmp_path / "mm")
+    run = quantize_pretrained(str(tmp_path / "mm"), recipe("fp16", text_file), tmp_path / "run", CPU)
+    model, *_ = open_run(run.path, CPU)
+    assert type(model).__name__ == "Gemma3ForCausalLM"
+    ids = torch.randint(0, len(tokenizer), (2, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert relative(multimodal(input_ids=ids).logits, model(ids).logits) < 1e-5

@@ -23,6 +23,7 @@ from ..device import release_memory, use_mmap_for_large_blocks
 from ..errors import UserError
 from .checkpoint import TensorEntry, check_skeleton, open_checkpoint, read_entry
 from .layout import StoredViews, stored_views, to_layout_
+from .multimodal import is_multimodal, text_config, text_entries
 from .spec import ArchSpec, spec_for
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ def load_config(path: Path):
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError, TypeError, KeyError, StrictDataclassError) as e:  # transformers' own checks
         raise UserError(f"{path / 'config.json'}: {' '.join(str(e).split())}") from None
+    config = text_config(config)  # a multimodal checkpoint (Gemma 3 4B+): its text model
     spec_for(config)  # an unsupported architecture fails here, before any weight is read
     return config
 
@@ -148,15 +150,18 @@ class SafetensorsSource(WeightSource):
     :param dtype: dtype the floating-point parameters are cast to.
     :param aliases: name -> name to read instead (tied lm_head -> embedding).
     :param views: how parameters of orthoquant's layout are read from stock tensors (:mod:`.layout`).
+    :param text_only: the folder holds a multimodal checkpoint; read its text model (:mod:`.multimodal`).
     """
 
     streaming = True
 
     def __init__(self, folder: Path, dtype: torch.dtype, aliases: dict[str, str] | None = None,
-                 views: StoredViews = StoredViews()) -> None:
+                 views: StoredViews = StoredViews(), text_only: bool = False) -> None:
         use_mmap_for_large_blocks()
         self.folder, self.dtype, self.aliases = folder, dtype, aliases or {}
         self.entries: dict[str, TensorEntry] = open_checkpoint(folder)  # every header verified here
+        if text_only:  # a multimodal checkpoint: its text model's tensors, under the causal LM's names
+            self.entries = text_entries(self.entries)
         self.transposed, self.offsets = views.transposed, views.offsets
         self.slices = {k: v for k, v in views.slices.items() if v[0] in self.entries}  # biases may be absent
 
@@ -212,6 +217,7 @@ def open_model(model: str, dtype_name: str, device: torch.device):
     # a tied lm_head is often not stored; an untied one must be (else config and weights disagree)
     tied = getattr(config, "tie_word_embeddings", False)
     aliases = {f"{spec.lm_head}.weight": f"{spec.embed}.weight"} if tied else {}
-    source = SafetensorsSource(path, dtype, aliases, stored_views(spec, config, skeleton))
+    multimodal = is_multimodal(AutoConfig.from_pretrained(path))
+    source = SafetensorsSource(path, dtype, aliases, stored_views(spec, config, skeleton), text_only=multimodal)
     source.check(skeleton)
     return skeleton, load_tokenizer(path), spec, source, path

@@ -119,7 +119,12 @@ def generic_spec(model: nn.Module, transposed: tuple[str, ...] = ()):
     layers = find_layers(model)
     embed = _path_of(model, model.get_input_embeddings(), "input embeddings")
     lm_head = _path_of(model, model.get_output_embeddings(), "output embeddings (lm_head)")
-    paths = linear_paths(model.get_submodule(layers)[0])
+    first = model.get_submodule(layers)[0]
+    stacked = [n for n, p in first.named_parameters() if p.ndim > 2]
+    if stacked:  # transformers 5 MoE experts: leaving them unquantized would be silent, so refuse
+        raise UserError(f"{type(model).__name__} keeps weights as stacked (3-D) parameters ({', '.join(stacked[:2])}: "
+                        "mixture-of-experts experts), which orthoquant does not quantize yet")
+    paths = linear_paths(first)
     if not paths:
         raise UserError(f"{type(model).__name__}: its decoder layers ({layers}) hold no linear layer to quantize")
     return ArchSpec(layers=layers, embed=embed, final_norm=find_final_norm(model, layers), lm_head=lm_head,

@@ -117,8 +117,9 @@ class LayerwiseQuantizer:
     def solve_layer(self, layer: nn.Module, prefix: str, inputs: LayerInputs) -> tuple[Quantized, dict]:
         """Calibrate and solve the layer's linears, in true-sequential steps if the recipe asks."""
         linears = linears_of(layer, self.spec)
+        one_batch = LayerInputs(inputs.hidden[:1], inputs.kwargs_for(layer)[:1])
         groups = self.spec.input_groups() or discover_input_groups(  # generic: by hooks, on one batch
-            linears, lambda: run_layer(layer, LayerInputs(inputs.hidden[:1], inputs.kwargs_for(layer)[:1]), self.device, keep=False))
+            linears, lambda: run_layer(layer, one_batch, self.device, keep=False))
         steps = groups if self.recipe.solver.true_sequential else (tuple(r for g in groups for r in g),)
         owner = {role: g[0] for g in groups for role in g}
         quantized: Quantized = {}

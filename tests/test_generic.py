@@ -9,7 +9,6 @@ from transformers import AutoModelForCausalLM
 from orthoquant import open_run
 from orthoquant.cli import main
 from orthoquant.config import load_recipe
-from orthoquant.errors import UserError
 from orthoquant.evaluate.ppl import perplexity, streamed_perplexity
 from orthoquant.export import export_run
 from orthoquant.models.generic import discover_input_groups, linearize_conv1d_
@@ -146,12 +145,3 @@ def test_resume_equals_uninterrupted(saved_model, text_file, tmp_path, monkeypat
         assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
     assert (tmp_path / "full/rest.safetensors").read_bytes() == (tmp_path / "resumed/rest.safetensors").read_bytes()
 
-
-def test_stacked_expert_weights_are_refused_not_left_unquantized():
-    from transformers import AutoConfig
-
-    config = AutoConfig.for_model("qwen3_moe", architectures=["Qwen3MoeForCausalLM"], vocab_size=101, hidden_size=64,
-                                  intermediate_size=96, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    with pytest.raises(UserError, match="stacked .3-D. parameters.*mixture-of-experts"):
-        spec_for(config)

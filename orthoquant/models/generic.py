@@ -144,6 +144,9 @@ def _spec_of_config_json(config_json: str, model_type: str):
     except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise UserError(f"{(config.architectures or [model_type])[0]} is not a causal LM transformers can "
                         f"build ({' '.join(str(e).split())})") from None
+    from .experts import unstack_experts_
+
+    unstack_experts_(model)  # MoE experts as per-expert nn.Linear (a stacked layout is no linear)
     return generic_spec(model, linearize_conv1d_(model))
 
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import UserError
 
+from .experts import expert_views, unstack_experts_
 from .fused import fused_slices, split_fused_
 from .generic import linearize_conv1d_
 from .norms import PlainRMSNorm, plain_norms_
@@ -22,6 +23,7 @@ from .norms import PlainRMSNorm, plain_norms_
 def to_layout_(model: nn.Module, spec) -> None:
     """Convert a stock model to orthoquant's layout in place (idempotent; the function is unchanged)."""
     linearize_conv1d_(model)
+    unstack_experts_(model)
     split_fused_(model, spec)
     plain_norms_(model, spec)
 
@@ -33,18 +35,20 @@ class StoredViews:
     :ivar transposed: names stored transposed (Conv1D).
     :ivar slices: name -> (stored name, first row, end row) (fused parts).
     :ivar offsets: name -> what to add to the stored value (Gemma's norms: 1).
+    :ivar experts: name -> (stacked stored name, expert, first row, end row) (MoE experts, :mod:`.experts`).
     """
 
     transposed: frozenset[str] = frozenset()
     slices: dict[str, tuple[str, int, int]] = field(default_factory=dict)
     offsets: dict[str, float] = field(default_factory=dict)
+    experts: dict[str, tuple[str, int, int, int]] = field(default_factory=dict)
 
 
-def stored_views(spec, config, skeleton: nn.Module) -> StoredViews:
-    """The views of a converted ``skeleton`` built from ``config``."""
+def stored_views(spec, config, skeleton: nn.Module, stored: set[str] = frozenset()) -> StoredViews:
+    """The views of a converted ``skeleton`` built from ``config`` (``stored``: the checkpoint's names)."""
     offsets = {f"{p}.weight": spec.norm_offset for p, m in skeleton.named_modules() if isinstance(m, PlainRMSNorm)}
     return StoredViews(frozenset(f"{p}.weight" for p in spec.transposed),
-                       fused_slices(spec, config, config.num_hidden_layers), offsets)
+                       fused_slices(spec, config, config.num_hidden_layers), offsets, expert_views(skeleton, stored))
 
 
 def _parts_of(views: StoredViews) -> dict[str, list[tuple[str, int]]]:

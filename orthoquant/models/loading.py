@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from ..device import release_memory, use_mmap_for_large_blocks
 from ..errors import UserError
 from .checkpoint import TensorEntry, check_skeleton, open_checkpoint, read_entry
+from .experts import renamed_legacy
 from .layout import StoredViews, stored_views, to_layout_
 from .multimodal import is_multimodal, text_config, text_entries
 from .spec import ArchSpec, spec_for
@@ -162,20 +163,26 @@ class SafetensorsSource(WeightSource):
         self.entries: dict[str, TensorEntry] = open_checkpoint(folder)  # every header verified here
         if text_only:  # a multimodal checkpoint: its text model's tensors, under the causal LM's names
             self.entries = text_entries(self.entries)
-        self.transposed, self.offsets = views.transposed, views.offsets
+        self.entries = renamed_legacy(self.entries)  # Mixtral's w1/w2/w3 experts
+        self.transposed, self.offsets, self.experts = views.transposed, views.offsets, views.experts
         self.slices = {k: v for k, v in views.slices.items() if v[0] in self.entries}  # biases may be absent
 
     def check(self, skeleton: nn.Module) -> None:
         """Every parameter of ``skeleton`` is stored with its shape (before anything is read or written)."""
         as_read = {k: dataclasses.replace(e, shape=e.shape[::-1]) if k in self.transposed else e
                    for k, e in self.entries.items()}
-        fused = {stored for stored, _, _ in self.slices.values()}
+        fused = {stored for stored, _, _ in self.slices.values()} | {v[0] for v in self.experts.values()}
         as_read = {k: e for k, e in as_read.items() if k not in fused}
         as_read.update({name: dataclasses.replace(self.entries[stored], shape=(end - start, *self.entries[stored].shape[1:]))
                         for name, (stored, start, end) in self.slices.items()})
+        as_read.update({name: dataclasses.replace(self.entries[stored], shape=(end - start, self.entries[stored].shape[2]))
+                        for name, (stored, _, start, end) in self.experts.items()})
         check_skeleton(as_read, skeleton, self.aliases, self.folder / "config.json")
 
     def tensor(self, name: str) -> torch.Tensor:
+        if name in self.experts:  # one expert of a stacked (transformers 5) checkpoint
+            stored, expert, start, end = self.experts[name]
+            return self.tensor(stored)[expert, start:end].contiguous()
         if name in self.slices:  # a part of a fused linear: its rows of the stored tensor
             stored, start, end = self.slices[name]
             return self.tensor(stored)[start:end].contiguous()
@@ -218,6 +225,7 @@ def open_model(model: str, dtype_name: str, device: torch.device):
     tied = getattr(config, "tie_word_embeddings", False)
     aliases = {f"{spec.lm_head}.weight": f"{spec.embed}.weight"} if tied else {}
     multimodal = is_multimodal(AutoConfig.from_pretrained(path))
-    source = SafetensorsSource(path, dtype, aliases, stored_views(spec, config, skeleton), text_only=multimodal)
+    stored = set(renamed_legacy(open_checkpoint(path)))
+    source = SafetensorsSource(path, dtype, aliases, stored_views(spec, config, skeleton, stored), text_only=multimodal)
     source.check(skeleton)
     return skeleton, load_tokenizer(path), spec, source, path

@@ -52,6 +52,13 @@ GENERIC_CONFIGS: dict[str, dict] = {
     "opt": dict(model_type="opt", architectures=["OPTForCausalLM"], hidden_size=64, ffn_dim=96,
                 num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64, do_layer_norm_before=True,
                 tie_word_embeddings=False, **_SMALL),
+    # mixture of experts: 4 experts, top-2 (experts are 3-D parameters in transformers 5, see models/experts.py)
+    "qwen3-moe": dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], hidden_size=64, intermediate_size=96,
+                      moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False, **_SMALL),
+    "mixtral": dict(model_type="mixtral", architectures=["MixtralForCausalLM"], hidden_size=64, intermediate_size=32,
+                    num_local_experts=4, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, tie_word_embeddings=False, **_SMALL),
     "phi": dict(model_type="phi", architectures=["PhiForCausalLM"], hidden_size=64, intermediate_size=96,
                 num_hidden_layers=2, num_attention_heads=4, partial_rotary_factor=0.5,
                 tie_word_embeddings=False, **_SMALL),
@@ -73,8 +80,8 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     g = torch.Generator().manual_seed(seed)
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     for name, p in model.named_parameters():
-        if p.ndim == 2:
-            std = 1.0 if id(p) in embeddings else 1 / math.sqrt(p.shape[1])
+        if p.ndim >= 2:  # 3-D: stacked MoE experts (experts, out, in)
+            std = 1.0 if id(p) in embeddings else 1 / math.sqrt(p.shape[-1])
             p.copy_(torch.randn(p.shape, generator=g) * std)
         elif name.endswith("bias"):
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)

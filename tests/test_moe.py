@@ -87,3 +87,35 @@ def test_a_starved_expert_is_damped_and_logged_or_gets_all_tokens(caplog):
     assert not caplog.records  # every expert saw every token while statistics were collected
     with torch.no_grad():  # propagation and inference still route as the model does: expert 3 unused
         assert torch.isfinite(model(IDS).logits).all()
+
+
+def test_w4a16_compressed_tensors_per_expert_reloads_in_stock_transformers(tmp_path):
+    from safetensors import safe_open
+
+    r = recipe("gptq-w4a16-g128", "weights.group_size=32")
+    model = quantize(tiny_model("qwen3-moe"), r, WINDOWS, out=tmp_path / "run")
+    report = export_run(tmp_path / "run", tmp_path / "ct", "compressed-tensors")
+    assert report["checks"]["stock_transformers"]["bit_exact"]
+    with safe_open(str(tmp_path / "ct" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    for e in range(4):  # the per-expert layout vLLM's fused-MoE loader reads
+        for leaf in ("gate_proj", "up_proj", "down_proj"):
+            assert {f"model.layers.0.mlp.experts.{e}.{leaf}.{t}" for t in ("weight_packed", "weight_scale",
+                                                                          "weight_shape")} <= keys
+    assert "model.layers.0.mlp.gate.weight" in keys  # the router, in full precision
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+    with torch.no_grad():
+        a, b = model(IDS).logits, stock(IDS).logits
+    assert float((a - b).abs().max() / a.abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["qwen3-moe", "mixtral"])  # stacked (Qwen3-MoE) and w1/w2/w3 (Mixtral) checkpoints
+def test_streamed_checkpoint_reads_every_expert(family, saved_model, text_file, tmp_path, tokenizer):
+    folder = saved_model(family)
+    sets = [f"calibration.source={text_file}", "calibration.nsamples=4", "calibration.seqlen=32"]
+    run = quantize_pretrained(str(folder), recipe("fp16", *sets), tmp_path / "run", CPU)
+    model, *_ = open_run(run.path, CPU)
+    ids = torch.randint(0, len(tokenizer), (2, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a, b = AutoModelForCausalLM.from_pretrained(folder)(ids).logits, model(ids).logits
+    assert float((a - b).abs().max() / a.abs().max()) < 1e-5

@@ -117,7 +117,8 @@ def dense_reload(folder: Path, manifest: dict[str, Any], device: torch.device, d
     for layer in layers_of(model, arch):  # static KV scales are stored tensors of the attention
         prepare_kv_scales(layer, arch, recipe)
     stock = build_skeleton(config, dtype, layout=False)  # the checkpoint's own names and shapes
-    shapes = {n: tuple(m.weight.shape) for n, m in stock.named_modules() if isinstance(m, nn.Linear)}
+    shapes = {n: tuple(m.weight.shape) for root in (stock, model)  # MoE experts: stored per expert, as held
+              for n, m in root.named_modules() if isinstance(m, nn.Linear)}
     state, expected = from_stock(decode(folder, recipe, shapes), views_of(config)), model.state_dict()
     missing = sorted(expected.keys() - state.keys())
     if missing:

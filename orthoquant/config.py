@@ -186,6 +186,7 @@ class CalibSpec:
     seqlen: int = 2048
     seed: int = 0
     batch_size: int = 8
+    moe_all_experts: bool = False  # MoE: every token through every expert while collecting statistics
 
     def __post_init__(self) -> None:
         _require(self.nsamples > 0, f"calibration.nsamples={self.nsamples} must be positive")

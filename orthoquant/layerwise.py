@@ -6,6 +6,8 @@ layer-streamed perplexity (``evaluate/ppl.py``) both build on these two primitiv
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,12 +27,23 @@ class LayerInputs:
     """What the next decoder layer reads, batch by batch.
 
     :ivar hidden: per batch, (batch, seq, hidden) on the cache device.
-    :ivar kwargs: per batch, the keyword arguments the model passes to every layer (attention mask,
+    :ivar kwargs: per batch, the keyword arguments the model passes to layer 0 (attention mask,
         position embeddings, position ids), on the cache device.
+    :ivar by_layer: the layers that get other keyword arguments (Gemma's sliding-window and global
+        layers: other masks, other RoPE), each with its own per-batch list (shared by layers that get
+        the same tensors).
     """
 
     hidden: list[torch.Tensor] = field(default_factory=list)
     kwargs: list[dict[str, Any]] = field(default_factory=list)
+    by_layer: dict[nn.Module, list[dict[str, Any]]] = field(default_factory=dict)
+
+    def with_hidden(self, hidden: list[torch.Tensor]) -> "LayerInputs":
+        """The same per-layer arguments with other hidden states (the next layer's inputs)."""
+        return dataclasses.replace(self, hidden=hidden)
+
+    def kwargs_for(self, layer: nn.Module) -> list[dict[str, Any]]:
+        return self.by_layer.get(layer, self.kwargs)
 
 
 def _to(obj: Any, device: torch.device | str) -> Any:
@@ -43,37 +56,78 @@ def _to(obj: Any, device: torch.device | str) -> Any:
     return obj
 
 
+def _identity(value: Any) -> Any:
+    """What identifies the arguments a layer gets: the tensors' objects (layers of one kind share them)."""
+    if isinstance(value, torch.Tensor):
+        return id(value)
+    if isinstance(value, (tuple, list)):
+        return tuple(_identity(v) for v in value)
+    if isinstance(value, dict):
+        return tuple((k, _identity(v)) for k, v in value.items())
+    return repr(value)
+
+
 class _Catcher(nn.Module):
-    def __init__(self, store: LayerInputs, cache: torch.device | str) -> None:
+    """Stands in for decoder layer ``index`` during one forward: records the keyword arguments the model
+    passes it (layer 0: the hidden states too) and hands its input on; the last one stops the forward."""
+
+    def __init__(self, records: dict, index: int, last: bool, layer: nn.Module) -> None:
         super().__init__()
-        self.store, self.cache = store, cache
+        self.records, self.index, self.last = records, index, last
+        self.signature = inspect.signature(layer.forward)
 
     def forward(self, hidden, *args, **kwargs):
-        self.store.hidden.append(hidden.detach().to(self.cache))
+        if args:  # some models (GPT-2) pass the mask positionally: keep it, by its name
+            bound = self.signature.bind_partial(hidden, *args)
+            kwargs = {**dict(list(bound.arguments.items())[1:]), **kwargs}
         kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
-        self.store.kwargs.append(_to(kwargs, self.cache))
-        raise _StopForward
+        self.records[self.index] = (hidden, kwargs)
+        if self.last:
+            raise _StopForward
+        return hidden
+
+
+def _record_other_kinds(store: LayerInputs, layers: list[nn.Module], records: dict, cache) -> None:
+    """Append one batch's arguments of the layers that get other ones than layer 0; layers getting the
+    same tensors share one list (stored once)."""
+    first_of: dict[Any, int] = {}
+    for i in range(len(layers)):
+        first = first_of.setdefault(_identity(records[i][1]), i)
+        if first == 0:
+            continue
+        if first == i:
+            store.by_layer.setdefault(layers[i], []).append(_to(records[i][1], cache))
+        else:
+            store.by_layer[layers[i]] = store.by_layer[layers[first]]
 
 
 @torch.no_grad()
 def capture_inputs(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor], device: torch.device,
                    cache: torch.device | str = "cpu") -> LayerInputs:
-    """Run the model's embedding on each batch of token ids and record what layer 0 receives.
+    """Run the model's embedding on each batch of token ids and record what layer 0 receives, and the
+    keyword arguments of every layer that gets other ones than layer 0 (its own mask or RoPE).
 
     The non-layer modules (embedding, rotary) must be materialised on ``device``.
     """
     layers = layers_of(model, spec)
-    first = layers[0]
+    originals = list(layers)
+    records: dict[int, tuple] = {}
+    for i, layer in enumerate(originals):
+        layers[i] = _Catcher(records, i, i == len(originals) - 1, layer)
     store = LayerInputs()
-    layers[0] = _Catcher(store, cache)
     try:
         for ids in batches:
             try:
                 model(input_ids=ids.to(device), use_cache=False)
             except _StopForward:
                 pass
+            store.hidden.append(records[0][0].detach().to(cache))
+            store.kwargs.append(_to(records[0][1], cache))
+            _record_other_kinds(store, originals, records, cache)
+            records.clear()
     finally:
-        layers[0] = first
+        for i, layer in enumerate(originals):
+            layers[i] = layer
     return store
 
 
@@ -81,7 +135,7 @@ def capture_inputs(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor]
 def run_layer(layer: nn.Module, inputs: LayerInputs, device: torch.device, keep: bool = True) -> list[torch.Tensor]:
     """Outputs of ``layer`` for every cached batch (on the cache device), or [] if ``keep`` is False."""
     outputs = []
-    for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+    for hidden, kwargs in zip(inputs.hidden, inputs.kwargs_for(layer)):
         out = layer(hidden.to(device), **_to(kwargs, device))
         out = out[0] if isinstance(out, tuple) else out
         if keep:

@@ -23,6 +23,8 @@ from .fitting import fit_transforms
 from .formats import make_format
 from .layerwise import capture_inputs, final_hidden
 from .models.loading import InMemorySource, WeightSource, build_skeleton, open_model
+from .models.layout import to_layout_
+from .models.support import check_support
 from .models.spec import ArchSpec, spec_for
 from .models.surgery import fold_final_norm, get_module, layers_of, untie_embeddings
 from .layerfile import SolvedLinear, decoded_state, load_module, save_module
@@ -38,8 +40,8 @@ log = logging.getLogger(__name__)
 
 
 def rest_paths(spec: ArchSpec) -> tuple[str, ...]:
-    """The model-level modules outside the decoder layers."""
-    return (spec.embed, spec.final_norm, spec.lm_head, spec.rotary)
+    """The model-level modules outside the decoder layers (a generic spec lists them all)."""
+    return spec.rest or (spec.embed, spec.final_norm, spec.lm_head, spec.rotary)
 
 
 def make_plan(model: nn.Module, spec: ArchSpec, recipe: Recipe) -> TransformPlan:
@@ -53,7 +55,8 @@ def prepare_model(model: nn.Module, spec: ArchSpec, source: WeightSource, device
     for path in rest_paths(spec):
         source.materialize(get_module(model, path), f"{path}.", device)
     untie_embeddings(model, spec)
-    fold_final_norm(model, spec)
+    if not spec.generic:  # a generic model takes no transform, so its (maybe biased) norm stays as it is
+        fold_final_norm(model, spec)
     plan.fuse_rest(model)
     use_orthoquant_attention(model)
 
@@ -109,6 +112,8 @@ def quantize(model: nn.Module, recipe: Recipe, windows: torch.Tensor, out: Path 
     """
     device = torch.device(device)
     spec = spec_for(model.config)
+    to_layout_(model, spec)
+    check_support(spec, model.config, recipe)
     check_seqlen(model, windows.shape[1])
     check_request(model, spec, recipe, out, device)  # before the run folder exists: nothing to clean up
     if out is None:
@@ -132,6 +137,7 @@ def quantize_pretrained(model_id: str, recipe: Recipe, out: Path | str, device: 
     run = RunFolder(out)
     run.refuse_if_busy()  # before loading and tokenizing: a second process fails at once
     model, tokenizer, spec, source, path = open_model(model_id, dtype, device)
+    check_support(spec, model.config, recipe)
     check_request(model, spec, recipe, out, device)  # before the run folder exists: nothing to clean up
     cal = recipe.calibration
     check_seqlen(model, cal.seqlen)

@@ -17,6 +17,8 @@ from .config import QuantSpec, Recipe
 from .fakequant.inputs import input_pipeline, output_pipeline
 from .formats import make_format
 from .layerwise import LayerInputs, run_layer
+from .models.experts import route_all, sparse_hessian
+from .models.generic import discover_input_groups
 from .models.loading import WeightSource
 from .models.spec import ArchSpec
 from .models.surgery import fold_layer_norms, layers_of, linears_of
@@ -97,7 +99,7 @@ class LayerwiseQuantizer:
                 bar.set_postfix_str(f"({i + 1}/{len(layers)}) calibrating")
                 solved = self._quantize_layer(layer, i, prefix, inputs)
             install_runtime(layer, i, self.spec, self.recipe, self.plan, solved)
-            inputs = LayerInputs(run_layer(layer, inputs, self.device), inputs.kwargs)
+            inputs = inputs.with_hidden(run_layer(layer, inputs, self.device))
             self.source.release(layer)
         return inputs
 
@@ -127,7 +129,12 @@ class LayerwiseQuantizer:
     def solve_layer(self, layer: nn.Module, prefix: str, inputs: LayerInputs) -> tuple[Quantized, dict]:
         """Calibrate and solve the layer's linears, in true-sequential steps if the recipe asks."""
         linears = linears_of(layer, self.spec)
-        groups = self.spec.input_groups()
+        one_batch = LayerInputs(inputs.hidden[:1], inputs.kwargs_for(layer)[:1])
+
+        def probe() -> None:  # one batch through every expert, so that each one's linears are grouped
+            with route_all(layer, True):
+                run_layer(layer, one_batch, self.device, keep=False)
+        groups = self.spec.input_groups() or discover_input_groups(linears, probe)  # generic: by hooks
         steps = groups if self.recipe.solver.true_sequential else (tuple(r for g in groups for r in g),)
         owner = {role: g[0] for g in groups for role in g}
         quantized: Quantized = {}
@@ -137,12 +144,12 @@ class LayerwiseQuantizer:
             if not todo:
                 continue
             watched = {owner[r]: linears[owner[r]] for r in todo}
-            with collect_input_stats(watched) as stats:
+            with collect_input_stats(watched) as stats, route_all(layer, self.recipe.calibration.moe_all_experts):
                 run_layer(layer, inputs, self.device, keep=False)
             for role in todo:
-                path = self.spec.path(role)
-                q_spec = self.recipe.weights_for(prefix + path)
-                quantized[path], losses[path] = self._solve(linears[role], stats[owner[role]].H, q_spec)
+                path, seen = self.spec.path(role), stats[owner[role]]
+                H = sparse_hessian(seen.H, seen.tokens, prefix + path)  # a rarely routed expert: damped, logged
+                quantized[path], losses[path] = self._solve(linears[role], H, self.recipe.weights_for(prefix + path))
             # later steps (true-sequential) calibrate on what these linears will compute at inference
             attach_solved(layer, solved_transforms(quantized))
         return quantized, losses

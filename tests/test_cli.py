@@ -44,7 +44,7 @@ def _unknown_arch(saved_model):
 
 
 @pytest.mark.parametrize("case, extra, message", [
-    ("arch", [], "unknown architecture 'GPT2LMHeadModel'; known: LlamaForCausalLM"),
+    ("arch", [], "no arch spec: only weight-only RTN/GPTQ and W8A8 run on it); full support: Gemma2ForCausalLM"),
     ("key", ["--set", "weights.bitz=3"], r"unknown key(s) ['bitz'] in weights"),
     ("bits", ["--set", "weights.bits=12"], "bits=12: the int format takes bits in [2, 8]"),
     ("preset", ["--recipe", "no-such-preset"], "unknown recipe preset 'no-such-preset'"),

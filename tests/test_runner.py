@@ -35,7 +35,7 @@ def test_quantized_weights_lie_on_the_grid_and_quantizers_are_attached(family):
     quantize(model, r, windows())
     spec = r.weights
     for name, module in model.named_modules():
-        if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
+        if isinstance(module, torch.nn.Linear) and name.endswith(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
             assert on_grid(module.weight.detach(), spec), name
             assert module.orthoquant_inputs.quantizer is not None, name
     assert not on_grid(model.lm_head.weight.detach(), spec)  # lm_head stays in full precision

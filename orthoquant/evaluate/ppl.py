@@ -36,6 +36,12 @@ def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, ba
     return math.exp(total / count)
 
 
+def soft_cap(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """The model's final logit soft-capping (Gemma 2), which its forward applies after lm_head."""
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
 @torch.no_grad()
 def streamed_perplexity(model: nn.Module, spec: ArchSpec, source: WeightSource, windows: torch.Tensor,
                         device: torch.device, batch_size: int = 1) -> float:
@@ -53,6 +59,6 @@ def streamed_perplexity(model: nn.Module, spec: ArchSpec, source: WeightSource, 
     head = get_module(model, spec.lm_head)
     total, count = 0.0, 0
     for hidden, ids in zip(inputs.hidden, batches):
-        nll, n = window_nll(head(final_hidden(model, spec, hidden.to(device))), ids)
+        nll, n = window_nll(soft_cap(model, head(final_hidden(model, spec, hidden.to(device)))), ids)
         total, count = total + nll, count + n
     return math.exp(total / count)

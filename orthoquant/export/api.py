@@ -78,6 +78,10 @@ def export_run(run_dir: Path | str, out: Path | str, format: str = "native", dty
     options = ExportOptions(dtype or contents.stored_dtype(), calib,
                             max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES)
     fmt.check(contents, options.dtype)
+    if (contents.arch.transposed and fmt.name != "native") or (not contents.arch.stock_layout and fmt.name == "gptq"):
+        raise UserError(f"{contents.config.architectures[0]} stores its linears as transposed Conv1D, fused (qkv_proj) "
+                        f"or with (1 + γ) norms, which the {fmt.name} writer does not lay out; export it with "
+                        "--format native" + ("" if contents.arch.transposed else " or compressed-tensors"))
     out = _empty_folder(out)
     try:
         fields = fmt.write(contents, out, options)

@@ -23,7 +23,8 @@ from ..errors import UserError
 from ..fakequant.attention import use_orthoquant_attention
 from ..fakequant.kvcache import prepare_kv_scales
 from ..models.checkpoint import open_checkpoint, read_entry
-from ..models.loading import build_skeleton
+from ..models.layout import from_stock
+from ..models.loading import build_skeleton, views_of
 from ..models.spec import spec_for
 from ..models.surgery import layers_of
 from ..registry import Registry
@@ -115,8 +116,10 @@ def dense_reload(folder: Path, manifest: dict[str, Any], device: torch.device, d
     arch = spec_for(model.config)
     for layer in layers_of(model, arch):  # static KV scales are stored tensors of the attention
         prepare_kv_scales(layer, arch, recipe)
-    shapes = {n: tuple(m.weight.shape) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    state, expected = decode(folder, recipe, shapes), model.state_dict()
+    stock = build_skeleton(config, dtype, layout=False)  # the checkpoint's own names and shapes
+    shapes = {n: tuple(m.weight.shape) for root in (stock, model)  # MoE experts: stored per expert, as held
+              for n, m in root.named_modules() if isinstance(m, nn.Linear)}
+    state, expected = from_stock(decode(folder, recipe, shapes), views_of(config)), model.state_dict()
     missing = sorted(expected.keys() - state.keys())
     if missing:
         raise UserError(f"{folder} lacks {missing[:3]} of its model class")

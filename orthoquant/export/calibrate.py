@@ -62,7 +62,7 @@ def calibration_tokens(contents: RunContents, options: ExportOptions) -> torch.T
 def observe_input_amax(contents: RunContents, names: list[str], tokens: torch.Tensor) -> dict[str, float]:
     """Largest |x| each named linear's input quantizer receives while the run's model reads ``tokens``,
     one decoder layer resident at a time."""
-    from ..layerwise import LayerInputs, capture_inputs, final_hidden, run_layer
+    from ..layerwise import capture_inputs, final_hidden, run_layer
     from ..models.surgery import get_module, layers_of
     cpu = torch.device("cpu")
     model, _, spec, source = contents.open_model(cpu, torch.float32, stream=True)
@@ -72,7 +72,7 @@ def observe_input_amax(contents: RunContents, names: list[str], tokens: torch.Te
         prefix = contents.layer_prefix(i)
         source.materialize(layer, prefix, cpu)
         _watch(model, [n for n in names if n.startswith(prefix)], amax)
-        inputs = LayerInputs(run_layer(layer, inputs, cpu), inputs.kwargs)
+        inputs = inputs.with_hidden(run_layer(layer, inputs, cpu))
         layer.to("meta")  # done with it
     rest = [n for n in names if not n.startswith(f"{spec.layers}.")]
     if rest:  # model-level linears (lm_head) read the final norm's output

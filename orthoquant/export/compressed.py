@@ -30,7 +30,8 @@ from torch import nn
 from ..config import QuantSpec, Recipe
 from ..errors import UserError
 from ..fakequant.kvcache import SCALE_NAMES, kv_scales
-from ..models.loading import build_skeleton
+from ..models.layout import to_layout_, to_stock
+from ..models.loading import build_skeleton, views_of
 from ..models.surgery import layers_of
 from .base import (EXPORT_FORMATS, ExportFormat, ExportOptions, ShardWriter, cast_floats, dense_reload,
                    quiet_transformers, read_tensors, save_hf_config)
@@ -238,12 +239,13 @@ def _write(contents: RunContents, out: Path, options: ExportOptions) -> dict[str
 
     compress = _PartCompressor(contents, options)
     writer = ShardWriter(out, options.max_shard_bytes)
+    views = views_of(contents.config)  # fused parts merged, Gemma's γ without its 1
     for part in contents.parts():  # one run file at a time: the model-level rest, then each layer
         tensors = cast_floats(part.plain(), options.dtype)  # norms, embeddings, biases, KV scales
         linears = list(part.linears())
         if linears:
             tensors.update(compress(linears))
-        writer.add(tensors)
+        writer.add(to_stock(tensors, views))
     shards = writer.finish()
     missing = set(compress.specs) - compress.done
     if missing:
@@ -347,6 +349,7 @@ def _stock_transformers(folder: Path, contents: RunContents, reference: nn.Modul
         model = load(**kwargs)
         transforms = apply_online(model, folder)  # what vLLM does; transformers drops them
         logits = compare_logits(reference, model, batches)
+    to_layout_(model, contents.arch)  # stock modules (fused, (1 + γ)) as the run holds them; decompressed by now
     weights = compare_weights(reference, model, names)
     kv = _compare_kv_scales(contents, reference, model if simulated else None, folder)
     mismatch = _simulation_mismatch(contents, dtype) if simulated else None

@@ -6,6 +6,7 @@ applies, per attention module: Q/K transforms (R3), then key/value quantizers, t
 """
 from __future__ import annotations
 
+import sys
 from typing import Callable
 
 import torch
@@ -26,7 +27,23 @@ def orthoquant_attention(module: nn.Module, query, key, value, attention_mask, *
     kv = getattr(module, "orthoquant_kv", None)
     if kv is not None:
         key, value = kv[0](key), kv[1](value)
+    if kwargs.get("softcap") is not None:  # Gemma 2: SDPA cannot soft-cap, the model's own eager path can
+        return _eager(module, query, key, value, _additive(attention_mask, query, key), **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _eager(module: nn.Module, *args, **kwargs):
+    return sys.modules[type(module).__module__].eager_attention_forward(module, *args, **kwargs)
+
+
+def _additive(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """The SDPA mask (boolean, True = attend; None = plain causal) as the additive mask eager paths add."""
+    if mask is None:
+        q, k = query.shape[-2], key.shape[-2]
+        mask = torch.ones(q, k, dtype=torch.bool, device=query.device).tril(k - q)
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(~mask, torch.finfo(query.dtype).min)
 
 
 AttentionInterface.register(ATTENTION_NAME, orthoquant_attention)

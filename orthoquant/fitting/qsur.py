@@ -14,7 +14,7 @@ import torch
 from scipy.stats import chi2
 from torch import nn
 
-from ..layerwise import LayerInputs, capture_inputs, run_layer
+from ..layerwise import capture_inputs, run_layer
 from ..models.spec import ArchSpec
 from ..models.surgery import layers_of, linears_of
 
@@ -82,5 +82,5 @@ def measure_qsur(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, device
                 h.remove()
         for site, mo in moments.items():
             result[site].append(qsur_per_axis(mo.mean(), mo.cov()))
-        inputs = LayerInputs(outputs, inputs.kwargs)
+        inputs = inputs.with_hidden(outputs)
     return result

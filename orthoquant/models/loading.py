@@ -6,6 +6,7 @@ Small in-memory models use :class:`InMemorySource`, for which both operations ar
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -21,6 +22,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from ..device import release_memory, use_mmap_for_large_blocks
 from ..errors import UserError
 from .checkpoint import TensorEntry, check_skeleton, open_checkpoint, read_entry
+from .experts import renamed_legacy
+from .layout import StoredViews, stored_views, to_layout_
+from .multimodal import is_multimodal, text_config, text_entries
 from .spec import ArchSpec, spec_for
 
 log = logging.getLogger(__name__)
@@ -83,6 +87,7 @@ def load_config(path: Path):
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError, TypeError, KeyError, StrictDataclassError) as e:  # transformers' own checks
         raise UserError(f"{path / 'config.json'}: {' '.join(str(e).split())}") from None
+    config = text_config(config)  # a multimodal checkpoint (Gemma 3 4B+): its text model
     spec_for(config)  # an unsupported architecture fails here, before any weight is read
     return config
 
@@ -91,8 +96,9 @@ def load_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(path)
 
 
-def build_skeleton(config, dtype: torch.dtype) -> nn.Module:
-    """The model with parameters on the meta device (buffers such as RoPE frequencies are real)."""
+def build_skeleton(config, dtype: torch.dtype, layout: bool = True) -> nn.Module:
+    """The model with parameters on the meta device (buffers such as RoPE frequencies are real), in
+    orthoquant's layout (:mod:`.layout`) unless ``layout`` is False (the stock class as it is)."""
     # init_empty_weights creates each parameter on the CPU, then moves it to meta: the whole model is
     # allocated once, block by block. Under glibc's dynamic threshold those blocks came from the brk
     # heap and left it model-sized; later layers were carved from it, and freed parts of it stay
@@ -100,8 +106,24 @@ def build_skeleton(config, dtype: torch.dtype) -> nn.Module:
     # never touched and unmapped at once.
     use_mmap_for_large_blocks()
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention_for(config))
+    if layout:
+        to_layout_(model, spec_for(config))  # Conv1D, fused linears, (1 + γ) norms: orthoquant's layout
     return model.eval()
+
+
+def views_of(config) -> StoredViews:
+    """How orthoquant's layout of ``config``'s model maps onto its stock checkpoint."""
+    return stored_views(spec_for(config), config, build_skeleton(config, torch.float32))
+
+
+def attention_for(config) -> str:
+    """SDPA where the model class supports it; else (Gemma 2's soft-capping) eager. orthoquant's own
+    attention function replaces either once the model is prepared."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    return "sdpa" if cls is None or getattr(cls, "_supports_sdpa", True) else "eager"
 
 
 class WeightSource:
@@ -128,24 +150,49 @@ class SafetensorsSource(WeightSource):
     :param folder: holds ``model.safetensors`` or ``model.safetensors.index.json`` and its shards.
     :param dtype: dtype the floating-point parameters are cast to.
     :param aliases: name -> name to read instead (tied lm_head -> embedding).
+    :param views: how parameters of orthoquant's layout are read from stock tensors (:mod:`.layout`).
+    :param text_only: the folder holds a multimodal checkpoint; read its text model (:mod:`.multimodal`).
     """
 
     streaming = True
 
-    def __init__(self, folder: Path, dtype: torch.dtype, aliases: dict[str, str] | None = None) -> None:
+    def __init__(self, folder: Path, dtype: torch.dtype, aliases: dict[str, str] | None = None,
+                 views: StoredViews = StoredViews(), text_only: bool = False) -> None:
         use_mmap_for_large_blocks()
         self.folder, self.dtype, self.aliases = folder, dtype, aliases or {}
         self.entries: dict[str, TensorEntry] = open_checkpoint(folder)  # every header verified here
+        if text_only:  # a multimodal checkpoint: its text model's tensors, under the causal LM's names
+            self.entries = text_entries(self.entries)
+        self.entries = renamed_legacy(self.entries)  # Mixtral's w1/w2/w3 experts
+        self.transposed, self.offsets, self.experts = views.transposed, views.offsets, views.experts
+        self.slices = {k: v for k, v in views.slices.items() if v[0] in self.entries}  # biases may be absent
 
     def check(self, skeleton: nn.Module) -> None:
         """Every parameter of ``skeleton`` is stored with its shape (before anything is read or written)."""
-        check_skeleton(self.entries, skeleton, self.aliases, self.folder / "config.json")
+        as_read = {k: dataclasses.replace(e, shape=e.shape[::-1]) if k in self.transposed else e
+                   for k, e in self.entries.items()}
+        fused = {stored for stored, _, _ in self.slices.values()} | {v[0] for v in self.experts.values()}
+        as_read = {k: e for k, e in as_read.items() if k not in fused}
+        as_read.update({name: dataclasses.replace(self.entries[stored], shape=(end - start, *self.entries[stored].shape[1:]))
+                        for name, (stored, start, end) in self.slices.items()})
+        as_read.update({name: dataclasses.replace(self.entries[stored], shape=(end - start, self.entries[stored].shape[2]))
+                        for name, (stored, _, start, end) in self.experts.items()})
+        check_skeleton(as_read, skeleton, self.aliases, self.folder / "config.json")
 
     def tensor(self, name: str) -> torch.Tensor:
+        if name in self.experts:  # one expert of a stacked (transformers 5) checkpoint
+            stored, expert, start, end = self.experts[name]
+            return self.tensor(stored)[expert, start:end].contiguous()
+        if name in self.slices:  # a part of a fused linear: its rows of the stored tensor
+            stored, start, end = self.slices[name]
+            return self.tensor(stored)[start:end].contiguous()
         key = name if name in self.entries else self.aliases.get(name, name)
         if key not in self.entries:
             raise UserError(f"tensor {name} is missing from the checkpoint in {self.folder}")
         t = read_entry(self.entries[key])
+        t = t.T.contiguous() if key in self.transposed else t
+        if name in self.offsets:  # Gemma's γ is stored without its 1 (added in float64, then cast)
+            return (t.double() + self.offsets[name]).to(self.dtype)
         return t.to(self.dtype) if t.is_floating_point() else t
 
     def materialize(self, module: nn.Module, prefix: str, device: torch.device) -> None:
@@ -177,6 +224,8 @@ def open_model(model: str, dtype_name: str, device: torch.device):
     # a tied lm_head is often not stored; an untied one must be (else config and weights disagree)
     tied = getattr(config, "tie_word_embeddings", False)
     aliases = {f"{spec.lm_head}.weight": f"{spec.embed}.weight"} if tied else {}
-    source = SafetensorsSource(path, dtype, aliases)
+    multimodal = is_multimodal(AutoConfig.from_pretrained(path))
+    stored = set(renamed_legacy(open_checkpoint(path)))
+    source = SafetensorsSource(path, dtype, aliases, stored_views(spec, config, skeleton, stored), text_only=multimodal)
     source.check(skeleton)
     return skeleton, load_tokenizer(path), spec, source, path

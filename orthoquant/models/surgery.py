@@ -62,7 +62,10 @@ def fold_final_norm(model: nn.Module, spec: ArchSpec) -> None:
 
 
 def fold_all_norms(model: nn.Module, spec: ArchSpec) -> None:
-    """Untie, then fold every RMSNorm (layers and final) of an in-memory model."""
+    """Untie, then fold every RMSNorm (layers and final) of an in-memory model (put in orthoquant's layout)."""
+    from .layout import to_layout_
+
+    to_layout_(model, spec)
     untie_embeddings(model, spec)
     for layer in layers_of(model, spec):
         fold_layer_norms(layer, spec)

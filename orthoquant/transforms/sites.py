@@ -52,7 +52,8 @@ class Dims:
     @classmethod
     def of(cls, config) -> "Dims":
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return cls(config.hidden_size, config.intermediate_size, config.num_attention_heads,
+        # a generic model (no ArchSpec) may lack intermediate_size; it takes no transform, so no site is sized
+        return cls(config.hidden_size, getattr(config, "intermediate_size", None) or 0, config.num_attention_heads,
                    getattr(config, "num_key_value_heads", None) or config.num_attention_heads, head_dim)
 
     def per_kv_head(self, t: Transform) -> Transform:

@@ -1,0 +1,128 @@
+"""Mixture of experts (Qwen3-MoE, Mixtral; 4 experts, top-2) on the generic path: experts held as
+per-expert nn.Linear, each solved on its routed tokens, the router kept in full precision,
+``calibration.moe_all_experts``, a starved expert damped and logged."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from orthoquant import open_run
+from orthoquant.config import load_recipe
+from orthoquant.export import export_run
+from orthoquant.models.experts import ExpertList
+from orthoquant.models.layout import to_layout_
+from orthoquant.models.spec import spec_for
+from orthoquant.models.tiny import tiny_model
+from orthoquant.pipeline import quantize, quantize_pretrained
+
+CPU = torch.device("cpu")
+WINDOWS = torch.randint(0, 101, (8, 24), generator=torch.Generator().manual_seed(0))
+IDS = torch.randint(0, 101, (2, 21), generator=torch.Generator().manual_seed(3))
+
+
+def recipe(name, *sets):
+    return load_recipe(name, ["calibration.batch_size=4", *sets])
+
+
+def starve_expert(model, expert: int = 3):
+    """Routers never choose ``expert`` (its logit is -inf) unless asked for every expert (top_k = all)."""
+    for layer in model.model.layers:
+        router = layer.mlp.gate
+        original = router.forward.__func__
+
+        def forward(self, hidden_states, original=original):
+            hooked = self.weight.data.clone()
+            self.weight.data[expert] = 0
+            logits, scores, indices = original(self, hidden_states)
+            self.weight.data = hooked
+            if self.top_k < self.num_experts:  # recompute without the starved expert
+                probs = torch.softmax(logits.float().index_fill(-1, torch.tensor([expert]), float("-inf")), -1)
+                scores, indices = torch.topk(probs, self.top_k, dim=-1)
+                scores = (scores / scores.sum(-1, keepdim=True)).to(logits.dtype)
+            return logits, scores, indices
+        router.forward = forward.__get__(router)
+    return model
+
+
+@pytest.mark.parametrize("family", ["qwen3-moe", "mixtral"])
+@torch.no_grad()
+def test_experts_as_linears_compute_the_same_function(family):
+    model = tiny_model(family)
+    ref = model(IDS).logits
+    to_layout_(model, spec_for(model.config))
+    assert isinstance(model.model.layers[0].mlp.experts, ExpertList)
+    assert torch.equal(model(IDS).logits, ref)
+
+
+@pytest.mark.parametrize("family", ["qwen3-moe", "mixtral"])
+def test_each_expert_is_solved_on_its_tokens_and_the_router_stays_fp(family, saved_model, text_file, tmp_path):
+    folder, losses = saved_model(family), {}
+    stock = AutoModelForCausalLM.from_pretrained(folder)
+    sets = [f"calibration.source={text_file}", "calibration.nsamples=8", "calibration.seqlen=32"]
+    for solver in ("rtn", "gptq"):
+        run = quantize_pretrained(str(folder), recipe(f"{solver}-w4a16", *sets), tmp_path / solver, CPU)
+        losses[solver] = {k: v["loss"] for k, v in run.info()["metrics"]["0"]["linears"].items()}
+        model, *_ = open_run(run.path, CPU)
+        for i, layer in enumerate(model.model.layers):  # read from the stacked checkpoint, left as it was
+            assert torch.equal(layer.mlp.gate.weight, stock.model.layers[i].mlp.gate.weight)
+        assert export_run(run.path, tmp_path / f"{solver}-native", "native")["checks"]["load_quantized"]["bit_exact"]
+    experts = {k for k in losses["gptq"] if ".experts." in k}
+    assert len(experts) == 4 * 3
+    assert all(losses["gptq"][k] < losses["rtn"][k] for k in losses["rtn"]), losses
+
+
+def test_a_starved_expert_is_damped_and_logged_or_gets_all_tokens(caplog):
+    with caplog.at_level(logging.WARNING, logger="orthoquant.models.experts"):
+        quantize(starve_expert(tiny_model("qwen3-moe")), recipe("gptq-w4a16"), WINDOWS)
+    starved = [r.getMessage() for r in caplog.records if "mlp.experts.3." in r.getMessage()]
+    assert starved and all("saw 0 calibration tokens" in m for m in starved)
+    assert not [r for r in caplog.records if "mlp.experts.0." in r.getMessage()]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="orthoquant.models.experts"):
+        model = quantize(starve_expert(tiny_model("qwen3-moe")), recipe("gptq-w4a16", "calibration.moe_all_experts=true"),
+                         WINDOWS)
+    assert not caplog.records  # every expert saw every token while statistics were collected
+    with torch.no_grad():  # propagation and inference still route as the model does: expert 3 unused
+        assert torch.isfinite(model(IDS).logits).all()
+
+
+def test_w4a16_compressed_tensors_per_expert_reloads_in_stock_transformers(tmp_path):
+    from safetensors import safe_open
+
+    r = recipe("gptq-w4a16-g128", "weights.group_size=32")
+    model = quantize(tiny_model("qwen3-moe"), r, WINDOWS, out=tmp_path / "run")
+    report = export_run(tmp_path / "run", tmp_path / "ct", "compressed-tensors")
+    assert report["checks"]["stock_transformers"]["bit_exact"]
+    with safe_open(str(tmp_path / "ct" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    for e in range(4):  # the per-expert layout vLLM's fused-MoE loader reads
+        for leaf in ("gate_proj", "up_proj", "down_proj"):
+            assert {f"model.layers.0.mlp.experts.{e}.{leaf}.{t}" for t in ("weight_packed", "weight_scale",
+                                                                          "weight_shape")} <= keys
+    assert "model.layers.0.mlp.gate.weight" in keys  # the router, in full precision
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+    with torch.no_grad():
+        a, b = model(IDS).logits, stock(IDS).logits
+    assert float((a - b).abs().max() / a.abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("family, stacked", [("qwen3-moe", False), ("qwen3-moe", True), ("mixtral", False)])
+def test_streamed_checkpoint_reads_every_expert(family, stacked, saved_model, text_file, tmp_path, tokenizer):
+    """Per-expert names (as transformers saves and the hub holds them; Mixtral's w1/w3/w2) and the stacked
+    3-D layout of transformers 5's modules."""
+    from safetensors.torch import save_file
+
+    folder = saved_model(family)
+    if stacked:
+        state = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    sets = [f"calibration.source={text_file}", "calibration.nsamples=4", "calibration.seqlen=32"]
+    run = quantize_pretrained(str(folder), recipe("fp16", *sets), tmp_path / "run", CPU)
+    model, *_ = open_run(run.path, CPU)
+    ids = torch.randint(0, len(tokenizer), (2, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a, b = AutoModelForCausalLM.from_pretrained(folder)(ids).logits, model(ids).logits
+    assert float((a - b).abs().max() / a.abs().max()) < 1e-5

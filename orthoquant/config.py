@@ -41,7 +41,11 @@ class QuantSpec:
     :param group_size: -1 per row (channel/token), 0 per tensor, g > 0 per group of g columns.
     :param clip_ratio: static clipping of the range (activations 0.9, KV 0.95 in QuaRot), in (0, 1].
     :param clip_search: MSE search for the clip of each group (weights; grid 100 down to 0.2, |e|^2.4).
-    :param scale_rule: MXFP4 scale rule: ``spec`` (OCP MX, 2^(floor(log2 amax)-2)) or ``three_quarters``.
+    :param scale_rule: how a group's scale follows from its range, one of the format's ``scale_rules``:
+        symmetric ``int``: ``quarot`` (amax/(2^(b-1)-1), amax on the grid) or ``minmax``
+        (2·amax/(2^b-1), IST GPTQ and compressed-tensors; the positive max clips to (2^(b-1)-1)/(2^(b-1)-½));
+        ``mxfp4``: ``spec`` (OCP MX, 2^(floor(log2 amax)-2)) or ``three_quarters``. The default ``spec``
+        reads as the format's first rule (``quarot`` for int: a recipe without the key keeps its results).
     :param scale_dtype: dtype scales are rounded to when quantizing (the dtype they are exported in).
     :param static: one scale per tensor calibrated once on the calibration data and stored with the
         run, instead of each call's own range (KV cache only, as vLLM's FP8 KV cache: ``group_size=0``,
@@ -64,7 +68,11 @@ class QuantSpec:
         _one_of("format", self.format, FORMATS.names())
         _require(self.group_size >= -1, f"group_size={self.group_size}: use -1 (per row), 0 (tensor) or > 0")
         _require(0 < self.clip_ratio <= 1, f"clip_ratio={self.clip_ratio} must lie in (0, 1]")
-        _one_of("scale_rule", self.scale_rule, ["spec", "three_quarters"])
+        rules = FORMATS.get(self.format).scale_rules
+        if self.scale_rule == "spec":  # the default: each format's own first rule
+            object.__setattr__(self, "scale_rule", rules[0])
+        _require(self.scale_rule in rules,
+                 f"scale_rule={self.scale_rule!r} is not a {self.format} rule; choose one of {list(rules)}")
         _one_of("scale_dtype", self.scale_dtype, ["float32", "float16", "bfloat16"])
         FORMATS.get(self.format).check(self)
         if self.static:

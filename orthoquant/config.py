@@ -240,6 +240,61 @@ class FitSpec:
 
 
 @dataclass(frozen=True)
+class FinetuneSpec:
+    """QuIP#'s fine-tuning of what stays continuous (``lib/algo/finetune.py``; :mod:`orthoquant.finetune`).
+
+    In-layer: the layer's linears are quantized group by group (q/k/v, o, gate/up, down); after each
+    group but the last, the layer's remaining FP linears, its norm weights and the sign vectors SU/SV of
+    its quantized linears (now real-valued) are trained with Adam to reproduce the FP layer's outputs on
+    FP inputs (MSE), one epoch after another, keeping the epoch of least loss on a held-out slice of the
+    calibration rows and stopping after ``patience`` epochs without a better one. End to end: SU/SV and
+    norms of every layer (and ``lm_head`` when ``tune_lm_head``) against the FP model's softmax (soft
+    cross-entropy), the teacher's logits recomputed in chunks from its cached final hidden states.
+    Defaults are the paper's; ``layer_epochs: 0`` and ``e2e_epochs: 0`` turn each part off.
+
+    :param layer_epochs: in-layer epochs (QuIP#: 5). :param e2e_epochs: end-to-end epochs (QuIP#: 1 to 5).
+    :param lr: / :param susv_lr: in-layer Adam learning rates of weights and norms / of SU and SV.
+    :param e2e_lr: / :param e2e_susv_lr: the same end to end.
+    :param batch_size: sequences per optimizer step (QuIP#: batch 4 x update_freq 2).
+    :param holdout: share of the calibration rows held out for selection (QuIP#: 128 of 384).
+    :param patience: epochs without a lower held-out loss before stopping (QuIP#: 3).
+    :param tune_lm_head: train lm_head's weight end to end too.
+    :param loss_chunk: tokens per chunk of the end-to-end loss (memory O(chunk x vocab)).
+    :param seed: seed of the batch order.
+    """
+
+    layer_epochs: int = 0
+    e2e_epochs: int = 0
+    lr: float = 5e-5
+    susv_lr: float = 5e-4
+    e2e_lr: float = 1e-5
+    e2e_susv_lr: float = 1e-4
+    batch_size: int = 8
+    holdout: float = 1 / 3
+    patience: int = 3
+    tune_lm_head: bool = False
+    loss_chunk: int = 1024
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("layer_epochs", "e2e_epochs", "patience"):
+            _require(getattr(self, name) >= 0, f"finetune.{name}={getattr(self, name)} must be >= 0")
+        for name in ("lr", "susv_lr", "e2e_lr", "e2e_susv_lr"):
+            _require(getattr(self, name) > 0, f"finetune.{name}={getattr(self, name)} must be positive")
+        _require(self.batch_size > 0 and self.loss_chunk > 0, "finetune.batch_size and loss_chunk must be positive")
+        _require(0 < self.holdout < 1, f"finetune.holdout={self.holdout} must lie in (0, 1)")
+
+    @property
+    def active(self) -> bool:
+        return self.layer_epochs > 0 or self.e2e_epochs > 0
+
+
+# Sections left out of ``Recipe.to_dict`` while they are None, so that recipes and run fingerprints
+# written before a section existed stay the same.
+_OPTIONAL_SECTIONS = ("finetune",)
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A complete quantization recipe.
 
@@ -252,6 +307,7 @@ class Recipe:
     :param ignore: regular expressions of linears never quantized (lm_head and embeddings by default).
     :param transforms: Hadamard transforms per site (QuaRot / SpinQuant placement), fused or online.
     :param fitting: learn transforms end to end before the layer-wise solve (None: no fitting).
+    :param finetune: QuIP#'s in-layer and end-to-end fine-tuning of sign vectors and norms (None: off).
     """
 
     name: str = "custom"
@@ -266,9 +322,14 @@ class Recipe:
     solver: SolverSpec = field(default_factory=SolverSpec)
     calibration: CalibSpec = field(default_factory=CalibSpec)
     fitting: FitSpec | None = None
+    finetune: FinetuneSpec | None = None
 
     def __post_init__(self) -> None:
         _one_of("version", self.version, [RECIPE_VERSION])
+        if self.finetune is not None and self.finetune.active:
+            from .finetune import check_recipe
+
+            check_recipe(self)
         sites = [t.site for t in self.transforms]
         _require(len(sites) == len(set(sites)), f"transforms: each site may appear once, got {sites}")
         dynamic_act_order = self.solver.act_order and not self.solver.static_groups
@@ -307,7 +368,8 @@ class Recipe:
 
     # --- serialisation ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(self)
+        plain = _to_plain(self)
+        return {k: v for k, v in plain.items() if not (k in _OPTIONAL_SECTIONS and v is None)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Recipe":

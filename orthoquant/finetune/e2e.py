@@ -140,7 +140,7 @@ class EndToEnd:
         total = 0.0
         for logits, target in self._chunks(last, teacher.to(self.device)):
             loss = -(target.exp() * F.log_softmax(logits.float(), -1)).sum()
-            total += float(loss)
+            total += float(loss.detach())
             if backward:
                 loss.backward()
         if backward:

@@ -20,6 +20,7 @@ from .layerwise import LayerInputs, run_layer
 from .models.loading import WeightSource
 from .models.spec import ArchSpec
 from .models.surgery import fold_layer_norms, layers_of, linears_of
+from .refine.stage import RefineStage
 from .runfolder import RunFolder, SolvedLinear, Transforms, load_module, save_module
 from .solvers import SOLVERS, proxy_loss
 from .stats import collect_input_stats
@@ -105,12 +106,17 @@ class LayerwiseQuantizer:
         fold_layer_norms(layer, self.spec)
         self.plan.fuse_layer(layer, index)
         self.plan.attach_layer(layer, index)  # calibrate on what the layer will see at inference
+        refine = RefineStage(self.recipe, self.spec, self.device)
+        snapshot = refine.begin(layer, prefix, inputs) if refine.active else None
         quantized, losses = self.solve_layer(layer, prefix, inputs)
+        extra = {}
+        if snapshot is not None:
+            quantized, extra["refine"] = refine.finish(layer, prefix, index, quantized, snapshot, inputs)
         calibrate_kv_scales(layer, prefix, self.spec, self.recipe,  # static KV scales, saved with the layer
                             lambda: run_layer(layer, inputs, self.device, keep=False))
         if self.run is not None:
             save_module(self.run.layer_path(index), layer, quantized)
-        self.metrics[str(index)] = {"seconds": time.perf_counter() - start, "linears": losses}
+        self.metrics[str(index)] = {"seconds": time.perf_counter() - start, "linears": losses, **extra}
         return solved_transforms(quantized)
 
     def solve_layer(self, layer: nn.Module, prefix: str, inputs: LayerInputs) -> tuple[Quantized, dict]:

@@ -72,7 +72,8 @@ class QuantSpec:
         if self.scale_rule == "spec":  # the default: each format's own first rule
             object.__setattr__(self, "scale_rule", rules[0])
         _require(self.scale_rule in rules,
-                 f"scale_rule={self.scale_rule!r} is not a {self.format} rule; choose one of {list(rules)}")
+                 f"scale_rule={self.scale_rule!r} is not a {self.format} rule; choose one of {list(rules)} "
+                 "(a preset's rule does not carry over when its format is changed)")
         _one_of("scale_dtype", self.scale_dtype, ["float32", "float16", "bfloat16"])
         FORMATS.get(self.format).check(self)
         if self.static:
@@ -289,9 +290,60 @@ class FinetuneSpec:
         return self.layer_epochs > 0 or self.e2e_epochs > 0
 
 
+@dataclass(frozen=True)
+class RefineSpec:
+    """Learned rounding by block reconstruction after each layer's solve (AutoRound's SignRound on top
+    of RTN/GPTQ and the recipe's transforms; :mod:`orthoquant.refine`). ``iters: 0`` turns it off.
+
+    :param method: what is learned: ``round`` (per-weight offsets in [-1/2, 1/2] and per-group scale
+        factors; the zero point follows them for asymmetric INT).
+    :param iters: optimizer steps per layer (AutoRound: 200).
+    :param lr: step size of the offsets; None: 1/iters (AutoRound's default), linearly decayed to 0.
+    :param scale_lr: step size of the scale factors; None: ``lr``.
+    :param batch_size: calibration sequences per step (AutoRound: 8).
+    :param optimizer: ``signsgd`` (AutoRound) or ``adam``.
+    :param patience: stop a layer after this many steps without a lower batch loss (0: run every step).
+    :param tune_scales: learn the per-group scale factors too (AutoRound's min-max tuning).
+    :param seed: seed of the batch order (each layer derives its own).
+    """
+
+    method: str = "round"
+    iters: int = 200
+    lr: float | None = None
+    scale_lr: float | None = None
+    batch_size: int = 8
+    optimizer: str = "signsgd"
+    patience: int = 0
+    tune_scales: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from .refine import METHODS, OPTIMIZERS
+
+        _one_of("refine.method", self.method, METHODS)
+        _one_of("refine.optimizer", self.optimizer, OPTIMIZERS.names())
+        _require(self.iters >= 0, f"refine.iters={self.iters} must be >= 0")
+        _require(self.batch_size > 0, f"refine.batch_size={self.batch_size} must be positive")
+        _require(self.patience >= 0, f"refine.patience={self.patience} must be >= 0")
+        for name in ("lr", "scale_lr"):
+            value = getattr(self, name)
+            _require(value is None or value > 0, f"refine.{name}={value} must be positive (or null: auto)")
+
+    def check(self, recipe: "Recipe") -> None:
+        """Raise :class:`ConfigError` when ``recipe``'s weights or solver cannot be refined."""
+        from .refine import REFINABLE_SOLVERS, refinable_formats
+
+        _one_of("solver.name (with refine)", recipe.solver.name, REFINABLE_SOLVERS)
+        specs = [recipe.weights] + [o.weights for o in recipe.overrides]
+        _require(recipe.weights is not None, "refine needs quantized weights: set a weights section")
+        for w in specs:
+            if w is not None:
+                _one_of("weights.format (with refine)", w.format, refinable_formats())
+
+
 # Sections left out of ``Recipe.to_dict`` while they are None, so that recipes and run fingerprints
 # written before a section existed stay the same.
-_OPTIONAL_SECTIONS = ("finetune",)
+_OPTIONAL_SECTIONS = ("refine", "finetune")
 
 
 @dataclass(frozen=True)
@@ -308,6 +360,7 @@ class Recipe:
     :param transforms: Hadamard transforms per site (QuaRot / SpinQuant placement), fused or online.
     :param fitting: learn transforms end to end before the layer-wise solve (None: no fitting).
     :param finetune: QuIP#'s in-layer and end-to-end fine-tuning of sign vectors and norms (None: off).
+    :param refine: learn the rounding of each solved layer by block reconstruction (None: no refinement).
     """
 
     name: str = "custom"
@@ -322,10 +375,13 @@ class Recipe:
     solver: SolverSpec = field(default_factory=SolverSpec)
     calibration: CalibSpec = field(default_factory=CalibSpec)
     fitting: FitSpec | None = None
+    refine: RefineSpec | None = None
     finetune: FinetuneSpec | None = None
 
     def __post_init__(self) -> None:
         _one_of("version", self.version, [RECIPE_VERSION])
+        if self.refine is not None and self.refine.iters > 0:
+            self.refine.check(self)
         if self.finetune is not None and self.finetune.active:
             from .finetune import check_recipe
 

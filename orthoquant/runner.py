@@ -20,6 +20,7 @@ from .layerwise import LayerInputs, run_layer
 from .models.loading import WeightSource
 from .models.spec import ArchSpec
 from .models.surgery import fold_layer_norms, layers_of, linears_of
+from .refine.stage import RefineStage
 from .runfolder import RunFolder, SolvedLinear, Transforms, load_module, save_module
 from .solvers import SOLVERS, proxy_loss
 from .stats import collect_input_stats
@@ -157,14 +158,19 @@ class LayerwiseQuantizer:
         self._prepare(layer, index)
         if self.finetune is not None:
             self.finetune.begin(layer)
+        refine = RefineStage(self.recipe, self.spec, self.device)
+        snapshot = refine.begin(layer, prefix, inputs) if refine.active else None
         quantized, losses = self.solve_layer(layer, prefix, inputs, index)
+        extra = {}
+        if snapshot is not None:
+            quantized, extra["refine"] = refine.finish(layer, prefix, index, quantized, snapshot, inputs)
+        if self.finetune is not None and self.finetune.metrics:
+            extra["finetune"] = self.finetune.metrics
         calibrate_kv_scales(layer, prefix, self.spec, self.recipe,  # static KV scales, saved with the layer
                             lambda: run_layer(layer, inputs, self.device, keep=False))
         if self.run is not None:
             save_module(self.run.layer_path(index), layer, quantized)
-        self.metrics[str(index)] = {"seconds": time.perf_counter() - start, "linears": losses}
-        if self.finetune is not None and self.finetune.metrics:
-            self.metrics[str(index)]["finetune"] = self.finetune.metrics
+        self.metrics[str(index)] = {"seconds": time.perf_counter() - start, "linears": losses, **extra}
         return solved_transforms(quantized)
 
     def solve_layer(self, layer: nn.Module, prefix: str, inputs: LayerInputs,

@@ -120,3 +120,33 @@ def test_finetuned_signs_and_norms_are_stored_and_reload_bit_exactly(runs, train
 def test_finetune_settings_are_checked(sets, field):
     with pytest.raises(ConfigError, match=field):
         load_recipe("quip-e8p-2bit", sets)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_with_finetuning_equals_uninterrupted(tmp_path, monkeypatch):
+    """A resumed layer's FP outputs are recomputed from its FP weights, so the FP stream, the tuning of
+    later layers and the end-to-end stage (over resumed and fresh layers alike) are the same."""
+    from orthoquant.models.tiny import tiny_model
+    from orthoquant.runner import LayerwiseQuantizer
+
+    r = load_recipe("quip-e8p-2bit", ["calibration.batch_size=4", "finetune.layer_epochs=2", "finetune.e2e_epochs=1"])
+    tokens = torch.randint(0, 101, (8, 24), generator=torch.Generator().manual_seed(0))
+    quantize(tiny_model("llama", num_hidden_layers=3), r, tokens, out=tmp_path / "full")
+    original = LayerwiseQuantizer._quantize_layer
+
+    def stop_at_two(self, layer, index, prefix, inputs):
+        if index == 2:
+            raise Interrupt
+        return original(self, layer, index, prefix, inputs)
+
+    monkeypatch.setattr(LayerwiseQuantizer, "_quantize_layer", stop_at_two)
+    with pytest.raises(Interrupt):
+        quantize(tiny_model("llama", num_hidden_layers=3), r, tokens, out=tmp_path / "resumed")
+    monkeypatch.setattr(LayerwiseQuantizer, "_quantize_layer", original)
+    quantize(tiny_model("llama", num_hidden_layers=3), r, tokens, out=tmp_path / "resumed")
+    for i in range(3):
+        name = f"{i:05d}.safetensors"
+        assert (tmp_path / "full/layers" / name).read_bytes() == (tmp_path / "resumed/layers" / name).read_bytes()

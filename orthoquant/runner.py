@@ -127,6 +127,7 @@ class LayerwiseQuantizer:
                              lambda i: self.source.release(layers[i]), solved_layers)
         e2e, self.metrics["finetune_e2e"] = finetune_end_to_end(
             self.model, self.spec, access, first, self.finetune.fp_inputs, self.recipe.finetune, self.device)
+        e2e.write_final()
         inputs = first
         for i, layer in enumerate(layers):
             e2e.write_norms(i, self._reopen(layers, i, solved_layers[i]))

@@ -77,6 +77,8 @@ def test_each_in_layer_stage_lowers_its_held_out_loss(runs):
     stages = [s for layer in ("0", "1") for s in runs["layer"]["metrics"][layer]["finetune"].values()]
     assert len(stages) == 2 * 3  # after q/k/v, o and gate/up; not after down
     assert all(s["best"] < s["start"] for s in stages), stages
+    norm = stored(runs["layer"]["path"])["00000.safetensors"][0]["post_attention_layernorm.weight"]
+    assert not torch.equal(norm, torch.ones_like(norm))  # folded to 1, then tuned (and stored)
 
 
 def stored(path):
@@ -116,6 +118,7 @@ def test_finetuned_signs_and_norms_are_stored_and_reload_bit_exactly(runs, train
     (["solver.name=ldlq"], "solver"),
     (["finetune.holdout=1.0"], "holdout"),
     (["finetune.lr=0"], "finetune.lr"),
+    (["calibration.nsamples=1"], "nsamples"),
 ])
 def test_finetune_settings_are_checked(sets, field):
     with pytest.raises(ConfigError, match=field):
@@ -150,3 +153,18 @@ def test_resume_with_finetuning_equals_uninterrupted(tmp_path, monkeypatch):
     for i in range(3):
         name = f"{i:05d}.safetensors"
         assert (tmp_path / "full/layers" / name).read_bytes() == (tmp_path / "resumed/layers" / name).read_bytes()
+
+
+@pytest.mark.parametrize("tune_head", [False, True])
+def test_end_to_end_trains_lm_head_only_when_asked_and_stores_it(tune_head, tmp_path):
+    from safetensors.torch import load_file
+
+    from orthoquant.models.tiny import tiny_model
+
+    r = load_recipe("quip-e8p-2bit", ["calibration.batch_size=4", "finetune.layer_epochs=0", "finetune.e2e_epochs=2",
+                                      f"finetune.tune_lm_head={str(tune_head).lower()}", "finetune.e2e_lr=0.001"])
+    tokens = torch.randint(0, 101, (8, 24), generator=torch.Generator().manual_seed(0))
+    untuned = quantize(tiny_model("llama"), r.with_overrides(["finetune.e2e_epochs=0"]), tokens).lm_head.weight
+    model = quantize(tiny_model("llama"), r, tokens, out=tmp_path / "run")
+    assert torch.equal(model.lm_head.weight, untuned) != tune_head  # (the final norm is folded into both)
+    assert torch.equal(load_file(tmp_path / "run" / "rest.safetensors")["lm_head.weight"], model.lm_head.weight)

@@ -15,6 +15,9 @@ def check_recipe(recipe) -> None:
     """Raise :class:`ConfigError` when ``recipe`` asks for fine-tuning it cannot have."""
     if recipe.weights is None:
         raise ConfigError("finetune needs quantized weights: set a weights section")
+    if recipe.calibration.nsamples < 2:
+        raise ConfigError(f"finetune with calibration.nsamples={recipe.calibration.nsamples}: fine-tuning holds "
+                          "sequences out for selection, it needs at least 2")
     if recipe.solver.name not in SIGNED_SOLVERS:
         raise ConfigError(f"finetune with solver.name={recipe.solver.name!r}: fine-tuning trains QuIP#'s sign "
                           f"vectors, choose one of {list(SIGNED_SOLVERS)}")

@@ -52,23 +52,20 @@ class EndToEnd:
     def __init__(self, model: nn.Module, spec: ArchSpec, layers: LayerAccess, ft: FinetuneSpec,
                  device: torch.device) -> None:
         self.model, self.spec, self.layers, self.ft, self.device = model, spec, layers, ft, device
-        self.norm, self.head = get_module(model, spec.final_norm), get_module(model, spec.lm_head)
-        # the teacher's final norm and head: what they are now (lm_head copied only if it is trained)
-        self.teacher = {"norm": self.norm.weight.detach().clone(),
-                        "head": self.head.weight.detach().clone() if ft.tune_lm_head else self.head.weight}
+        # the final norm and lm_head modules stay as they are (the teacher's); the student uses float32
+        # masters of the trained ones
+        self.final = {"norm": get_module(model, spec.final_norm), "head": get_module(model, spec.lm_head)}
+        tuned = ("norm", "head") if ft.tune_lm_head else ("norm",)
+        self.masters = {k: nn.Parameter(self.final[k].weight.detach().float().clone()) for k in tuned}
         self.signs = [t for s in layers.solved for sides in s.values() for t in sides.values()
                       if isinstance(t, Hadamard) and t.signs is not None]
         for t in self.signs:
             t.signs = nn.Parameter(t.signs.detach().float().clone())
         self.norms = [self._norms_of(i) for i in range(layers.count)]
-        self.others = [p for n in self.norms for p in n.values()] + [self.norm.weight]
-        if ft.tune_lm_head:
-            self.others.append(self.head.weight)
+        self.others = [p for n in self.norms for p in n.values()] + list(self.masters.values())
         self.flags = {id(p): p.requires_grad for p in model.parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
-        for p in self.trained():
-            p.requires_grad_(True)
 
     def _norms_of(self, i: int) -> dict[str, nn.Parameter]:
         """Layer i's norm weights, as parameters of their own (float32, on the device)."""
@@ -80,11 +77,23 @@ class EndToEnd:
         finally:
             self.layers.close(i)
 
+    @torch.no_grad()
     def write_norms(self, i: int, layer: nn.Module) -> None:
         """Put the trained norms into layer i (open) for good."""
-        with torch.no_grad():
-            for name, p in self.norms[i].items():
-                layer.get_parameter(name).copy_(p)
+        for name, p in self.norms[i].items():
+            layer.get_parameter(name).copy_(p)
+
+    @torch.no_grad()
+    def write_final(self) -> None:
+        """Put the trained final norm (and lm_head) into the model for good."""
+        for key, p in self.masters.items():
+            self.final[key].weight.copy_(p)
+
+    def _student(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        module = self.final[key]
+        if key not in self.masters:
+            return module(x)
+        return functional_call(module, {"weight": self.masters[key].to(module.weight.dtype)}, (x,))
 
     def trained(self) -> list[torch.Tensor]:
         return [t.signs for t in self.signs] + self.others
@@ -124,9 +133,8 @@ class EndToEnd:
         hs, ts = h.reshape(-1, h.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
         for a in range(0, hs.shape[0], self.ft.loss_chunk):
             with torch.no_grad():
-                t = functional_call(self.norm, {"weight": self.teacher["norm"]}, (ts[a:a + self.ft.loss_chunk],))
-                target = F.log_softmax(F.linear(t, self.teacher["head"]).float(), -1)
-            yield self.head(self.norm(hs[a:a + self.ft.loss_chunk])), target
+                target = F.log_softmax(self.final["head"](self.final["norm"](ts[a:a + self.ft.loss_chunk])).float(), -1)
+            yield self._student("head", self._student("norm", hs[a:a + self.ft.loss_chunk])), target
 
     def loss_and_grad(self, hidden: torch.Tensor, kwargs: dict, teacher: torch.Tensor, backward: bool) -> float:
         """Soft cross-entropy of the student against the teacher on one batch, summed over tokens

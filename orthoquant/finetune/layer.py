@@ -39,10 +39,12 @@ def sign_transforms(quantized: Quantized) -> list[Hadamard]:
 
 
 class LayerTuning(nn.Module):
-    """What in-layer fine-tuning trains (a :class:`~orthoquant.refine.reconstruct.Learnable`), in place.
+    """What in-layer fine-tuning trains (a :class:`~orthoquant.refine.reconstruct.Learnable`).
 
-    The layer's own parameters (all but the quantized linears' weights) and the RHT sign vectors, made
-    float32 parameters that the attached transforms read at every call; nothing is substituted.
+    Float32 masters of the layer's parameters other than the quantized linears' weights, substituted
+    into its forward in the layer's dtype (a bfloat16 weight cannot take Adam's 5e-5 steps; QuIP#
+    tunes a float32 copy too), and the RHT sign vectors, made float32 parameters that the attached
+    transforms read at every call. :meth:`write_back` puts the masters into the layer.
     """
 
     def __init__(self, layer: nn.Module, quantized: Quantized, lr: float, susv_lr: float) -> None:
@@ -53,23 +55,27 @@ class LayerTuning(nn.Module):
         for t in self.transforms:
             t.signs = nn.Parameter(t.signs.detach().float().clone())
         self.susv = nn.ParameterList([t.signs for t in self.transforms])
-        self.weights = nn.ParameterList([p for n, p in layer.named_parameters() if n not in frozen])
-        self.frozen = [p for n, p in layer.named_parameters() if n in frozen]
+        own = {n: p for n, p in layer.named_parameters() if n not in frozen}
+        self.names, self.dtypes = list(own), [p.dtype for p in own.values()]
+        self.weights = nn.ParameterList([nn.Parameter(p.detach().float().clone()) for p in own.values()])
         self.flags = {id(p): p.requires_grad for p in layer.parameters()}
-        for p in self.frozen:
-            p.requires_grad_(False)
-        for p in [*self.weights, *self.susv]:
-            p.requires_grad_(True)
+        for q in layer.parameters():  # gradients flow to the masters and signs only
+            q.requires_grad_(False)
 
     def param_groups(self) -> list[dict[str, Any]]:
         groups = [{"params": list(self.susv), "lr": self.susv_lr}, {"params": list(self.weights), "lr": self.lr}]
         return [g for g in groups if g["params"]]
 
     def substitutions(self) -> dict[str, torch.Tensor]:
-        return {}
+        return {n: w.to(d) for n, w, d in zip(self.names, self.weights, self.dtypes)}
 
     def project_(self) -> None:
         """Nothing is bounded: SU/SV are real-valued."""
+
+    @torch.no_grad()
+    def write_back(self, layer: nn.Module) -> None:
+        for name, w in zip(self.names, self.weights):
+            layer.get_parameter(name).copy_(w)
 
     def release(self, layer: nn.Module) -> None:
         """Back to plain tensors: signs detached, the layer's gradient flags as they were."""
@@ -77,7 +83,6 @@ class LayerTuning(nn.Module):
             t.signs = t.signs.detach().clone()
         for p in layer.parameters():
             p.requires_grad_(self.flags.get(id(p), False))
-            p.grad = None
 
 
 def holdout(inputs: LayerInputs, targets: list[torch.Tensor], share: float):
@@ -150,6 +155,7 @@ class LayerFinetune:
         try:
             with torch.enable_grad():
                 outcome = reconstruct(layer, train, train_t, tuning, settings, self.device, valid=(valid, valid_t))
+            tuning.write_back(layer)  # the selected epoch's (the start's when none was better)
         finally:
             tuning.release(layer)
         self.metrics[group] = {"start": outcome.start, "best": outcome.best, "best_epoch": outcome.best_iter // steps,

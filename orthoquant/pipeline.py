@@ -6,7 +6,6 @@ layer at a time into a run folder, :func:`quantize` works on a model already in 
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -19,13 +18,15 @@ from .data import calibration_windows
 from .errors import UserError
 from .fakequant.attention import use_orthoquant_attention
 from .fakequant.kvcache import prepare_kv_scales
+from .fingerprint import calibration_fingerprint, legacy_fingerprint, model_fingerprint, run_fingerprint
 from .fitting import fit_transforms
 from .formats import make_format
 from .layerwise import capture_inputs, final_hidden
 from .models.loading import InMemorySource, WeightSource, build_skeleton, open_model
 from .models.spec import ArchSpec, spec_for
 from .models.surgery import fold_final_norm, get_module, layers_of, untie_embeddings
-from .runfolder import RunFolder, SolvedLinear, decoded_state, load_module, save_module
+from .layerfile import SolvedLinear, decoded_state, load_module, save_module
+from .runfolder import RunFolder
 from .runner import LayerwiseQuantizer, attach_solved, install_runtime, solved_transforms
 from .transforms.plan import TransformPlan
 from .transforms.sites import Dims
@@ -69,6 +70,8 @@ def run_quantization(model: nn.Module, spec: ArchSpec, recipe: Recipe, source: W
     prepare_model(model, spec, source, device, plan)
     fitted = (fit_transforms(model, spec, recipe, plan, source, windows, device, run.path if run else None)
               if recipe.fitting is not None else None)  # learned transforms join the plan
+    if fitted is not None and run is not None:
+        run.record_new_files()  # the finished fit checkpoint: a resume checks it before reading it
     batches = list(windows.split(recipe.calibration.batch_size))
     inputs = capture_inputs(model, spec, batches, device)
     runner = LayerwiseQuantizer(model, spec, recipe, source, device, plan, run)
@@ -106,12 +109,16 @@ def quantize(model: nn.Module, recipe: Recipe, windows: torch.Tensor, out: Path 
     device = torch.device(device)
     spec = spec_for(model.config)
     check_seqlen(model, windows.shape[1])
-    run = RunFolder(out) if out is not None else None
-    if run is not None:
-        run.start({"model": f"in-memory:{type(model).__name__}", "recipe": recipe.to_dict()}, recipe.to_yaml())
-    source = InMemorySource()
-    metrics = run_quantization(model, spec, recipe, source, windows, device, run)
-    if run is not None:
+    if out is None:
+        run_quantization(model, spec, recipe, InMemorySource(), windows, device, None)
+        return model
+    name = f"in-memory:{type(model).__name__}"
+    fingerprint = run_fingerprint({"in_memory": name}, calibration_fingerprint(None, windows),
+                                  next(model.parameters()).dtype, device, recipe.to_dict())
+    run = RunFolder(out)
+    with run.locked():
+        run.start(fingerprint, recipe.to_yaml(), legacy={"model": name, "recipe": recipe.to_dict()})
+        metrics = run_quantization(model, spec, recipe, InMemorySource(), windows, device, run)
         model.config.save_pretrained(run.path)
         run.finish({"metrics": metrics, "orthoquant": __version__})
     return model
@@ -124,18 +131,17 @@ def quantize_pretrained(model_id: str, recipe: Recipe, out: Path | str, device: 
     cal = recipe.calibration
     check_seqlen(model, cal.seqlen)
     run = RunFolder(out)
-    fingerprint = {"model": model_id if not Path(model_id).exists() else str(Path(model_id).resolve()),
-                   "recipe": recipe.to_dict()}
     windows = calibration_windows(tokenizer, cal.source, cal.nsamples, cal.seqlen, cal.seed)
-    if run.start(fingerprint, recipe.to_yaml()):
-        log.info("%s is already complete; nothing to do", run.path)
-        return run
-    start = time.perf_counter()
-    metrics = run_quantization(model, spec, recipe, source, windows, device, run)
-    tokenizer.save_pretrained(run.path)
-    model.config.save_pretrained(run.path)
-    run.finish({"metrics": metrics, "seconds": time.perf_counter() - start, "orthoquant": __version__,
-                "torch": torch.__version__})
+    fingerprint = run_fingerprint(model_fingerprint(path, model_id), calibration_fingerprint(cal.source, windows),
+                                  next(model.parameters()).dtype, device, recipe.to_dict())
+    with run.locked():  # held until the run is complete: a second process on --out fails at once
+        if run.start(fingerprint, recipe.to_yaml(), legacy=legacy_fingerprint(model_id, recipe.to_dict())):
+            log.info("%s is already complete; nothing to do", run.path)
+            return run
+        metrics = run_quantization(model, spec, recipe, source, windows, device, run)
+        tokenizer.save_pretrained(run.path)
+        model.config.save_pretrained(run.path)
+        run.finish({"metrics": metrics, "orthoquant": __version__, "torch": torch.__version__})
     return run
 
 
@@ -161,15 +167,28 @@ class RunSource(WeightSource):
         attach_solved(model, solved)
 
 
-def open_run(run_dir: Path | str, device: torch.device, dtype: torch.dtype = torch.float32, stream: bool = False):
-    """A finished run as (model, tokenizer, spec, source). Without ``stream`` every layer is loaded."""
+def open_run(run_dir: Path | str, device: torch.device, dtype: torch.dtype = torch.float32, stream: bool = False,
+             manifest_checked: bool = False):
+    """A finished run as (model, tokenizer, spec, source). Without ``stream`` every layer is loaded.
+
+    Every file is checked against its sha256 in run.json first.
+
+    :param manifest_checked: the folder is a native export whose manifest the caller has checked
+        (:func:`orthoquant.load_quantized`); an export is refused otherwise.
+    """
     from transformers import AutoConfig, AutoTokenizer
 
     run = RunFolder(run_dir)
     if run.info()["status"] != "complete":
         raise UserError(f"run {run.path} is not complete; rerun `orthoquant quantize` with the same --out to resume")
+    if run.is_export and not manifest_checked:
+        raise UserError(f"{run.path} is an orthoquant export without a verified manifest (orthoquant_config.json); "
+                        "load it with orthoquant.load_quantized, or export the run again if its export did not finish")
+    if not run.is_export:  # an export's files are checked against its manifest instead
+        run.verify()
     recipe = Recipe.from_yaml((run.path / "recipe.yaml").read_text())
     config = AutoConfig.from_pretrained(run.path)
+    run.require_records(int(config.num_hidden_layers))
     model = build_skeleton(config, dtype)
     spec = spec_for(config)
     source = RunSource(run, spec, recipe, dtype, make_plan(model, spec, recipe))

@@ -3,44 +3,54 @@
 It is the resume checkpoint (a rerun skips finished layers) and holds everything needed to rebuild
 the quantized model: packed codes and scales of each quantized linear, every other parameter as is.
 
-    RUN/run.json           fingerprint (model, recipe), status: running | complete
+    RUN/run.json           fingerprint (see orthoquant.fingerprint), status: running | complete,
+                           sha256 and size of every finished file, per-layer metrics, seconds so far
+    RUN/run.lock           held (flock) by the process quantizing into the folder
     RUN/recipe.yaml        the recipe, for people
     RUN/rest.safetensors   embeddings, final norm, lm_head (after folding / transforms)
     RUN/layers/00012.safetensors
-    RUN/metrics.json       per-layer solver losses and timings
 
-Every file is written to a temporary name and renamed, so a crash never leaves a file that looks whole.
+Every file is written to a per-process temporary name and renamed, so a crash never leaves a file
+that looks whole, and recorded in ``run.json`` once finished (a layer file as its layer finishes).
+Readers check the records: a corrupt or missing file is an error naming it, except a layer file of an
+unfinished run, which the resume recomputes.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
+import logging
 import os
-from pathlib import Path
-from typing import Any
+import time
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterator
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-from torch import nn
-
-from .config import QuantSpec
 from .errors import UserError
-from .formats import QParams, QuantizedTensor, make_format
-from .transforms.base import Transform
-from .transforms.serialize import transform_from_state, transform_state
+from .integrity import atomic_write, exclusive_lock, file_record, is_temporary, record_problem
+# The stored file format, long imported from here (tests, scripts): it lives in layerfile.
+from .layerfile import (SIDES, SolvedLinear, Transforms, decoded_state, is_quant_key,  # noqa: F401
+                        load_module, read_module, save_module)
 
-_QUANT_KEY = "orthoquant.quantized"
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+log = logging.getLogger(__name__)
+LOCK = "run.lock"
+LAYERS = "layers"
+# Files that later commands rewrite (eval's results) or that describe the folder itself: never recorded.
+_UNRECORDED = ("run.json", LOCK, "results.json", "results.md")
 
 
 def write_json(path: Path, data: Any) -> None:
-    _atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2, sort_keys=True)))
+    atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2, sort_keys=True)))
+
+
+class CorruptRunError(UserError):
+    """A file of a run folder does not match its record in run.json (hash, size, missing)."""
+
+
+def _files_under(folder: Path) -> Iterator[Path]:
+    """Regular files below ``folder``; symbolic links are neither followed nor listed."""
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not Path(root, d).is_symlink()]
+        yield from (Path(root, n) for n in names if not Path(root, n).is_symlink())
 
 
 class RunFolder:
@@ -48,6 +58,8 @@ class RunFolder:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
+        self._began: float | None = None
+        self._earlier_seconds = 0.0
 
     @property
     def info_path(self) -> Path:
@@ -56,139 +68,177 @@ class RunFolder:
     def info(self) -> dict[str, Any]:
         if not self.info_path.is_file():
             raise UserError(f"{self.path} is not an orthoquant run folder (no run.json)")
-        return json.loads(self.info_path.read_text())
+        try:
+            info = json.loads(self.info_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CorruptRunError(f"{self.info_path} is corrupt ({e}); delete the folder and quantize again") from None
+        if not isinstance(info, dict) or not isinstance(info.get("fingerprint"), dict) or "status" not in info:
+            raise CorruptRunError(f"{self.info_path} is corrupt (no fingerprint or status)")
+        return info
 
-    def start(self, fingerprint: dict[str, Any], recipe_yaml: str) -> bool:
-        """Create the folder, or check it belongs to the same run. Returns True if already complete."""
-        if self.info_path.is_file():
-            info = self.info()
-            if info["fingerprint"] != fingerprint:
-                raise UserError(
-                    f"output folder {self.path} holds a different run (model or recipe differ); "
-                    "choose another --out or delete it"
-                )
-            return info["status"] == "complete"
-        if self.path.exists() and any(self.path.iterdir()):
+    @property
+    def is_export(self) -> bool:
+        """A native export (a run folder written by ``orthoquant export``, trusted through its manifest)."""
+        return "export_of" in self.info()["fingerprint"]
+
+    # --- starting, resuming, finishing (inside :meth:`locked`) ------------------------------------
+    @contextmanager
+    def locked(self) -> Iterator["RunFolder"]:
+        """Hold the folder's lock for the ``with`` block; a second process gets a UserError at once."""
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"output folder {self.path} is a file; choose another --out")
+        self._refuse_foreign()
+        self.path.mkdir(parents=True, exist_ok=True)
+        with exclusive_lock(self.path / LOCK, f"output folder {self.path}"):
+            for folder in (self.path, self.path / LAYERS):  # left by a killed writer: nobody writes here now
+                for path in folder.glob("*"):
+                    if is_temporary(path) and not path.is_symlink():
+                        path.unlink()
+            yield self
+
+    def _refuse_foreign(self) -> None:
+        """A non-empty folder is refused unless orthoquant made it (its run.json or lock file is there:
+        a process killed before writing run.json leaves the lock file and maybe an empty layers/)."""
+        if self.path.is_dir() and not self.info_path.is_file() and not (self.path / LOCK).exists() \
+                and any(self.path.iterdir()):
             raise UserError(f"output folder {self.path} is not empty and holds no orthoquant run")
-        (self.path / "layers").mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.path / "recipe.yaml", lambda p: p.write_text(recipe_yaml))
-        write_json(self.info_path, {"fingerprint": fingerprint, "status": "running"})
+
+    def start(self, fingerprint: dict[str, Any], recipe_yaml: str, legacy: dict[str, Any] | None = None) -> bool:
+        """Create the folder, or check it holds the same run and its files are whole.
+
+        :param legacy: the fingerprint an older orthoquant would have recorded for this run.
+        :returns: True if the run is already complete.
+        :raises UserError: another run, a corrupt file, or an unfinished run of an older orthoquant.
+        """
+        self._began = time.perf_counter()
+        self._refuse_foreign()
+        if not self.info_path.is_file():
+            (self.path / LAYERS).mkdir(parents=True, exist_ok=True)
+            write_json(self.info_path, {"fingerprint": fingerprint, "status": "running", "files": {},
+                                        "metrics": {}, "seconds": 0.0})
+            self.write_text("recipe.yaml", recipe_yaml)
+            return False
+        info = self.info()
+        if "files" not in info:
+            return self._start_legacy(info, legacy)
+        self._check_same_run(info["fingerprint"], fingerprint)
+        if info["status"] == "complete":
+            self.verify()
+            return True
+        self._earlier_seconds = float(info.get("seconds") or 0.0)
+        self.verify(layers=False)  # layer files are checked by the runner, which recomputes bad ones
+        if "recipe.yaml" not in info["files"]:
+            self.write_text("recipe.yaml", recipe_yaml)
         return False
 
+    def _check_same_run(self, recorded: dict[str, Any], fingerprint: dict[str, Any]) -> None:
+        from .fingerprint import describe_changes
+
+        changes = describe_changes(recorded, fingerprint)
+        if changes:
+            raise UserError(f"output folder {self.path} holds a different run: {'; '.join(changes)}; to start "
+                            "fresh choose another --out or delete the folder")
+
+    def _start_legacy(self, info: dict[str, Any], legacy: dict[str, Any] | None) -> bool:
+        """A folder of an older orthoquant: no content fingerprint and no file records."""
+        if legacy is None or info["fingerprint"] != legacy:
+            raise UserError(f"output folder {self.path} holds a different run (model or recipe differ); "
+                            "choose another --out or delete it")
+        if info["status"] != "complete":
+            raise UserError(f"output folder {self.path} holds an unfinished run of an older orthoquant, which "
+                            "recorded no file hashes, so it cannot be resumed safely; delete it or choose another --out")
+        log.warning("%s was written by an older orthoquant without file hashes; its files are not checked", self.path)
+        return True
+
+    def elapsed(self) -> float:
+        """Seconds spent quantizing this run, earlier interrupted attempts included."""
+        now = time.perf_counter() - self._began if self._began is not None else 0.0
+        return self._earlier_seconds + now
+
     def finish(self, extra: dict[str, Any]) -> None:
-        write_json(self.info_path, {**self.info(), **extra, "status": "complete"})
+        """Record every file not recorded yet (rest, config, tokenizer) and mark the run complete."""
+        self.record_new_files()
+        write_json(self.info_path, {**self.info(), **extra, "seconds": self.elapsed(), "status": "complete"})
+
+    # --- records ---------------------------------------------------------------------------------
+    def relative(self, path: Path) -> str:
+        return Path(path).relative_to(self.path).as_posix()
+
+    def _resolve(self, name: str) -> Path:
+        """The path of a name recorded in run.json, which must stay inside the folder."""
+        parts = PurePosixPath(name).parts
+        if not parts or PurePosixPath(name).is_absolute() or any(p in ("..", ".") for p in parts) or "\\" in name:
+            raise CorruptRunError(f"{self.info_path} records a file outside the run folder: {name!r}")
+        return self.path.joinpath(*parts)
+
+    def record_files(self, paths: list[Path], metrics: dict[str, Any] | None = None) -> None:
+        """Record finished files (sha256, size) and per-layer metrics in run.json."""
+        info = self.info()
+        info.setdefault("files", {}).update({self.relative(p): file_record(p) for p in paths})
+        info.setdefault("metrics", {}).update(metrics or {})
+        info["seconds"] = self.elapsed()
+        write_json(self.info_path, info)
+
+    def record_layer(self, index: int, metrics: dict[str, Any]) -> None:
+        self.record_files([self.layer_path(index)], {str(index): metrics})
+
+    def record_new_files(self) -> None:
+        """Record every regular file not recorded yet, except layer files (recorded as each finishes)."""
+        recorded = self.info().get("files", {})
+        new = [p for p in _files_under(self.path) if not is_temporary(p)
+               and self.relative(p) not in recorded and self.relative(p) not in _UNRECORDED
+               and self.relative(p).split("/")[0] != LAYERS]
+        self.record_files(sorted(new))
+
+    def write_text(self, name: str, text: str) -> None:
+        atomic_write(self.path / name, lambda p: p.write_text(text))
+        self.record_files([self.path / name])
+
+    def layer_metrics(self, index: int) -> dict[str, Any] | None:
+        return self.info().get("metrics", {}).get(str(index))
+
+    # --- checks ----------------------------------------------------------------------------------
+    def layer_problem(self, index: int) -> str | None:
+        """Why layer ``index``'s file cannot be reused, or None when it is whole and recorded."""
+        path = self.layer_path(index)
+        record = self.info().get("files", {}).get(self.relative(path))
+        if record is None:
+            return "was not recorded as finished" if path.exists() else "is missing"
+        return record_problem(path, record)
+
+    def verify(self, layers: bool = True) -> None:
+        """Check every recorded file (``layers``: layer files too) against its sha256 and size.
+
+        :raises CorruptRunError: naming the first file that is missing, truncated or altered.
+        """
+        info = self.info()
+        if "files" not in info:
+            log.warning("%s was written by an older orthoquant without file hashes; its files are not checked",
+                        self.path)
+            return
+        advice = "delete the folder and quantize again" if info["status"] == "complete" else \
+            "delete the folder to start fresh"
+        for name, record in sorted(info["files"].items()):
+            if not layers and name.split("/")[0] == LAYERS:
+                continue
+            problem = record_problem(self._resolve(name), record)
+            if problem is not None:
+                raise CorruptRunError(f"run {self.path}: {name} {problem}; {advice}")
+
+    def require_records(self, n_layers: int) -> None:
+        """Every file a finished run must hold is recorded (runs with records; see :meth:`verify`)."""
+        files = self.info().get("files")
+        if files is None:
+            return
+        needed = [self.rest_path, *(self.layer_path(i) for i in range(n_layers))]
+        missing = [self.relative(p) for p in needed if self.relative(p) not in files]
+        if missing:
+            raise CorruptRunError(f"run {self.path} is marked complete but does not record {missing[0]}; "
+                                  "delete the folder and quantize again")
 
     def layer_path(self, index: int) -> Path:
-        return self.path / "layers" / f"{index:05d}.safetensors"
+        return self.path / LAYERS / f"{index:05d}.safetensors"
 
     @property
     def rest_path(self) -> Path:
         return self.path / "rest.safetensors"
-
-
-@dataclasses.dataclass
-class SolvedLinear:
-    """A quantized linear as stored: codes, the spec that made them, and its online transforms."""
-
-    qweight: QuantizedTensor
-    spec: QuantSpec
-    input_transform: Transform | None = None
-    output_transform: Transform | None = None
-
-
-SIDES = ("input_transform", "output_transform")
-
-
-def module_state(module: nn.Module, quantized: dict[str, SolvedLinear],
-                 exclude: str | None = None) -> tuple[dict, dict]:
-    """Tensors and metadata describing ``module``: packed codes for quantized linears, all else as is.
-
-    :param quantized: linear path (relative to ``module``) -> what its solver produced.
-    :param exclude: a name prefix whose tensors are left out (the decoder layers, saved apart).
-    """
-    tensors: dict[str, torch.Tensor] = {}
-    meta: dict[str, Any] = {}
-    for path, solved in quantized.items():
-        q, spec = solved.qweight, solved.spec
-        fmt = make_format(spec)
-        tensors[f"{path}.qcodes"] = fmt.pack(q.codes)
-        tensors[f"{path}.qscale"] = q.params.scale
-        for key, value in (("qzero", q.params.zero), ("qglobal", q.params.global_scale), ("qgidx", q.g_idx)):
-            if value is not None:
-                tensors[f"{path}.{key}"] = value
-        meta[path] = {"spec": dataclasses.asdict(spec), "cols": q.codes.shape[-1]}
-        for side in SIDES:
-            t = getattr(solved, side)
-            if t is not None:
-                state, name = transform_state(t, f"{path}.{side}")
-                tensors.update(state)
-                meta[path][side] = name
-    skip = {f"{p}.weight" for p in quantized}
-    for name, t in module.state_dict().items():
-        if name not in skip and not (exclude and name.startswith(exclude)):
-            tensors[name] = t
-    return tensors, meta
-
-
-def save_module(path: Path, module: nn.Module, quantized: dict[str, SolvedLinear],
-                extra_meta: dict[str, str] | None = None, exclude: str | None = None) -> None:
-    tensors, meta = module_state(module, quantized, exclude)
-    metadata = {_QUANT_KEY: json.dumps(meta), **(extra_meta or {})}
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
-
-
-def read_module(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, str]]:
-    """Raw tensors, quantization metadata and the file's other metadata."""
-    with safe_open(str(path), "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-        metadata = f.metadata() or {}
-    return tensors, json.loads(metadata.get(_QUANT_KEY, "{}")), metadata
-
-
-def dequantized_weights(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """path.weight -> float32 weight decoded from the stored codes (bit-exact with quantization)."""
-    weights = {}
-    for path, info in meta.items():
-        fmt = make_format(QuantSpec(**info["spec"]))
-        codes = fmt.unpack(tensors[f"{path}.qcodes"], info["cols"])
-        params = QParams(tensors[f"{path}.qscale"], tensors.get(f"{path}.qzero"), tensors.get(f"{path}.qglobal"))
-        weights[f"{path}.weight"] = fmt.dequantize(QuantizedTensor(codes, params, tensors.get(f"{path}.qgidx")))
-    return weights
-
-
-Transforms = dict[str, dict[str, Transform]]
-
-
-def decoded_state(path: Path) -> tuple[dict[str, torch.Tensor], Transforms]:
-    """The state dict stored in ``path`` with quantized weights decoded, and the solver's online
-    transforms (linear path -> side -> transform)."""
-    tensors, meta, _ = read_module(path)
-    transforms: Transforms = {}
-    for linear, info in meta.items():
-        for side in SIDES:
-            if side in info:
-                transforms.setdefault(linear, {})[side] = transform_from_state(info[side], tensors, f"{linear}.{side}")
-    prefixes = tuple(f"{linear}.{side}." for linear in meta for side in SIDES)
-    state = {k: v for k, v in tensors.items() if not is_quant_key(k) and not k.startswith(prefixes)}
-    state.update(dequantized_weights(tensors, meta))
-    return state, transforms
-
-
-def load_module(path: Path, module: nn.Module, device: torch.device | str = "cpu") -> Transforms:
-    """Fill ``module`` (possibly on meta) from a file written by :func:`save_module`; returns the
-    solver's online transforms, to be attached with :func:`orthoquant.runner.attach_solved`."""
-    state, transforms = decoded_state(path)
-    expected = set(module.state_dict())
-    missing, unexpected = expected - set(state), set(state) - expected
-    if missing or unexpected:
-        raise UserError(f"{path} does not match the model: missing {sorted(missing)[:5]}, "
-                        f"unexpected {sorted(unexpected)[:5]}")
-    dtypes = {k: v.dtype for k, v in module.state_dict().items()}
-    module.load_state_dict({k: v.to(dtypes[k]) for k, v in state.items()}, assign=True)
-    module.to(device)
-    return transforms
-
-
-def is_quant_key(key: str) -> bool:
-    return key.rsplit(".", 1)[-1] in ("qcodes", "qscale", "qzero", "qglobal", "qgidx")

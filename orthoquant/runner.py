@@ -20,8 +20,9 @@ from .layerwise import LayerInputs, run_layer
 from .models.loading import WeightSource
 from .models.spec import ArchSpec
 from .models.surgery import fold_layer_norms, layers_of, linears_of
+from .layerfile import SolvedLinear, Transforms, load_module, save_module
 from .refine.stage import RefineStage
-from .runfolder import RunFolder, SolvedLinear, Transforms, load_module, save_module
+from .runfolder import RunFolder
 from .solvers import SOLVERS, proxy_loss
 from .stats import collect_input_stats
 from .fakequant.install import calibrate_kv_scales, install_layer_quantizers
@@ -99,14 +100,14 @@ class LayerwiseQuantizer:
         for i in bar:
             layer, prefix = layers[i], f"{self.spec.layers}.{i}."
             self.source.materialize(layer, prefix, self.device)
-            path = self.run.layer_path(i) if self.run else None
-            if path is not None and path.is_file():
+            if self._finished_before(i):
                 bar.set_postfix_str(f"({i + 1}/{len(layers)}) resumed")
                 prepare_kv_scales(layer, self.spec, self.recipe)  # static KV scales are stored with the layer
                 if self.finetune is not None:  # its FP outputs continue the FP stream
                     self._prepare(layer, i)
                     self.finetune.begin(layer)
-                solved = load_module(path, layer, self.device)
+                solved = load_module(self.run.layer_path(i), layer, self.device)
+                self.metrics[str(i)] = self.run.layer_metrics(i)
             else:
                 bar.set_postfix_str(f"({i + 1}/{len(layers)}) calibrating")
                 solved = self._quantize_layer(layer, i, prefix, inputs)
@@ -133,6 +134,7 @@ class LayerwiseQuantizer:
             e2e.write_norms(i, self._reopen(layers, i, solved_layers[i]))
             if self.run is not None:
                 update_stored(self.run.layer_path(i), layer, solved_layers[i])
+                self.run.record_files([self.run.layer_path(i)])  # its new sha256
             inputs = LayerInputs(run_layer(layer, inputs, self.device), inputs.kwargs)
             self.source.release(layer)
         return inputs
@@ -147,6 +149,15 @@ class LayerwiseQuantizer:
         load_module(self.run.layer_path(index), layer, self.device)
         install_runtime(layer, index, self.spec, self.recipe, self.plan, solved)
         return layer
+
+    def _finished_before(self, index: int) -> bool:
+        """Whether an earlier attempt stored this layer whole (a bad file is recomputed, not trusted)."""
+        if self.run is None:
+            return False
+        problem = self.run.layer_problem(index)
+        if problem is not None and self.run.layer_path(index).exists():
+            log.warning("%s %s: recomputing it", self.run.layer_path(index), problem)
+        return problem is None
 
     def _prepare(self, layer: nn.Module, index: int) -> None:
         """Fold the norms and put the recipe's transforms in: the layer as it is calibrated."""
@@ -169,9 +180,10 @@ class LayerwiseQuantizer:
             extra["finetune"] = self.finetune.metrics
         calibrate_kv_scales(layer, prefix, self.spec, self.recipe,  # static KV scales, saved with the layer
                             lambda: run_layer(layer, inputs, self.device, keep=False))
+        self.metrics[str(index)] = {"seconds": time.perf_counter() - start, "linears": losses, **extra}
         if self.run is not None:
             save_module(self.run.layer_path(index), layer, quantized)
-        self.metrics[str(index)] = {"seconds": time.perf_counter() - start, "linears": losses, **extra}
+            self.run.record_layer(index, self.metrics[str(index)])
         return solved_transforms(quantized)
 
     def solve_layer(self, layer: nn.Module, prefix: str, inputs: LayerInputs,
@@ -206,8 +218,8 @@ class LayerwiseQuantizer:
     def _solve(self, linear: nn.Linear, H: torch.Tensor, q_spec: QuantSpec) -> tuple[SolvedLinear, dict]:
         """Solve one linear in place; returns what to store and its proxy loss (absolute and relative)."""
         W = linear.weight.detach().float()
+        reference = proxy_loss(W, torch.zeros_like(W), H)  # tr(W H Wᵀ): the output's energy
         result = SOLVERS.get(self.recipe.solver.name).solve(W, H, make_format(q_spec), self.recipe.solver)
         linear.weight.data = result.weight.to(linear.weight.dtype)
-        reference = proxy_loss(W, torch.zeros_like(W), H)  # tr(W H Wᵀ): the output's energy
         solved = SolvedLinear(result.qweight, q_spec, result.input_transform, result.output_transform)
         return solved, {"loss": result.loss, "relative": result.loss / max(reference, 1e-30)}

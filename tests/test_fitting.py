@@ -12,6 +12,7 @@ from orthoquant.config import FitSpec, QuantSpec, Recipe, TransformSpec
 from orthoquant.data import calibration_windows
 from orthoquant.errors import ConfigError
 from orthoquant.fitting import loop, prepare_session
+from orthoquant.fitting.checkpoint import read_checkpoint
 from orthoquant.fitting.qsur import log_qsur, qsur_per_axis
 from orthoquant.models.loading import InMemorySource
 from orthoquant.models.spec import spec_for
@@ -59,10 +60,11 @@ def test_cayley_sgd_keeps_rotations_orthogonal_and_lowers_the_cross_entropy():
     assert sum(report["losses"][-5:]) < sum(report["losses"][:5]), report["losses"]
 
 
-def test_resume_continues_exactly_where_the_fit_stopped(tmp_path, monkeypatch):
-    fit = FitSpec(steps=4, checkpoint_every=2, **SMALL)
+@pytest.mark.parametrize("optimizer", [dict(), dict(optimizer="cayley_sgd", momentum=0.9, params=("R_res", "R2"))])
+def test_resume_continues_exactly_where_the_fit_stopped(optimizer, tmp_path, monkeypatch):
+    fit = FitSpec(steps=4, checkpoint_every=2, **optimizer, **SMALL)
     whole = session_for(fit)
-    loop.train(whole, WINDOWS, tmp_path / "a.pt")
+    loop.train(whole, WINDOWS, tmp_path / "a.safetensors")
     crashed, real = session_for(fit), loop.accumulate_gradients
 
     def crash_at_2(session, windows, step):
@@ -72,15 +74,15 @@ def test_resume_continues_exactly_where_the_fit_stopped(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loop, "accumulate_gradients", crash_at_2)
     with pytest.raises(KeyboardInterrupt):
-        loop.train(crashed, WINDOWS, tmp_path / "b.pt")
-    assert torch.load(tmp_path / "b.pt", weights_only=False)["step"] == 2
+        loop.train(crashed, WINDOWS, tmp_path / "b.safetensors")
+    assert read_checkpoint(tmp_path / "b.safetensors")["step"] == 2
     monkeypatch.setattr(loop, "accumulate_gradients", real)
     resumed = session_for(fit)
-    report = loop.train(resumed, WINDOWS, tmp_path / "b.pt")
+    report = loop.train(resumed, WINDOWS, tmp_path / "b.safetensors")
     assert report["steps_run"] == 2
     for a, b in zip(whole.learned.parameters(), resumed.learned.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert loop.train(session_for(fit), WINDOWS, tmp_path / "b.pt")["steps_run"] == 0  # complete: no work
+    assert loop.train(session_for(fit), WINDOWS, tmp_path / "b.safetensors")["steps_run"] == 0  # complete: no work
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -129,7 +131,7 @@ def test_presets_run_end_to_end_and_report_fitting_metrics(preset, tmp_path):
     for when in ("qsur_before", "qsur_after"):
         assert set(metrics[when]) == {"qkv", "o", "gate_up", "down"}
         assert all(0 < v <= 1 for vs in metrics[when].values() for v in vs)
-    assert (tmp_path / "run" / "fit.pt").is_file()
+    assert (tmp_path / "run" / "fit.safetensors").is_file()
 
 
 def test_a_streamed_model_fits_like_the_same_model_in_memory(saved_model, text_file, tmp_path):

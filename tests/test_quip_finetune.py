@@ -13,7 +13,8 @@ from orthoquant import load_recipe, quantize
 from orthoquant.config import Recipe
 from orthoquant.errors import ConfigError
 from orthoquant.export import export_run, load_quantized
-from orthoquant.runfolder import RunFolder, read_module
+from orthoquant.layerfile import read_module
+from orthoquant.runfolder import RunFolder
 
 BASE = ["calibration.batch_size=8", "solver.true_sequential=true"]  # the same group order with and without
 CASES = {

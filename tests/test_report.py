@@ -69,3 +69,15 @@ def test_report_on_a_run_never_evaluated_exits_2(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "r")]) == 2
     assert "has no evaluation results" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("values", [[26.704, 26.880, 26.759, 27.14], [0.41, 0.40], [5.0, 5.0], [31.2, float("nan"), 30.9]])
+def test_chart_axes_surround_the_data_so_small_gaps_show(values):
+    """A 1-2% perplexity gap must span most of its axis: limits around the data, not from 0."""
+    from orthoquant.evaluate.charts import axis_limits
+
+    finite = [v for v in values if v == v]
+    lo, hi = axis_limits(values)
+    assert lo < min(finite) and max(finite) < hi
+    spread = max(finite) - min(finite)
+    assert (spread / (hi - lo) >= 0.5) if spread else (hi - lo) <= 0.1 * max(finite)

@@ -150,3 +150,17 @@ def test_solver_transforms_are_attached_saved_and_reloaded(tmp_path, blockdense_
     model = quantize(tiny_model("qwen2"), r, windows(), out=tmp_path / "run")  # resume: all layers stored
     with torch.no_grad():
         assert torch.equal(loaded(w).logits, out) and torch.equal(model(w).logits, out)
+
+
+@pytest.mark.parametrize("preset", ["quarot-w4a16", "gptq-w4a16"])
+def test_per_layer_relative_errors_are_measured_against_the_original_weights(preset, tmp_path):
+    """Fused rotations leave v_proj and down_proj column-major; the error reference tr(W H Wᵀ) must
+    still be the unquantized weight's (it read 1.0 when a solver wrote into W)."""
+    import json
+
+    quantize(tiny_model("llama"), recipe(preset), windows(), out=tmp_path / "run")
+    metrics = json.loads((tmp_path / "run" / "run.json").read_text())["metrics"]
+    errors = {f"{i}.{name}": m["relative"] for i, layer in metrics.items() if i.isdigit()
+              for name, m in layer["linears"].items()}
+    assert any("v_proj" in n for n in errors) and any("down_proj" in n for n in errors)
+    assert all(0 < e < 0.5 for e in errors.values()), errors

@@ -108,16 +108,22 @@ def columns(runs: list[RunResult]) -> list[tuple[str, Callable[[RunResult], floa
 
 def write_charts(runs: list[RunResult], out: Path) -> list[str]:
     """The PNG files written into ``out`` (a chart without data is skipped)."""
-    ppl = {r.label: {**r.result.get("ppl", {}), **r.task_values(accuracy=False)} for r in runs}
+    ppl = {r.label: {**{f"{src}\ntoken perplexity": v for src, v in r.result.get("ppl", {}).items()},
+                     **r.task_values(accuracy=False)} for r in runs}
     errors = {r.label: r.layer_errors() for r in runs}
     made = {
-        "ppl.png": charts.grouped_bars(out / "ppl.png", ppl, "perplexity (lower is better)", "perplexity"),
-        "tasks.png": charts.grouped_bars(out / "tasks.png", {r.label: r.task_values(accuracy=True) for r in runs},
-                                         "tasks (higher is better)", "accuracy", ylim=(0.0, 1.05)),
+        "ppl.png": charts.metric_panels(out / "ppl.png", ppl, "perplexity (lower is better)", _unit),
+        "tasks.png": charts.metric_panels(out / "tasks.png", {r.label: r.task_values(accuracy=True) for r in runs},
+                                          "tasks (higher is better)", _unit),
         "layer_error.png": charts.layer_errors(out / "layer_error.png", {k: v[0] for k, v in errors.items()},
                                                {k: v[1] for k, v in errors.items()}),
     }
     return [name for name, written in made.items() if written]
+
+
+def _unit(metric: str) -> str:
+    """The axis label of a chart panel: the metric's own name (token, word or byte perplexity, accuracy)."""
+    return metric.rsplit("\n", 1)[-1].replace("_", " ")
 
 
 def build_report(specs: list[str], out: Path | str) -> dict[str, Any]:

@@ -15,7 +15,6 @@ What a target is decides how it loads (:data:`LOADERS`):
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -29,7 +28,7 @@ from torch import nn
 from ..data import evaluation_tokens, perplexity_windows, source_label
 from ..device import resolve_dtype
 from ..errors import UserError
-from ..models.loading import WeightSource, open_model
+from ..models.loading import WeightSource, open_model, read_config_json
 from ..models.surgery import get_module
 from ..pipeline import open_run, rest_paths
 from .lm_eval import TaskOptions, run_tasks
@@ -91,23 +90,24 @@ def _load_model(target: str, device: torch.device, dtype: str, stream: bool | No
 def _load_hf_quantized(target: str, device: torch.device, dtype: str, stream: bool | None) -> Loaded:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        model = AutoModelForCausalLM.from_pretrained(target, dtype=resolve_dtype(dtype, device))
-    except ImportError as e:  # the checkpoint's quantization library is not installed
-        raise UserError(f"{target}: {e}") from None
+    try:  # safetensors only: a pytorch_model.bin would be unpickled
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=resolve_dtype(dtype, device), use_safetensors=True)
+    except (ImportError, OSError) as e:  # the quantization library is not installed; no safetensors weights
+        raise UserError(f"{target}: {' '.join(str(e).split())}") from None
     return Loaded(model.to(device).eval(), AutoTokenizer.from_pretrained(target), _recipe_yaml(Path(target)))
 
 
-def _export_api() -> tuple[Callable, str] | None:
-    """``orthoquant.export``'s ``load_quantized`` and manifest file name, when this build has them."""
+def _export_api() -> tuple[Callable, tuple[str, ...]] | None:
+    """``orthoquant.export``'s ``load_quantized`` and the manifest names marking an export (verified
+    or not: ``load_quantized`` refuses an unverified one), when this build has them."""
     try:
         from ..export import load_quantized
-        from ..export.verify import MANIFEST
+        from ..export.verify import MANIFESTS
     except ModuleNotFoundError as e:
         if not (e.name or "").startswith("orthoquant.export"):  # the module exists but is broken: say so
             raise
         return None
-    return load_quantized, MANIFEST
+    return load_quantized, MANIFESTS
 
 
 def _load_export(target: str, device: torch.device, dtype: str, stream: bool | None) -> Loaded:
@@ -127,12 +127,12 @@ def target_kind(target: str) -> str:
     first: a native export is also a finished run folder, but its manifest must stay untouched."""
     path = Path(target)
     export = _export_api()
-    if export is not None and (path / export[1]).is_file():
+    if export is not None and any((path / name).is_file() for name in export[1]):
         return "export"
     if (path / "run.json").is_file():
         return "run"
     config = path / "config.json"
-    quantized = config.is_file() and "quantization_config" in json.loads(config.read_text())
+    quantized = config.is_file() and "quantization_config" in read_config_json(path)
     return "hf-quantized" if quantized else "model"
 
 

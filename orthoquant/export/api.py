@@ -1,9 +1,11 @@
 """Export a finished run to a checkpoint format, verify it, and load exports back.
 
-Every export is written into an empty folder, hashed into its manifest, reloaded with
-:func:`load_quantized` (hashes checked first) and compared with the run reopened by
-:func:`orthoquant.open_run` on a few token batches, plus each format's stock-runtime checks. A failed
-check renames the manifest so the folder can never load as a good export.
+Every export is written into an empty folder, hashed into a provisional manifest, reloaded (hashes
+checked first) and compared with the run reopened by :func:`orthoquant.open_run` on a few token
+batches, plus each format's stock-runtime checks. Only when every check passed is the manifest
+written under the name loaders accept; a failed check renames the provisional one to
+``orthoquant_config.failed.json``, and an export killed meanwhile keeps the provisional name, so
+neither folder ever loads as a good export.
 
 Sizes are bytes per parameter: for the quantized linears, every stored tensor standing for their
 weights (codes, scales, zeros, group indices, transform state) over their weight count; for the
@@ -27,12 +29,11 @@ from ..errors import UserError
 from . import compressed, gptq, native  # noqa: F401  (register the formats)
 from .base import DEFAULT_SHARD_BYTES, EXPORT_FORMATS, ExportFormat, ExportOptions, copy_side_files
 from .contents import RunContents
-from .verify import (MANIFEST, ExportCheckError, check_batches, check_manifest, compare_logits,
-                     relative_tolerance, update_manifest, write_manifest)
+from .verify import (FAILED_MANIFEST, MANIFEST, PROVISIONAL_MANIFEST, ExportCheckError, check_batches,
+                     check_manifest, compare_logits, relative_tolerance, update_manifest, write_manifest)
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
-FAILED_MANIFEST = "orthoquant_config.failed.json"
 
 
 def _versions() -> dict[str, str]:
@@ -83,17 +84,19 @@ def export_run(run_dir: Path | str, out: Path | str, format: str = "native", dty
         copy_side_files(contents, out)
         manifest = write_manifest(out, {"format": fmt.name, "format_version": FORMAT_VERSION,
                                         "recipe": contents.recipe.to_dict(), "dtype": _dtype_name(options.dtype),
-                                        "source_run": str(contents.path), "versions": _versions(), **fields})
+                                        "source_run": str(contents.path), "versions": _versions(), **fields},
+                                  PROVISIONAL_MANIFEST)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
     try:
         checks, reference = _verify(contents, out, fmt, options.dtype, batches)
     except BaseException:
-        (out / MANIFEST).replace(out / FAILED_MANIFEST)
+        (out / PROVISIONAL_MANIFEST).replace(out / FAILED_MANIFEST)
         raise
     manifest.update(checks=checks, sizes=measure_sizes(out, manifest, contents, reference))
-    update_manifest(out, manifest)
+    update_manifest(out, manifest)  # only now does the folder load: every check above passed
+    (out / PROVISIONAL_MANIFEST).unlink()
     log.info("exported %s as %s into %s", contents.path, fmt.name, out)
     return {"format": fmt.name, "out": str(out), "dtype": manifest["dtype"], "sizes": manifest["sizes"],
             "checks": checks}
@@ -102,11 +105,9 @@ def export_run(run_dir: Path | str, out: Path | str, format: str = "native", dty
 def _verify(contents: RunContents, out: Path, fmt: ExportFormat, dtype: torch.dtype,
             n_batches: int) -> tuple[dict[str, Any], nn.Module]:
     """Reload ``out`` and compare it with the run; returns the check results and the run's model."""
-    from ..pipeline import open_run
-
-    reference, *_ = open_run(contents.path, torch.device("cpu"), dtype)
+    reference, *_ = contents.open_model(torch.device("cpu"), dtype)
     batches = check_batches(contents.config, n_batches)
-    result = compare_logits(reference, load_quantized(out, dtype=dtype), batches)
+    result = compare_logits(reference, _load_checked(out, PROVISIONAL_MANIFEST, torch.device("cpu"), dtype), batches)
     tol = 0.0 if fmt.exact else relative_tolerance(dtype)
     if result["max_rel_diff"] > tol or (fmt.exact and not result["bit_exact"]):
         raise ExportCheckError(f"orthoquant.load_quantized({out}) differs from the run: relative logit "
@@ -171,8 +172,12 @@ def load_quantized(path: Path | str, device: torch.device | str = "cpu", dtype: 
     :param dtype: compute dtype (None: the export's).
     :raises UserError: not an export, or a file is missing, truncated, altered or unexpected.
     """
-    folder = Path(path)
-    manifest = check_manifest(folder)
+    return _load_checked(Path(path), MANIFEST, torch.device(device), dtype)
+
+
+def _load_checked(folder: Path, manifest_name: str, device: torch.device, dtype: torch.dtype | None) -> nn.Module:
+    """Check ``folder`` against manifest ``manifest_name``, then load it with its format's loader."""
+    manifest = check_manifest(folder, manifest_name)
     fmt = EXPORT_FORMATS.get(manifest.get("format", "?"))
     dtype = dtype or DTYPES[manifest["dtype"]]
-    return fmt.load(folder, manifest, torch.device(device), dtype).eval()
+    return fmt.load(folder, manifest, device, dtype).eval()

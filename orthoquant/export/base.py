@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -23,6 +22,7 @@ from ..config import Recipe
 from ..errors import UserError
 from ..fakequant.attention import use_orthoquant_attention
 from ..fakequant.kvcache import prepare_kv_scales
+from ..models.checkpoint import open_checkpoint, read_entry
 from ..models.loading import build_skeleton
 from ..models.spec import spec_for
 from ..models.surgery import layers_of
@@ -213,15 +213,9 @@ class ShardWriter:
 
 
 def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a (possibly sharded) safetensors checkpoint."""
-    index = folder / INDEX
-    shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
-        else ["model.safetensors"]
-    tensors: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        with safe_open(str(folder / shard), "pt") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys()})
-    return tensors
+    """Every tensor of a (possibly sharded) safetensors checkpoint, its headers verified and its shard
+    names confined to ``folder`` (:func:`~orthoquant.models.checkpoint.open_checkpoint`)."""
+    return {key: read_entry(entry) for key, entry in open_checkpoint(folder).items()}
 
 
 def cast_floats(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -64,10 +64,8 @@ def observe_input_amax(contents: RunContents, names: list[str], tokens: torch.Te
     one decoder layer resident at a time."""
     from ..layerwise import LayerInputs, capture_inputs, final_hidden, run_layer
     from ..models.surgery import get_module, layers_of
-    from ..pipeline import open_run
-
     cpu = torch.device("cpu")
-    model, _, spec, source = open_run(contents.path, cpu, torch.float32, stream=True)
+    model, _, spec, source = contents.open_model(cpu, torch.float32, stream=True)
     amax: dict[str, float] = {name: 0.0 for name in names}
     inputs = capture_inputs(model, spec, list(tokens.split(BATCH)), cpu)
     for i, layer in enumerate(layers_of(model, spec)):

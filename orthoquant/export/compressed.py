@@ -332,9 +332,13 @@ def _stock_transformers(folder: Path, contents: RunContents, reference: nn.Modul
     if contents.recipe.kv_cache is not None:
         try:
             model = load()
-            transforms = apply_online(model, folder)
-            logits = compare_logits(reference, model, batches)  # the first forward decompresses the weights
-            simulated = True
+            if not _attached_kv_scales(model, contents):
+                note = _KV_NOT_ATTACHED.format(**_versions())
+                model = None
+            else:
+                transforms = apply_online(model, folder)
+                logits = compare_logits(reference, model, batches)  # the first forward decompresses the weights
+                simulated = True
         except (RuntimeError, NotImplementedError, ValueError) as e:  # CT's quantized forward on CPU
             note = f"CT's quantized forward failed ({str(e).splitlines()[0][:120]}); "
             model = None
@@ -361,6 +365,25 @@ def _stock_transformers(folder: Path, contents: RunContents, reference: nn.Modul
     return {"stock_transformers": {**logits, "logits_checked": checked, "weights": weights,
                                    "kv_cache_scales": kv, "online_transforms_applied_with_ct": transforms,
                                    "tolerance": tol, "note": note}}
+
+
+# compressed-tensors recognises an attention module by a `past_key_value(s)` argument of its forward;
+# transformers 5.25 renamed it `cache`, so CT 0.20.1 drops `kv_cache_scheme` there and the scales load as
+# unused keys (vLLM reads them from the checkpoint either way).
+_KV_NOT_ATTACHED = ("stock transformers {transformers} with compressed-tensors {compressed_tensors} did not attach "
+                    "the KV-cache scales (CT looks for a past_key_values argument in the attention's forward); ")
+
+
+def _attached_kv_scales(model: nn.Module, contents: RunContents) -> bool:
+    """Whether loading the export in stock transformers attached ``k_scale``/``v_scale`` to every attention."""
+    return all(hasattr(model.get_submodule(f"{contents.layer_prefix(i)}{contents.arch.attention}"), name)
+               for i in range(contents.n_layers) for name in SCALE_NAMES)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {"transformers": version("transformers"), "compressed_tensors": version("compressed-tensors")}
 
 
 def _simulation_mismatch(contents: RunContents, dtype: torch.dtype) -> str | None:

@@ -16,9 +16,11 @@ from ..config import QuantSpec, Recipe
 from ..errors import UserError
 from ..formats import QParams, QuantizedTensor, make_format
 from ..models.spec import ArchSpec, spec_for
-from ..runfolder import SIDES, RunFolder, is_quant_key, read_module
+from ..layerfile import SIDES, is_quant_key, read_module
+from ..runfolder import RunFolder
 from ..transforms.plan import TransformPlan
 from ..transforms.sites import SITES, Dims
+from .verify import check_manifest
 
 # Files next to the weights that a Hugging Face loader reads (tokenizer and generation settings).
 HF_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -88,18 +90,27 @@ class RunPart:
 class RunContents:
     """A finished run folder opened for export.
 
-    :param run_dir: the folder written by ``orthoquant quantize``.
+    Every file is checked against its sha256 first: the records in run.json, or for a native export
+    its manifest.
+
+    :param run_dir: the folder written by ``orthoquant quantize`` (or a native export).
+    :param manifest_checked: ``run_dir`` is a native export whose manifest the caller has checked.
     """
 
-    def __init__(self, run_dir: Path | str) -> None:
+    def __init__(self, run_dir: Path | str, manifest_checked: bool = False) -> None:
         from transformers import AutoConfig
 
         self.run = RunFolder(run_dir)
         info = self.run.info()
         if info.get("status") != "complete":
             raise UserError(f"run {self.run.path} is not complete; finish it with `orthoquant quantize` first")
+        if not self.run.is_export:
+            self.run.verify()
+        elif not manifest_checked:
+            check_manifest(self.run.path)
         self.recipe = Recipe.from_yaml((self.run.path / "recipe.yaml").read_text())
         self.config = AutoConfig.from_pretrained(self.run.path)
+        self.run.require_records(int(self.config.num_hidden_layers))
         self.arch: ArchSpec = spec_for(self.config)
         self.plan = TransformPlan(self.recipe.transforms, Dims.of(self.config), self.arch)
         self.n_layers = int(self.config.num_hidden_layers)
@@ -107,6 +118,12 @@ class RunContents:
     @property
     def path(self) -> Path:
         return self.run.path
+
+    def open_model(self, device: torch.device, dtype: torch.dtype, stream: bool = False):
+        """The run's quantized model as :func:`orthoquant.open_run` builds it (files checked above)."""
+        from ..pipeline import open_run
+
+        return open_run(self.path, device, dtype, stream=stream, manifest_checked=self.run.is_export)
 
     def layer_prefix(self, index: int) -> str:
         return f"{self.arch.layers}.{index}."
@@ -136,7 +153,9 @@ class RunContents:
         return tensors[f"{self.arch.embed}.weight"].dtype
 
     def side_files(self) -> list[Path]:
-        return [self.path / name for name in HF_SIDE_FILES if (self.path / name).is_file()]
+        """Tokenizer and generation files of the run: regular files only, a symbolic link is never followed."""
+        paths = [self.path / name for name in HF_SIDE_FILES]
+        return [p for p in paths if p.is_file() and not p.is_symlink()]
 
 
 def exact_in(t: torch.Tensor, dtype: torch.dtype) -> bool:

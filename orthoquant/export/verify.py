@@ -2,70 +2,84 @@
 
 - The manifest ``orthoquant_config.json`` lists the sha256 and size of every file of an export;
   :func:`check_manifest` recomputes them before anything is loaded, so a corrupt, truncated, swapped
-  or stray weight file is an error naming the file, never a wrong model.
+  or stray weight file is an error naming the file, never a wrong model. Names are confined to the
+  export folder and symbolic links are refused. The manifest gets its final name only after the
+  export was verified; until then it is ``orthoquant_config.unverified.json``, which loaders refuse.
 - :func:`compare_logits` runs a reference and a reloaded model on the same token batches.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-from pathlib import Path
+import os
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import UserError
+from ..integrity import atomic_write, record_problem, sha256_file
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "orthoquant_config.json"
+# The manifest while the export is verified: loaders refuse a folder that has only this one, so an
+# export killed during verification never looks verified.
+PROVISIONAL_MANIFEST = "orthoquant_config.unverified.json"
+FAILED_MANIFEST = "orthoquant_config.failed.json"
+MANIFESTS = (MANIFEST, PROVISIONAL_MANIFEST, FAILED_MANIFEST)
 # Files a loader could read: one that is not in the manifest is refused rather than ignored.
 _LOADABLE = (".safetensors", ".json", ".bin", ".pt", ".pth", ".yaml", ".model", ".txt", ".jinja")
-_CHUNK = 1 << 20
 
 
 class CorruptExportError(UserError):
     """A file of an export does not match its manifest (hash, size, missing or unexpected)."""
 
 
+class UnverifiedExportError(UserError):
+    """An export whose verification failed or never finished."""
+
+
 class ExportCheckError(UserError):
     """A reloaded export does not reproduce the run it was written from."""
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _entries(folder: Path) -> list[Path]:
+    """Everything below ``folder`` except the manifests, symbolic links included (never followed)."""
+    found = []
+    for root, dirs, names in os.walk(folder):
+        found += [Path(root, n) for n in names + [d for d in dirs if Path(root, d).is_symlink()]]
+        dirs[:] = [d for d in dirs if not Path(root, d).is_symlink()]
+    return sorted(p for p in found if p.relative_to(folder).as_posix() not in MANIFESTS)
 
 
-def _export_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-
-
-def write_manifest(folder: Path, fields: dict[str, Any]) -> dict[str, Any]:
-    """Write ``MANIFEST`` with ``fields`` plus the sha256 and size of every other file in ``folder``."""
+def write_manifest(folder: Path, fields: dict[str, Any], name: str = MANIFEST) -> dict[str, Any]:
+    """Write manifest ``name`` with ``fields`` plus the sha256 and size of every other file in ``folder``."""
     files = {p.relative_to(folder).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-             for p in _export_files(folder)}
+             for p in _entries(folder)}
     manifest = {**fields, "files": files}
-    update_manifest(folder, manifest)
+    update_manifest(folder, manifest, name)
     return manifest
 
 
-def update_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    """Rewrite the manifest (it is not hashed itself, so check results can be added after writing)."""
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    tmp.replace(folder / MANIFEST)
+def update_manifest(folder: Path, manifest: dict[str, Any], name: str = MANIFEST) -> None:
+    """Rewrite a manifest (it is not hashed itself, so check results can be added after writing)."""
+    atomic_write(folder / name, lambda p: p.write_text(json.dumps(manifest, indent=2, sort_keys=True)))
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
+def read_manifest(folder: Path, name: str = MANIFEST) -> dict[str, Any]:
+    folder = Path(folder)
+    path = folder / name
+    if name == MANIFEST and not path.is_file():
+        unverified = [m for m in (PROVISIONAL_MANIFEST, FAILED_MANIFEST) if (folder / m).is_file()]
+        if unverified:
+            raise UnverifiedExportError(
+                f"{folder} is an unverified export ({unverified[0]}: its verification failed or did not finish); "
+                "it is not loaded: export the run again")
         raise UserError(f"{folder} is not an orthoquant export (no {MANIFEST})")
+    if path.is_symlink() or not path.is_file():
+        raise CorruptExportError(f"{path} is not a regular file")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -75,27 +89,41 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def check_manifest(folder: Path | str) -> dict[str, Any]:
+def confined(folder: Path, name: str) -> Path:
+    """The path of manifest entry ``name``, which must be a plain relative name inside ``folder``."""
+    parts = PurePosixPath(name).parts
+    if not isinstance(name, str) or not parts or PurePosixPath(name).is_absolute() or "\\" in name \
+            or any(p in ("..", ".") for p in parts):
+        raise CorruptExportError(f"{folder / MANIFEST} lists {name!r}, which is not a file inside the export")
+    path = folder
+    for part in parts:
+        path = path / part
+        if path.is_symlink():
+            raise CorruptExportError(f"{path} is a symbolic link; an export holds regular files only")
+    return path
+
+
+def check_manifest(folder: Path | str, name: str = MANIFEST) -> dict[str, Any]:
     """Verify every file of an export against its manifest; returns the manifest.
 
-    :raises CorruptExportError: naming the first file that is missing, truncated, altered or unexpected.
+    :param name: the manifest to check against (the provisional one while the export is verified).
+    :raises CorruptExportError: naming the first file that is missing, truncated, altered, unexpected,
+        a symbolic link or outside the folder.
+    :raises UnverifiedExportError: the export's verification failed or never finished.
     """
     folder = Path(folder)
-    manifest = read_manifest(folder)
-    for name, entry in sorted(manifest["files"].items()):
-        path = folder / name
-        if not path.is_file():
-            raise CorruptExportError(f"{path} is missing from the export (listed in {MANIFEST})")
-        size = path.stat().st_size
-        if size != entry["bytes"]:
-            raise CorruptExportError(f"{path} is {size} bytes, the manifest says {entry['bytes']} "
-                                     "(truncated or altered)")
-        if sha256_file(path) != entry["sha256"]:
-            raise CorruptExportError(f"{path} does not match its sha256 in {MANIFEST} (corrupt or altered)")
-    for path in _export_files(folder):
-        name = path.relative_to(folder).as_posix()
-        if name not in manifest["files"] and path.suffix in _LOADABLE:
-            raise CorruptExportError(f"{path} is not part of the export (not listed in {MANIFEST})")
+    manifest = read_manifest(folder, name)
+    for entry_name, entry in sorted(manifest["files"].items()):
+        path = confined(folder, entry_name)
+        problem = record_problem(path, entry)
+        if problem is not None:
+            raise CorruptExportError(f"{path} {problem} (checked against {name})")
+    for path in _entries(folder):
+        if path.is_symlink():
+            raise CorruptExportError(f"{path} is a symbolic link; an export holds regular files only")
+        rel = path.relative_to(folder).as_posix()
+        if rel not in manifest["files"] and path.suffix in _LOADABLE:
+            raise CorruptExportError(f"{path} is not part of the export (not listed in {name})")
     return manifest
 
 

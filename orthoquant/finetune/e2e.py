@@ -14,7 +14,6 @@ loss, early stop after ``patience`` epochs without a better one. Codes never cha
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -29,7 +28,8 @@ from ..config import FinetuneSpec
 from ..layerwise import LayerInputs, _to
 from ..models.spec import ArchSpec
 from ..models.surgery import get_module
-from ..runfolder import Transforms, read_module
+from ..integrity import atomic_write
+from ..layerfile import Transforms, read_module
 from ..transforms.base import Hadamard
 from ..transforms.serialize import transform_state
 from .layer import holdout
@@ -204,13 +204,11 @@ def finetune_end_to_end(model: nn.Module, spec: ArchSpec, layers: LayerAccess, i
 
 def update_stored(path, layer: nn.Module, transforms: Transforms) -> None:
     """Rewrite a stored layer with the layer's current plain tensors (norms) and its transforms' signs;
-    codes, scales and metadata stay as they are."""
+    codes, scales and metadata stay as they are. The caller records the file's new hash in the run."""
     tensors, _, metadata = read_module(path)
     tensors.update({k: v for k, v in layer.state_dict().items() if k in tensors})
     for linear, sides in transforms.items():
         for side, t in sides.items():
             tensors.update(transform_state(t, f"{linear}.{side}")[0])
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))

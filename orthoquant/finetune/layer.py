@@ -26,7 +26,7 @@ from ..config import Recipe
 from ..layerwise import LayerInputs, run_layer
 from ..models.spec import ArchSpec
 from ..refine.reconstruct import Settings, reconstruct
-from ..runfolder import SolvedLinear
+from ..layerfile import SolvedLinear
 from ..transforms.base import Hadamard
 
 Quantized = dict[str, SolvedLinear]

@@ -25,7 +25,7 @@ from .released import import_released
 from .session import FitSession, quantizers_off, swapped
 
 log = logging.getLogger(__name__)
-CHECKPOINT = "fit.pt"
+CHECKPOINT = "fit.safetensors"  # safetensors + JSON, never a pickle (fitting/checkpoint.py)
 
 
 def _check_sites(recipe: Recipe, plan: TransformPlan) -> None:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..config import FitSpec
 from .cayley import CayleySGD
+from .checkpoint import read_checkpoint, write_checkpoint
 from .losses import LOSSES
 from .session import FitSession
 
@@ -105,15 +106,15 @@ def _save(path: Path, session: FitSession, optimizer, step: int, losses: list[fl
     if world()[0] != 0:
         return
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"step": step, "params": session.learned.state_dict(), "optimizer": optimizer.state_dict(),
-                "losses": losses, "complete": done}, tmp)
+    write_checkpoint(tmp, {"step": step, "params": session.learned.state_dict(), "optimizer": optimizer.state_dict(),
+                           "losses": losses, "complete": done})
     tmp.replace(path)
 
 
 def _resume(path: Path | None, session: FitSession, optimizer) -> tuple[int, list[float], bool]:
     if path is None or not path.is_file():
         return 0, [], False
-    state = torch.load(path, map_location=session.device, weights_only=False)
+    state = read_checkpoint(path, session.device)
     session.learned.load_state_dict(state["params"])
     optimizer.load_state_dict(state["optimizer"])
     for param_state in optimizer.state.values():  # torch loads geoopt's int step as a float32 tensor,

@@ -15,6 +15,7 @@ released — the deployed model then reproduces the paper's, which is not equiva
 from __future__ import annotations
 
 import logging
+import pickle
 import re
 from pathlib import Path
 
@@ -93,7 +94,15 @@ def import_released(path: Path, dims: Dims, arch: ArchSpec, n_layers: int) -> Le
     """The transforms of a released SpinQuant or OSTQuant file, keyed as the plan expects."""
     if not path.is_file():
         raise UserError(f"fitting.released: {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # the papers release torch.save files: read them without unpickling anything but tensors
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"fitting.released: {path} is not a plain tensor file; refused (it holds objects "
+                        "other than tensors, and unpickling them could run code)") from None
+    except (RuntimeError, EOFError, ValueError) as e:  # truncated or not a torch file
+        raise UserError(f"fitting.released: {path} is not a plain tensor file; refused ({e})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"fitting.released: {path} holds a {type(state).__name__}, not a dict of tensors")
     if "R1" in state:
         learned = spinquant_transforms(state)
     elif any(k.endswith("R_res.weight") or _OST_KEY.search(k) for k in state):

@@ -8,20 +8,35 @@ from __future__ import annotations
 
 import json
 import logging
-from functools import lru_cache
+import os
+import re
 from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..device import release_memory, use_mmap_for_large_blocks
 from ..errors import UserError
+from .checkpoint import TensorEntry, check_skeleton, open_checkpoint, read_entry
 from .spec import ArchSpec, spec_for
 
 log = logging.getLogger(__name__)
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # huggingface_hub's repo id shape
+# config.json fields that size the model: positive integers where present (null: the default)
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+          "num_key_value_heads", "head_dim", "max_position_embeddings")
+_DIVIDES = (("num_attention_heads", "hidden_size"), ("num_key_value_heads", "num_attention_heads"))
+
+
+def _is_local_path(model: str) -> bool:
+    """Whether ``model`` can only mean a local path: not shaped as a hub id (``name`` or ``org/name``),
+    or ``org/...`` where ``org`` is a local folder (``models/foo`` next to a ``models`` folder)."""
+    head = model.split("/", 1)[0]
+    return not _HUB_ID.fullmatch(model) or ".." in model or ("/" in model and Path(head).is_dir())
 
 
 def resolve_model_path(model: str) -> Path:
@@ -31,18 +46,43 @@ def resolve_model_path(model: str) -> Path:
         if not (path / "config.json").is_file():
             raise UserError(f"model folder {path} has no config.json")
         return path
-    if path.exists() or model.startswith((".", "/")):
-        raise UserError(f"model path {model} is not a Hugging Face model folder")
+    if path.exists():
+        raise UserError(f"model path {model} is a file, not a Hugging Face model folder")
+    if _is_local_path(model):  # a typo in a path must not turn into a hub download
+        raise UserError(f"model folder {model} does not exist ({os.path.abspath(model)})")
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(model, allow_patterns=_HUB_PATTERNS))
     except Exception as e:  # offline, unknown repo, gated: say which model and why
-        raise UserError(f"could not fetch model '{model}' from the hub: {e}") from None
+        raise UserError(f"no local folder {model} exists, and fetching '{model}' from the hub failed: {e}") from None
+
+
+def read_config_json(folder: Path) -> dict:
+    """``folder/config.json`` as a dict, its model sizes checked (see :data:`_SIZES`)."""
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not a readable JSON config ({e})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: not a JSON object")
+    for key in _SIZES:
+        value = config.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise UserError(f"{path}: {key} must be a positive integer, not {value!r}")
+    for part, whole in _DIVIDES:
+        if config.get(part) and config.get(whole) and config[whole] % config[part]:
+            raise UserError(f"{path}: {part}={config[part]} does not divide {whole}={config[whole]}")
+    return config
 
 
 def load_config(path: Path):
-    config = AutoConfig.from_pretrained(path)
+    read_config_json(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError, StrictDataclassError) as e:  # transformers' own checks
+        raise UserError(f"{path / 'config.json'}: {' '.join(str(e).split())}") from None
     spec_for(config)  # an unsupported architecture fails here, before any weight is read
     return config
 
@@ -79,39 +119,11 @@ class WeightSource:
 InMemorySource = WeightSource
 
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-
-
-@lru_cache(maxsize=64)
-def _header(path: Path) -> tuple[dict, int]:
-    """The JSON header of a safetensors file and the offset where its data starts."""
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        return json.loads(f.read(size)), 8 + size
-
-
-def read_tensor(path: Path, key: str) -> torch.Tensor:
-    """One tensor read with plain file I/O.
-
-    Not through safetensors' mmap: pages of a memory-mapped shard count in the process's resident
-    set once touched, so peak memory would grow with the size of the checkpoint.
-    """
-    header, start = _header(path)
-    info = header[key]
-    begin, end = info["data_offsets"]
-    buf = bytearray(end - begin)
-    with open(path, "rb") as f:
-        f.seek(start + begin)
-        f.readinto(buf)
-    if not buf:
-        return torch.empty(info["shape"], dtype=_ST_DTYPES[info["dtype"]])
-    return torch.frombuffer(buf, dtype=_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
-
-
 class SafetensorsSource(WeightSource):
-    """Parameters read tensor by tensor from a folder of safetensors shards.
+    """Parameters read tensor by tensor from a folder of safetensors shards, with plain file I/O (not
+    through safetensors' mmap: pages of a memory-mapped shard count in the process's resident set once
+    touched, so peak memory would grow with the size of the checkpoint). Every shard's header is
+    verified when the source is made (:mod:`.checkpoint`).
 
     :param folder: holds ``model.safetensors`` or ``model.safetensors.index.json`` and its shards.
     :param dtype: dtype the floating-point parameters are cast to.
@@ -123,20 +135,17 @@ class SafetensorsSource(WeightSource):
     def __init__(self, folder: Path, dtype: torch.dtype, aliases: dict[str, str] | None = None) -> None:
         use_mmap_for_large_blocks()
         self.folder, self.dtype, self.aliases = folder, dtype, aliases or {}
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            self.files = {k: folder / v for k, v in json.loads(index.read_text())["weight_map"].items()}
-        elif (folder / "model.safetensors").is_file():
-            keys = _header(folder / "model.safetensors")[0]
-            self.files = {k: folder / "model.safetensors" for k in keys if k != "__metadata__"}
-        else:
-            raise UserError(f"{folder} holds no safetensors weights (model.safetensors or an index)")
+        self.entries: dict[str, TensorEntry] = open_checkpoint(folder)  # every header verified here
+
+    def check(self, skeleton: nn.Module) -> None:
+        """Every parameter of ``skeleton`` is stored with its shape (before anything is read or written)."""
+        check_skeleton(self.entries, skeleton, self.aliases, self.folder / "config.json")
 
     def tensor(self, name: str) -> torch.Tensor:
-        key = name if name in self.files else self.aliases.get(name, name)
-        if key not in self.files:
+        key = name if name in self.entries else self.aliases.get(name, name)
+        if key not in self.entries:
             raise UserError(f"tensor {name} is missing from the checkpoint in {self.folder}")
-        t = read_tensor(self.files[key], key)
+        t = read_entry(self.entries[key])
         return t.to(self.dtype) if t.is_floating_point() else t
 
     def materialize(self, module: nn.Module, prefix: str, device: torch.device) -> None:
@@ -165,5 +174,9 @@ def open_model(model: str, dtype_name: str, device: torch.device):
     dtype = resolve_dtype(dtype_name, device, getattr(config, "dtype", None))
     skeleton = build_skeleton(config, dtype)
     spec: ArchSpec = spec_for(config)
-    aliases = {f"{spec.lm_head}.weight": f"{spec.embed}.weight"}
-    return skeleton, load_tokenizer(path), spec, SafetensorsSource(path, dtype, aliases), path
+    # a tied lm_head is often not stored; an untied one must be (else config and weights disagree)
+    tied = getattr(config, "tie_word_embeddings", False)
+    aliases = {f"{spec.lm_head}.weight": f"{spec.embed}.weight"} if tied else {}
+    source = SafetensorsSource(path, dtype, aliases)
+    source.check(skeleton)
+    return skeleton, load_tokenizer(path), spec, source, path

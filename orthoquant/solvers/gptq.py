@@ -303,8 +303,9 @@ def solve_gptq(W: torch.Tensor, H: torch.Tensor | None, fmt, spec) -> SolveResul
     R, damping = upper_factor(H, dead, order, spec.damp)
     r_diag = R.diagonal().clone()
     F = feedback_from_factor(R)
-    Wt = Wz.T.contiguous()  # transposing first makes the permutation a gather of whole rows
-    Wt = (Wt if perm is None else Wt.index_select(0, perm)).to(F.dtype)
+    # The recursion overwrites Wt, so it must be a copy: a gather of whole rows in processed order always
+    # is (a plain transpose of a column-major W, as a fused rotation leaves it, would be W's own storage).
+    Wt = Wz.T.index_select(0, order).to(F.dtype)
     del Wz
     codes, residuals = _quantize_columns(Wt, F, scales, fmt, scales.blocksize(spec.blocksize),
                                          scales.group if scales.dynamic else 0)

@@ -72,7 +72,11 @@ class QuantSpec:
     :param group_size: -1 per row (channel/token), 0 per tensor, g > 0 per group of g columns.
     :param clip_ratio: static clipping of the range (activations 0.9, KV 0.95 in QuaRot), in (0, 1].
     :param clip_search: MSE search for the clip of each group (weights; grid 100 down to 0.2, |e|^2.4).
-    :param scale_rule: MXFP4 scale rule: ``spec`` (OCP MX, 2^(floor(log2 amax)-2)) or ``three_quarters``.
+    :param scale_rule: how a group's scale follows from its range, one of the format's ``scale_rules``:
+        symmetric ``int``: ``quarot`` (amax/(2^(b-1)-1), amax on the grid) or ``minmax``
+        (2·amax/(2^b-1), IST GPTQ and compressed-tensors; the positive max clips to (2^(b-1)-1)/(2^(b-1)-½));
+        ``mxfp4``: ``spec`` (OCP MX, 2^(floor(log2 amax)-2)) or ``three_quarters``. The default ``spec``
+        reads as the format's first rule (``quarot`` for int: a recipe without the key keeps its results).
     :param scale_dtype: dtype scales are rounded to when quantizing (the dtype they are exported in).
     :param static: one scale per tensor calibrated once on the calibration data and stored with the
         run, instead of each call's own range (KV cache only, as vLLM's FP8 KV cache: ``group_size=0``,
@@ -95,7 +99,12 @@ class QuantSpec:
         _one_of("format", self.format, FORMATS.names())
         _require(self.group_size >= -1, f"group_size={self.group_size}: use -1 (per row), 0 (tensor) or > 0")
         _require(0 < self.clip_ratio <= 1, f"clip_ratio={self.clip_ratio} must lie in (0, 1]")
-        _one_of("scale_rule", self.scale_rule, ["spec", "three_quarters"])
+        rules = FORMATS.get(self.format).scale_rules
+        if self.scale_rule == "spec":  # the default: each format's own first rule
+            object.__setattr__(self, "scale_rule", rules[0])
+        _require(self.scale_rule in rules,
+                 f"scale_rule={self.scale_rule!r} is not a {self.format} rule; choose one of {list(rules)} "
+                 "(a preset's rule does not carry over when its format is changed)")
         _one_of("scale_dtype", self.scale_dtype, ["float32", "float16", "bfloat16"])
         FORMATS.get(self.format).check(self)
         if self.static:
@@ -267,6 +276,112 @@ class FitSpec:
 
 
 @dataclass(frozen=True)
+class FinetuneSpec:
+    """QuIP#'s fine-tuning of what stays continuous (``lib/algo/finetune.py``; :mod:`orthoquant.finetune`).
+
+    In-layer: the layer's linears are quantized group by group (q/k/v, o, gate/up, down); after each
+    group but the last, the layer's remaining FP linears, its norm weights and the sign vectors SU/SV of
+    its quantized linears (now real-valued) are trained with Adam to reproduce the FP layer's outputs on
+    FP inputs (MSE), one epoch after another, keeping the epoch of least loss on a held-out slice of the
+    calibration rows and stopping after ``patience`` epochs without a better one. End to end: SU/SV and
+    norms of every layer (and ``lm_head`` when ``tune_lm_head``) against the FP model's softmax (soft
+    cross-entropy), the teacher's logits recomputed in chunks from its cached final hidden states.
+    Defaults are the paper's; ``layer_epochs: 0`` and ``e2e_epochs: 0`` turn each part off.
+
+    :param layer_epochs: in-layer epochs (QuIP#: 5). :param e2e_epochs: end-to-end epochs (QuIP#: 1 to 5).
+    :param lr: / :param susv_lr: in-layer Adam learning rates of weights and norms / of SU and SV.
+    :param e2e_lr: / :param e2e_susv_lr: the same end to end.
+    :param batch_size: sequences per optimizer step (QuIP#: batch 4 x update_freq 2).
+    :param holdout: share of the calibration rows held out for selection (QuIP#: 128 of 384).
+    :param patience: epochs without a lower held-out loss before stopping (QuIP#: 3).
+    :param tune_lm_head: train lm_head's weight end to end too.
+    :param loss_chunk: tokens per chunk of the end-to-end loss (memory O(chunk x vocab)).
+    :param seed: seed of the batch order.
+    """
+
+    layer_epochs: int = 0
+    e2e_epochs: int = 0
+    lr: float = 5e-5
+    susv_lr: float = 5e-4
+    e2e_lr: float = 1e-5
+    e2e_susv_lr: float = 1e-4
+    batch_size: int = 8
+    holdout: float = 1 / 3
+    patience: int = 3
+    tune_lm_head: bool = False
+    loss_chunk: int = 1024
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("layer_epochs", "e2e_epochs", "patience"):
+            _require(getattr(self, name) >= 0, f"finetune.{name}={getattr(self, name)} must be >= 0")
+        for name in ("lr", "susv_lr", "e2e_lr", "e2e_susv_lr"):
+            _require(getattr(self, name) > 0, f"finetune.{name}={getattr(self, name)} must be positive")
+        _require(self.batch_size > 0 and self.loss_chunk > 0, "finetune.batch_size and loss_chunk must be positive")
+        _require(0 < self.holdout < 1, f"finetune.holdout={self.holdout} must lie in (0, 1)")
+
+    @property
+    def active(self) -> bool:
+        return self.layer_epochs > 0 or self.e2e_epochs > 0
+
+
+@dataclass(frozen=True)
+class RefineSpec:
+    """Learned rounding by block reconstruction after each layer's solve (AutoRound's SignRound on top
+    of RTN/GPTQ and the recipe's transforms; :mod:`orthoquant.refine`). ``iters: 0`` turns it off.
+
+    :param method: what is learned: ``round`` (per-weight offsets in [-1/2, 1/2] and per-group scale
+        factors; the zero point follows them for asymmetric INT).
+    :param iters: optimizer steps per layer (AutoRound: 200).
+    :param lr: step size of the offsets; None: 1/iters (AutoRound's default), linearly decayed to 0.
+    :param scale_lr: step size of the scale factors; None: ``lr``.
+    :param batch_size: calibration sequences per step (AutoRound: 8).
+    :param optimizer: ``signsgd`` (AutoRound) or ``adam``.
+    :param patience: stop a layer after this many steps without a lower batch loss (0: run every step).
+    :param tune_scales: learn the per-group scale factors too (AutoRound's min-max tuning).
+    :param seed: seed of the batch order (each layer derives its own).
+    """
+
+    method: str = "round"
+    iters: int = 200
+    lr: float | None = None
+    scale_lr: float | None = None
+    batch_size: int = 8
+    optimizer: str = "signsgd"
+    patience: int = 0
+    tune_scales: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from .refine import METHODS, OPTIMIZERS
+
+        _one_of("refine.method", self.method, METHODS)
+        _one_of("refine.optimizer", self.optimizer, OPTIMIZERS.names())
+        _require(self.iters >= 0, f"refine.iters={self.iters} must be >= 0")
+        _require(self.batch_size > 0, f"refine.batch_size={self.batch_size} must be positive")
+        _require(self.patience >= 0, f"refine.patience={self.patience} must be >= 0")
+        for name in ("lr", "scale_lr"):
+            value = getattr(self, name)
+            _require(value is None or value > 0, f"refine.{name}={value} must be positive (or null: auto)")
+
+    def check(self, recipe: "Recipe") -> None:
+        """Raise :class:`ConfigError` when ``recipe``'s weights or solver cannot be refined."""
+        from .refine import REFINABLE_SOLVERS, refinable_formats
+
+        _one_of("solver.name (with refine)", recipe.solver.name, REFINABLE_SOLVERS)
+        specs = [recipe.weights] + [o.weights for o in recipe.overrides]
+        _require(recipe.weights is not None, "refine needs quantized weights: set a weights section")
+        for w in specs:
+            if w is not None:
+                _one_of("weights.format (with refine)", w.format, refinable_formats())
+
+
+# Sections left out of ``Recipe.to_dict`` while they are None, so that recipes and run fingerprints
+# written before a section existed stay the same.
+_OPTIONAL_SECTIONS = ("refine", "finetune")
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A complete quantization recipe.
 
@@ -279,6 +394,8 @@ class Recipe:
     :param ignore: regular expressions of linears never quantized (lm_head and embeddings by default).
     :param transforms: Hadamard transforms per site (QuaRot / SpinQuant placement), fused or online.
     :param fitting: learn transforms end to end before the layer-wise solve (None: no fitting).
+    :param finetune: QuIP#'s in-layer and end-to-end fine-tuning of sign vectors and norms (None: off).
+    :param refine: learn the rounding of each solved layer by block reconstruction (None: no refinement).
     """
 
     name: str = "custom"
@@ -293,9 +410,17 @@ class Recipe:
     solver: SolverSpec = field(default_factory=SolverSpec)
     calibration: CalibSpec = field(default_factory=CalibSpec)
     fitting: FitSpec | None = None
+    refine: RefineSpec | None = None
+    finetune: FinetuneSpec | None = None
 
     def __post_init__(self) -> None:
         _one_of("version", self.version, [RECIPE_VERSION])
+        if self.refine is not None and self.refine.iters > 0:
+            self.refine.check(self)
+        if self.finetune is not None and self.finetune.active:
+            from .finetune import check_recipe
+
+            check_recipe(self)
         sites = [t.site for t in self.transforms]
         _require(len(sites) == len(set(sites)), f"transforms: each site may appear once, got {sites}")
         dynamic_act_order = self.solver.act_order and not self.solver.static_groups
@@ -334,7 +459,8 @@ class Recipe:
 
     # --- serialisation ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(self)
+        plain = _to_plain(self)
+        return {k: v for k, v in plain.items() if not (k in _OPTIONAL_SECTIONS and v is None)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Recipe":

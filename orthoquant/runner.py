@@ -23,11 +23,15 @@ from .models.loading import WeightSource
 from .models.spec import ArchSpec
 from .models.surgery import fold_layer_norms, layers_of, linears_of
 from .layerfile import SolvedLinear, Transforms, load_module, save_module
+from .refine.stage import RefineStage
 from .runfolder import RunFolder
 from .solvers import SOLVERS, proxy_loss
 from .stats import collect_input_stats
 from .fakequant.install import calibrate_kv_scales, install_layer_quantizers
 from .fakequant.kvcache import prepare_kv_scales
+from .errors import UserError
+from .finetune.e2e import LayerAccess, finetune_end_to_end, update_stored
+from .finetune.layer import LayerFinetune
 from .transforms.plan import TransformPlan
 
 log = logging.getLogger(__name__)
@@ -82,10 +86,18 @@ class LayerwiseQuantizer:
     plan: TransformPlan
     run: RunFolder | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    finetune: LayerFinetune | None = None
 
     def run_layers(self, inputs: LayerInputs) -> LayerInputs:
         """Quantize every layer; returns the inputs of the final norm (the last layer's outputs)."""
         layers = layers_of(self.model, self.spec)
+        ft = self.recipe.finetune
+        if ft is not None and ft.active:  # the full-precision stream starts where the quantized one does
+            if ft.e2e_epochs and self.source.streaming and self.run is None:
+                raise UserError("finetune.e2e_epochs > 0 on a streamed model reopens its layers from the run "
+                                "folder: give an output folder")
+            self.finetune = LayerFinetune(self.recipe, self.spec, self.device, inputs)
+        first, solved_layers = inputs, []
         bar = tqdm(range(len(layers)), desc="layers", unit="layer")
         for i in bar:
             layer, prefix = layers[i], f"{self.spec.layers}.{i}."
@@ -93,15 +105,52 @@ class LayerwiseQuantizer:
             if self._finished_before(i):
                 bar.set_postfix_str(f"({i + 1}/{len(layers)}) resumed")
                 prepare_kv_scales(layer, self.spec, self.recipe)  # static KV scales are stored with the layer
+                if self.finetune is not None:  # its FP outputs continue the FP stream
+                    self._prepare(layer, i)
+                    self.finetune.begin(layer)
                 solved = load_module(self.run.layer_path(i), layer, self.device)
                 self.metrics[str(i)] = self.run.layer_metrics(i)
             else:
                 bar.set_postfix_str(f"({i + 1}/{len(layers)}) calibrating")
                 solved = self._quantize_layer(layer, i, prefix, inputs)
             install_runtime(layer, i, self.spec, self.recipe, self.plan, solved)
+            solved_layers.append(solved)
+            inputs = inputs.with_hidden(run_layer(layer, inputs, self.device))
+            if self.finetune is not None:
+                self.finetune.end()
+            self.source.release(layer)
+        if ft is not None and ft.e2e_epochs:
+            inputs = self._finetune_end_to_end(layers, solved_layers, first)
+        return inputs
+
+    def _finetune_end_to_end(self, layers, solved_layers: list[Transforms], first: LayerInputs) -> LayerInputs:
+        """QuIP#'s end-to-end stage on the finished layers, streamed; stores their new signs and norms
+        and returns the last layer's new outputs."""
+        access = LayerAccess(len(layers), lambda i: self._reopen(layers, i, solved_layers[i]),
+                             lambda i: self.source.release(layers[i]), solved_layers)
+        e2e, self.metrics["finetune_e2e"] = finetune_end_to_end(
+            self.model, self.spec, access, first, self.finetune.fp_inputs, self.recipe.finetune, self.device)
+        e2e.write_final()
+        inputs = first
+        for i, layer in enumerate(layers):
+            e2e.write_norms(i, self._reopen(layers, i, solved_layers[i]))
+            if self.run is not None:
+                update_stored(self.run.layer_path(i), layer, solved_layers[i])
+                self.run.record_files([self.run.layer_path(i)])  # its new sha256
             inputs = inputs.with_hidden(run_layer(layer, inputs, self.device))
             self.source.release(layer)
         return inputs
+
+    def _reopen(self, layers, index: int, solved: Transforms) -> nn.Module:
+        """A finished layer ready to run: from the run folder when the model is streamed."""
+        layer = layers[index]
+        if not self.source.streaming:
+            self.source.materialize(layer, f"{self.spec.layers}.{index}.", self.device)
+            return layer
+        prepare_kv_scales(layer, self.spec, self.recipe)
+        load_module(self.run.layer_path(index), layer, self.device)
+        install_runtime(layer, index, self.spec, self.recipe, self.plan, solved)
+        return layer
 
     def _finished_before(self, index: int) -> bool:
         """Whether an earlier attempt stored this layer whole (a bad file is recomputed, not trusted)."""
@@ -112,22 +161,37 @@ class LayerwiseQuantizer:
             log.warning("%s %s: recomputing it", self.run.layer_path(index), problem)
         return problem is None
 
-    def _quantize_layer(self, layer: nn.Module, index: int, prefix: str, inputs: LayerInputs) -> Transforms:
-        start = time.perf_counter()
+    def _prepare(self, layer: nn.Module, index: int) -> None:
+        """Fold the norms and put the recipe's transforms in: the layer as it is calibrated."""
         fold_layer_norms(layer, self.spec)
         self.plan.fuse_layer(layer, index)
         self.plan.attach_layer(layer, index)  # calibrate on what the layer will see at inference
-        quantized, losses = self.solve_layer(layer, prefix, inputs)
+
+    def _quantize_layer(self, layer: nn.Module, index: int, prefix: str, inputs: LayerInputs) -> Transforms:
+        start = time.perf_counter()
+        self._prepare(layer, index)
+        if self.finetune is not None:
+            self.finetune.begin(layer)
+        refine = RefineStage(self.recipe, self.spec, self.device)
+        snapshot = refine.begin(layer, prefix, inputs) if refine.active else None
+        quantized, losses = self.solve_layer(layer, prefix, inputs, index)
+        extra = {}
+        if snapshot is not None:
+            quantized, extra["refine"] = refine.finish(layer, prefix, index, quantized, snapshot, inputs)
+        if self.finetune is not None and self.finetune.metrics:
+            extra["finetune"] = self.finetune.metrics
         calibrate_kv_scales(layer, prefix, self.spec, self.recipe,  # static KV scales, saved with the layer
                             lambda: run_layer(layer, inputs, self.device, keep=False))
-        self.metrics[str(index)] = {"seconds": time.perf_counter() - start, "linears": losses}
+        self.metrics[str(index)] = {"seconds": time.perf_counter() - start, "linears": losses, **extra}
         if self.run is not None:
             save_module(self.run.layer_path(index), layer, quantized)
             self.run.record_layer(index, self.metrics[str(index)])
         return solved_transforms(quantized)
 
-    def solve_layer(self, layer: nn.Module, prefix: str, inputs: LayerInputs) -> tuple[Quantized, dict]:
-        """Calibrate and solve the layer's linears, in true-sequential steps if the recipe asks."""
+    def solve_layer(self, layer: nn.Module, prefix: str, inputs: LayerInputs,
+                    index: int = 0) -> tuple[Quantized, dict]:
+        """Calibrate and solve the layer's linears, in true-sequential steps if the recipe asks (or
+        in-layer fine-tuning, which trains what is left after each step)."""
         linears = linears_of(layer, self.spec)
         one_batch = LayerInputs(inputs.hidden[:1], inputs.kwargs_for(layer)[:1])
 
@@ -135,7 +199,9 @@ class LayerwiseQuantizer:
             with route_all(layer, True):
                 run_layer(layer, one_batch, self.device, keep=False)
         groups = self.spec.input_groups() or discover_input_groups(linears, probe)  # generic: by hooks
-        steps = groups if self.recipe.solver.true_sequential else (tuple(r for g in groups for r in g),)
+        tuning = self.finetune is not None and self.finetune.layer_active
+        grouped = self.recipe.solver.true_sequential or tuning
+        steps = groups if grouped else (tuple(r for g in groups for r in g),)
         owner = {role: g[0] for g in groups for role in g}
         quantized: Quantized = {}
         losses: dict[str, dict[str, float]] = {}
@@ -152,6 +218,8 @@ class LayerwiseQuantizer:
                 quantized[path], losses[path] = self._solve(linears[role], H, self.recipe.weights_for(prefix + path))
             # later steps (true-sequential) calibrate on what these linears will compute at inference
             attach_solved(layer, solved_transforms(quantized))
+            if tuning and roles is not steps[-1]:  # QuIP#: not after the last group
+                self.finetune.tune(layer, quantized, index, "+".join(todo))
         return quantized, losses
 
     def _solve(self, linear: nn.Linear, H: torch.Tensor, q_spec: QuantSpec) -> tuple[SolvedLinear, dict]:

@@ -2,6 +2,9 @@
 allocator policy that returns freed layers to the system is in force before the model is built.
 
 (scripts/bench_memory.py measures the resulting peak RSS on larger models.)"""
+import json
+
+import pytest
 import torch
 from torch import nn
 
@@ -17,7 +20,8 @@ def materialized_layers(model, spec) -> int:
     return sum(any(not p.is_meta for p in layer.parameters()) for layer in layers_of(model, spec))
 
 
-def test_quantize_pretrained_holds_one_decoder_layer_at_a_time(saved_model, text_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [[], ["refine.iters=3"]], ids=["solve", "refine"])
+def test_quantize_pretrained_holds_one_decoder_layer_at_a_time(saved_model, text_file, tmp_path, monkeypatch, extra):
     folder = saved_model("llama", num_hidden_layers=3)
     opened, counts = [], []
     open_model, materialize = pipeline.open_model, SafetensorsSource.materialize
@@ -34,10 +38,13 @@ def test_quantize_pretrained_holds_one_decoder_layer_at_a_time(saved_model, text
     monkeypatch.setattr(pipeline, "open_model", recording_open)
     monkeypatch.setattr(SafetensorsSource, "materialize", counting_materialize)
     recipe = load_recipe("gptq-w4a16", ["weights.clip_search=false", f"calibration.source={text_file}",
-                                        "calibration.nsamples=2", "calibration.seqlen=16"])
+                                        "calibration.nsamples=2", "calibration.seqlen=16", *extra])
     quantize_pretrained(str(folder), recipe, tmp_path / "run", CPU)
     model, _, spec = opened[0][:3]
-    assert counts and max(counts) == 1  # each layer is released before the next is read
+    assert counts and max(counts) == 1  # each layer is released before the next is read (also when refined)
+    if extra:
+        metrics = json.loads((tmp_path / "run" / "run.json").read_text())["metrics"]
+        assert all("refine" in metrics[str(i)] for i in range(3))
     assert materialized_layers(model, spec) == 0  # and the last one too
 
 
@@ -63,3 +70,43 @@ def test_the_mmap_threshold_is_fixed_before_the_skeleton_allocates(monkeypatch):
         device.use_mmap_for_large_blocks.cache_clear()  # the next caller applies it to the real libc
     assert "parameter" in events
     assert events[0] == ("mallopt", device._M_MMAP_THRESHOLD, 1 << 20)
+
+
+def test_quip_finetuning_holds_one_decoder_layer_at_a_time(saved_model, text_file, tmp_path, monkeypatch):
+    """In-layer fine-tuning trains inside the layer being quantized; the end-to-end stage reopens the
+    finished layers one at a time from the run folder, for its forward and for its backward pass."""
+    from orthoquant import runner
+
+    folder = saved_model("llama", num_hidden_layers=3)
+    opened, counts = [], []
+    open_model, materialize, load_module = pipeline.open_model, SafetensorsSource.materialize, runner.load_module
+
+    def recording_open(*args):
+        opened.append(open_model(*args))
+        return opened[-1]
+
+    def count():
+        model, _, spec = opened[0][:3]
+        counts.append(materialized_layers(model, spec))
+
+    def counting_materialize(self, module, prefix, target):
+        materialize(self, module, prefix, target)
+        count()
+
+    def counting_load(*args, **kwargs):
+        result = load_module(*args, **kwargs)
+        count()
+        return result
+
+    monkeypatch.setattr(pipeline, "open_model", recording_open)
+    monkeypatch.setattr(SafetensorsSource, "materialize", counting_materialize)
+    monkeypatch.setattr(runner, "load_module", counting_load)
+    recipe = load_recipe("quip-e8p-2bit", [f"calibration.source={text_file}", "calibration.nsamples=4",
+                                           "calibration.seqlen=16", "calibration.batch_size=2",
+                                           "finetune.layer_epochs=1", "finetune.e2e_epochs=1"])
+    run = quantize_pretrained(str(folder), recipe, tmp_path / "run", CPU)
+    metrics = run.info()["metrics"]
+    assert "finetune" in metrics["0"] and metrics["finetune_e2e"]["epochs"] == 1
+    model, _, spec = opened[0][:3]
+    assert len(counts) > 2 * 3 and max(counts) == 1  # e2e reopened layers, never two at once
+    assert materialized_layers(model, spec) == 0

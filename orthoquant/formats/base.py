@@ -84,6 +84,8 @@ class QuantFormat(ABC):
     name: ClassVar[str]
     # weights coded together along a row: 1 for scalar formats, 8 for the E8 lattice (solvers step by it)
     vector_size: ClassVar[int] = 1
+    # the values ``spec.scale_rule`` may take; the first is what the field's default ``spec`` means here
+    scale_rules: ClassVar[tuple[str, ...]] = ("spec",)
 
     def __init__(self, spec: "QuantSpec") -> None:
         self.check(spec)

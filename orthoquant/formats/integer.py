@@ -1,8 +1,12 @@
 """Uniform integer formats, INT2..INT8, symmetric or asymmetric, with optional MSE clip search.
 
 Codes are unsigned ``q ∈ [0, 2^b − 1]`` and decode as ``scale · (q − zero)``:
-- symmetric: ``zero = 2^(b−1)`` (implicit), ``scale = clip·amax / (2^(b−1) − 1)``, so the signed value
-  ``q − 2^(b−1) ∈ [−2^(b−1), 2^(b−1) − 1]`` is exactly compressed-tensors' signed int and amax is on the grid;
+- symmetric: ``zero = 2^(b−1)`` (implicit), so the signed value ``q − 2^(b−1) ∈ [−2^(b−1), 2^(b−1) − 1]``
+  is exactly compressed-tensors' (and GPTQ v1's) signed int, with ``scale = clip·amax / d`` where the
+  divisor ``d`` is the spec's ``scale_rule`` (:data:`SYMMETRIC_DIVISORS`):
+  ``quarot`` ``d = 2^(b−1) − 1`` (QuaRot; amax is on the grid, the default), ``minmax`` ``d = (2^b − 1)/2``
+  (IST GPTQ ``2·amax/maxq``, compressed-tensors ``amax/(bit_range/2)``; a finer step, and the positive max
+  rounds to ``2^(b−1)`` and clips to ``2^(b−1) − 1``);
 - asymmetric: ``scale = clip·(max − min) / (2^b − 1)``, ``zero = round(−clip·min / scale)``, with
   ``min ≤ 0 ≤ max`` so that zero is representable (GPTQ's convention).
 """
@@ -23,6 +27,11 @@ CLIP_CHUNK = 1 << 17
 CLIP_PARAMS = 1 << 18
 # Relative band around the fastest-ranked best clip whose candidates get the exact error.
 CLIP_BAND = 1e-3
+# Symmetric scale rules: bits -> the divisor of amax (see the module docstring).
+SYMMETRIC_DIVISORS = {
+    "quarot": lambda bits: 2 ** (bits - 1) - 1,
+    "minmax": lambda bits: (2**bits - 1) / 2,
+}
 
 
 @FORMATS.register("int")
@@ -30,11 +39,15 @@ class IntFormat(QuantFormat):
     """Integer format; see the module docstring for the code convention."""
 
     name = "int"
+    scale_rules = tuple(SYMMETRIC_DIVISORS)
 
     @classmethod
     def check(cls, spec) -> None:
         if not 2 <= spec.bits <= 8:
             raise ConfigError(f"bits={spec.bits}: the int format takes bits in [2, 8]")
+        if not spec.symmetric and spec.scale_rule != cls.scale_rules[0]:
+            raise ConfigError(f"scale_rule={spec.scale_rule!r} with symmetric=False: the rule is for symmetric "
+                              "int; asymmetric scales are always (max - min)/(2^b - 1)")
 
     @property
     def maxq(self) -> int:
@@ -44,7 +57,7 @@ class IntFormat(QuantFormat):
         """Scale (and zero) of groups with range [lo, hi] (tensors shaped (rows, n_groups))."""
         if self.spec.symmetric:
             amax = torch.maximum(lo.abs(), hi.abs())
-            scale = amax / (2 ** (self.bits - 1) - 1)
+            scale = amax / SYMMETRIC_DIVISORS[self.spec.scale_rule](self.bits)
             scale = self.round_scale(torch.where(scale > 0, scale, torch.ones_like(scale)))
             return QParams(scale)
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)

@@ -19,6 +19,8 @@ QuIP#'s 1.03 / 3.45 (tuned with its approximate search) give 0.0096 here, 0.9 / 
 
 The scale is RMS-based as in QuIP#: ``scale = RMS(x) / opt_scale`` per tensor (``group_size: 0``, QuIP#'s Wscale) or per row (``-1``).
 
+Our code indices are not quip-sharp's (same points, other order): :mod:`.quipsharp` maps them both ways.
+
 Codes are int64 of shape (rows, k/8); :meth:`LatticeFormat.pack` splits each into its 2, 3 or 4 bytes
 (little-endian) and packs the bytes with the 8-bit packer, which round-trips exactly.
 """

@@ -1,0 +1,123 @@
+"""The refinement stage of the layer-wise runner: what it snapshots before a layer is solved, and how
+it learns the rounding of the solved linears afterwards (the recipe's ``refine`` section).
+
+Per layer: :meth:`RefineStage.begin` keeps the full-precision weights of the targeted linears and the
+layer's full-precision outputs on its cached inputs (one no-grad pass); the solver then quantizes the
+linears; :meth:`RefineStage.finish` learns offsets and scale factors (:mod:`.rounding`) by block
+reconstruction (:mod:`.reconstruct`) with the recipe's activation fake-quantizers in place, and
+replaces a linear's codes and scales only when the layer's MSE over all cached rows went down.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import Recipe, RefineSpec
+from ..fakequant.install import install_input_quantizers
+from ..formats import make_format
+from ..layerwise import LayerInputs
+from ..models.spec import ArchSpec
+from ..models.surgery import linears_of
+from ..runfolder import SolvedLinear
+from ..stats import collect_input_stats
+from .anchors import ANCHORS, fp_anchor
+from .reconstruct import Settings, fp_targets, reconstruct
+from .rounding import LinearRounding
+
+Quantized = dict[str, SolvedLinear]
+
+
+class LayerRounding(nn.Module):
+    """Learned rounding of every solved linear of one layer (a :class:`~.reconstruct.Learnable`).
+
+    :param quantized: linear path (relative to the layer) -> the solver's result.
+    :param rounded: linear path -> (out, in) the values the solver rounded (:mod:`.anchors`).
+    """
+
+    def __init__(self, layer: nn.Module, quantized: Quantized, rounded: dict[str, torch.Tensor],
+                 refine: RefineSpec) -> None:
+        super().__init__()
+        self.paths = list(quantized)
+        self.specs = {p: quantized[p].spec for p in self.paths}
+        self.dtypes = {p: layer.get_submodule(p).weight.dtype for p in self.paths}
+        self.linears = nn.ModuleList(
+            LinearRounding(make_format(s.spec), s.qweight, rounded[p]) for p, s in quantized.items())
+        self.lr = refine.lr if refine.lr is not None else 1.0 / refine.iters  # AutoRound's 1/iters
+        self.scale_lr = refine.scale_lr if refine.scale_lr is not None else self.lr
+        self.tune_scales = refine.tune_scales
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        groups = [{"params": [r.offset for r in self.linears], "lr": self.lr}]
+        if self.tune_scales:
+            groups.append({"params": [a for r in self.linears for a in r.alphas], "lr": self.scale_lr})
+        return groups
+
+    def substitutions(self) -> dict[str, torch.Tensor]:
+        return {f"{p}.weight": r().to(self.dtypes[p]) for p, r in zip(self.paths, self.linears)}
+
+    def project_(self) -> None:
+        for r in self.linears:
+            r.project_()
+
+    def solved(self) -> Quantized:
+        """What the current parameters store: codes and scales per linear."""
+        return {p: SolvedLinear(r.quantized(), self.specs[p]) for p, r in zip(self.paths, self.linears)}
+
+
+@dataclass
+class Snapshot:
+    """What refinement needs from before the solve: FP weights, the FP layer's outputs and, for solvers
+    whose anchors need it, each linear's input second moment (shared by linears reading one input, all of the layer's at once)."""
+
+    fp_weights: dict[str, torch.Tensor]
+    targets: list[torch.Tensor]
+    hessians: dict[str, torch.Tensor]
+
+
+@dataclass
+class RefineStage:
+    recipe: Recipe
+    spec: ArchSpec
+    device: torch.device
+
+    @property
+    def active(self) -> bool:
+        return self.recipe.refine is not None and self.recipe.refine.iters > 0
+
+    def begin(self, layer: nn.Module, prefix: str, inputs: LayerInputs) -> Snapshot:
+        """Call after the recipe's transforms are in the layer and before it is solved."""
+        linears = linears_of(layer, self.spec)
+        roles = [r for r in linears if self.recipe.weights_for(prefix + self.spec.path(r)) is not None]
+        owner = {role: g[0] for g in self.spec.input_groups() for role in g}
+        watched = {owner[r]: linears[owner[r]] for r in roles} if self.recipe.solver.name in ANCHORS else {}
+        with collect_input_stats(watched) as stats:
+            targets = fp_targets(layer, inputs, self.device)
+        weights = {self.spec.path(r): linears[r].weight.detach().float().clone() for r in roles}
+        hessians = {self.spec.path(r): stats[owner[r]].H for r in roles if owner[r] in stats}
+        return Snapshot(weights, targets, hessians)
+
+    def finish(self, layer: nn.Module, prefix: str, index: int, quantized: Quantized, snapshot: Snapshot,
+               inputs: LayerInputs) -> tuple[Quantized, dict[str, Any]]:
+        """Learn the rounding of the solved linears; returns what to store and the stage's metrics."""
+        start, refine = time.perf_counter(), self.recipe.refine
+        install_input_quantizers(layer, prefix, self.spec, self.recipe)  # train as inference will run
+        anchor = ANCHORS.get(self.recipe.solver.name, fp_anchor)
+        rounded = {p: anchor(snapshot.fp_weights[p], layer.get_submodule(p).weight.detach(),
+                             snapshot.hessians.get(p), self.recipe.solver) for p in quantized}
+        learnable = LayerRounding(layer, quantized, rounded, refine).to(self.device)
+        settings = Settings(refine.iters, refine.batch_size, refine.optimizer, refine.patience,
+                            seed=refine.seed * 100_003 + index)
+        outcome = reconstruct(layer, inputs, snapshot.targets, learnable, settings, self.device)
+        if outcome.improved:
+            quantized = {**quantized, **learnable.solved()}
+            for path in learnable.paths:
+                lin = layer.get_submodule(path)
+                q = quantized[path]
+                lin.weight.data = make_format(q.spec).dequantize(q.qweight).to(lin.weight.dtype)
+        metrics = {"start": outcome.start, "best": outcome.best, "best_iter": outcome.best_iter,
+                   "iters": outcome.iters, "kept": outcome.improved, "seconds": time.perf_counter() - start}
+        return quantized, metrics

@@ -185,3 +185,48 @@ def test_resume_after_an_interrupted_refinement_equals_uninterrupted(tmp_path, m
 def test_recipes_that_cannot_be_refined_are_refused(sets, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_recipe("gptq-w4a16", ["refine.iters=10", *sets])
+
+
+class ToyWeight(torch.nn.Module):
+    """A Learnable replacing a linear's whole weight (the mechanism knows nothing of rounding)."""
+
+    def __init__(self, start, lr):
+        super().__init__()
+        self.weight, self.lr = torch.nn.Parameter(start.clone()), lr
+
+    def param_groups(self):
+        return [{"params": [self.weight], "lr": self.lr}]
+
+    def substitutions(self):
+        return {"weight": self.weight}
+
+    def project_(self):
+        pass
+
+
+def toy_problem(lr):
+    from orthoquant.layerwise import LayerInputs
+
+    g = torch.Generator().manual_seed(0)
+    layer, teacher = torch.nn.Linear(6, 5, bias=False), torch.randn(5, 6, generator=g)
+    hidden = [torch.randn(4, 3, 6, generator=g) for _ in range(3)]
+    targets = [h @ teacher.T for h in hidden]
+    return layer, LayerInputs(hidden, [{} for _ in hidden]), targets, ToyWeight(layer.weight.detach(), lr)
+
+
+@pytest.mark.parametrize("optimizer", ["signsgd", "adam"])
+def test_the_mechanism_fits_a_toy_target(optimizer):
+    layer, inputs, targets, learnable = toy_problem(lr=0.02)
+    out = reconstruct_module.reconstruct(layer, inputs, targets, learnable,
+                                         reconstruct_module.Settings(200, 5, optimizer), CPU)
+    assert out.improved and out.best < 0.2 * out.start and out.iters == 200
+    assert out.best == pytest.approx(reconstruct_module.total_loss(layer, learnable.substitutions(), inputs,
+                                                                   targets, CPU))  # left at the selected step
+
+
+def test_early_stop_after_patience_steps_without_progress_keeps_the_best_step():
+    layer, inputs, targets, learnable = toy_problem(lr=50.0)  # every step overshoots
+    out = reconstruct_module.reconstruct(layer, inputs, targets, learnable,
+                                         reconstruct_module.Settings(100, 5, "signsgd", patience=3), CPU)
+    assert out.iters == 4 and out.best_iter == 0
+    assert torch.equal(learnable.weight.detach(), layer.weight.detach()) and not out.improved

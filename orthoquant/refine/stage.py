@@ -4,8 +4,9 @@ it learns the rounding of the solved linears afterwards (the recipe's ``refine``
 Per layer: :meth:`RefineStage.begin` keeps the full-precision weights of the targeted linears and the
 layer's full-precision outputs on its cached inputs (one no-grad pass); the solver then quantizes the
 linears; :meth:`RefineStage.finish` learns offsets and scale factors (:mod:`.rounding`) by block
-reconstruction (:mod:`.reconstruct`) with the recipe's activation fake-quantizers in place, and
-replaces a linear's codes and scales only when the layer's MSE over all cached rows went down.
+reconstruction (:mod:`.reconstruct`) with the recipe's activation fake-quantizers in place (the KV
+cache stays in full precision while learning: static KV scales are calibrated after this stage), and
+replaces the layer's codes and scales only when its MSE over all cached rows went down.
 """
 from __future__ import annotations
 
@@ -102,7 +103,10 @@ class RefineStage:
 
     def finish(self, layer: nn.Module, prefix: str, index: int, quantized: Quantized, snapshot: Snapshot,
                inputs: LayerInputs) -> tuple[Quantized, dict[str, Any]]:
-        """Learn the rounding of the solved linears; returns what to store and the stage's metrics."""
+        """Learn the rounding of the solved linears; returns what to store and the stage's metrics.
+
+        When the learned codes win, the layer's linears are set to their decoded weights (in place).
+        """
         start, refine = time.perf_counter(), self.recipe.refine
         install_input_quantizers(layer, prefix, self.spec, self.recipe)  # train as inference will run
         anchor = ANCHORS.get(self.recipe.solver.name, fp_anchor)

@@ -245,6 +245,9 @@ class RefineSpec:
     :param optimizer: ``signsgd`` (AutoRound) or ``adam``.
     :param patience: stop a layer after this many steps without a lower batch loss (0: run every step).
     :param tune_scales: learn the per-group scale factors too (AutoRound's min-max tuning).
+    :param target: what the quantized layer (fed the quantized model's activations) is fit to:
+        ``fp_model``, the FP model's output at that depth (AutoRound: each layer also corrects the error
+        its inputs carry), or ``fp_layer``, the FP layer's output on the same quantized inputs.
     :param seed: seed of the batch order (each layer derives its own).
     """
 
@@ -256,11 +259,13 @@ class RefineSpec:
     optimizer: str = "signsgd"
     patience: int = 0
     tune_scales: bool = True
+    target: str = "fp_model"
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from .refine import METHODS, OPTIMIZERS
+        from .refine import METHODS, OPTIMIZERS, TARGETS
 
+        _one_of("refine.target", self.target, TARGETS)
         _one_of("refine.method", self.method, METHODS)
         _one_of("refine.optimizer", self.optimizer, OPTIMIZERS.names())
         _require(self.iters >= 0, f"refine.iters={self.iters} must be >= 0")

@@ -81,6 +81,9 @@ class LayerwiseQuantizer:
     run: RunFolder | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.refine = RefineStage(self.recipe, self.spec, self.device)  # carries FP activations across layers
+
     def run_layers(self, inputs: LayerInputs) -> LayerInputs:
         """Quantize every layer; returns the inputs of the final norm (the last layer's outputs)."""
         layers = layers_of(self.model, self.spec)
@@ -91,6 +94,9 @@ class LayerwiseQuantizer:
             path = self.run.layer_path(i) if self.run else None
             if path is not None and path.is_file():
                 bar.set_postfix_str(f"({i + 1}/{len(layers)}) resumed")
+                if self.refine.follows_fp_model:  # the FP activations still pass through the FP layer
+                    self._prepare(layer, i)
+                    self.refine.advance(layer, inputs)
                 prepare_kv_scales(layer, self.spec, self.recipe)  # static KV scales are stored with the layer
                 solved = load_module(path, layer, self.device)
             else:
@@ -103,21 +109,24 @@ class LayerwiseQuantizer:
 
     def _quantize_layer(self, layer: nn.Module, index: int, prefix: str, inputs: LayerInputs) -> Transforms:
         start = time.perf_counter()
-        fold_layer_norms(layer, self.spec)
-        self.plan.fuse_layer(layer, index)
-        self.plan.attach_layer(layer, index)  # calibrate on what the layer will see at inference
-        refine = RefineStage(self.recipe, self.spec, self.device)
-        snapshot = refine.begin(layer, prefix, inputs) if refine.active else None
+        self._prepare(layer, index)
+        snapshot = self.refine.begin(layer, prefix, inputs) if self.refine.active else None
         quantized, losses = self.solve_layer(layer, prefix, inputs)
         extra = {}
         if snapshot is not None:
-            quantized, extra["refine"] = refine.finish(layer, prefix, index, quantized, snapshot, inputs)
+            quantized, extra["refine"] = self.refine.finish(layer, prefix, index, quantized, snapshot, inputs)
         calibrate_kv_scales(layer, prefix, self.spec, self.recipe,  # static KV scales, saved with the layer
                             lambda: run_layer(layer, inputs, self.device, keep=False))
         if self.run is not None:
             save_module(self.run.layer_path(index), layer, quantized)
         self.metrics[str(index)] = {"seconds": time.perf_counter() - start, "linears": losses, **extra}
         return solved_transforms(quantized)
+
+    def _prepare(self, layer: nn.Module, index: int) -> None:
+        """The recipe's transforms into a fresh layer: norms folded, fused transforms, online ones."""
+        fold_layer_norms(layer, self.spec)
+        self.plan.fuse_layer(layer, index)
+        self.plan.attach_layer(layer, index)  # calibrate on what the layer will see at inference
 
     def solve_layer(self, layer: nn.Module, prefix: str, inputs: LayerInputs) -> tuple[Quantized, dict]:
         """Calibrate and solve the layer's linears, in true-sequential steps if the recipe asks."""

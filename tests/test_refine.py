@@ -230,3 +230,17 @@ def test_early_stop_after_patience_steps_without_progress_keeps_the_best_step():
                                          reconstruct_module.Settings(100, 5, "signsgd", patience=3), CPU)
     assert out.iters == 4 and out.best_iter == 0
     assert torch.equal(learnable.weight.detach(), layer.weight.detach()) and not out.improved
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_a_refined_rotated_run_exports_like_any_other(tmp_path, tokenizer, fmt):
+    from orthoquant.export import export_run
+
+    r = load_recipe("quarot-round-w4a16", ["calibration.batch_size=4", "weights.group_size=32",
+                                           "weights.scale_dtype=float16", "refine.iters=10"])
+    vocab = len(tokenizer)
+    quantize(tiny_model("llama", vocab_size=vocab), r, windows(vocab), out=tmp_path / "run")
+    tokenizer.save_pretrained(tmp_path / "run")
+    assert any(m["kept"] for m in layer_metrics(tmp_path / "run"))  # refined codes are what is exported
+    report = export_run(tmp_path / "run", tmp_path / fmt, fmt)  # reloads and compares before returning
+    assert report["checks"]

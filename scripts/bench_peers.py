@@ -2,8 +2,9 @@
 """Benchmark orthoquant's weight-only recipes against a peer tool, Intel's AutoRound, on the demo model.
 
 For each setting (``w4g128``, ``w3g128``, ``w2g64``) one table row per method: FP, RTN, GPTQ,
-orthoquant rounding (``round-*``: learned rounding by block reconstruction from RTN), the same from
-GPTQ's codes, rotation + rounding
+orthoquant rounding (``round-*``: learned rounding by block reconstruction from RTN codes, GPTQ's codes
+kept per layer where they reconstruct better), the same without GPTQ (RTN + rounding, AutoRound's
+algorithm), rotation + rounding
 (``quarot-round-w4a16`` at the same bits and group) and AutoRound, each with its held-out perplexity
 (demo-corpus ``test.txt``), gap to FP and quantize wall time, all in one run on the same threads. Every
 method calibrates on the same token windows (``--nsamples`` x ``--seqlen`` of ``train.txt``).
@@ -59,7 +60,7 @@ def our_cases(setting: str, iters: int) -> list[tuple[str, str, list[str]]]:
     steps = [f"refine.iters={iters}"]
     return [(f"{setting} RTN", "rtn-w4a16", w), (f"{setting} GPTQ", "gptq-w4a16-g128", w),
             (f"{setting} orthoquant rounding", rounding, steps),
-            (f"{setting} GPTQ + rounding", rounding, ["solver.name=gptq", *steps]),
+            (f"{setting} RTN + rounding", rounding, ["solver.name=rtn", *steps]),
             (f"{setting} QuaRot + rounding", "quarot-round-w4a16", w + steps)]
 
 

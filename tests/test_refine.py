@@ -244,3 +244,16 @@ def test_a_refined_rotated_run_exports_like_any_other(tmp_path, tokenizer, fmt):
     assert any(m["kept"] for m in layer_metrics(tmp_path / "run"))  # refined codes are what is exported
     report = export_run(tmp_path / "run", tmp_path / fmt, fmt)  # reloads and compares before returning
     assert report["checks"]
+
+
+def test_starting_from_rtn_keeps_the_solvers_codes_where_they_reconstruct_better(trained_data, tmp_path):
+    model, calib = trained(trained_data)
+    sets = ["weights.group_size=32", "calibration.batch_size=8"]
+    quantize(model, load_recipe("gptq-w4a16", sets), calib, out=tmp_path / "gptq")
+    model, _ = trained(trained_data)
+    quantize(model, load_recipe("gptq-w4a16", [*sets, "refine.iters=20", "refine.start=rtn"]), calib,
+             out=tmp_path / "best")
+    first = layer_metrics(tmp_path / "best")[0]
+    same = (tmp_path / "gptq/layers/00000.safetensors").read_bytes() == (tmp_path / "best/layers/00000.safetensors").read_bytes()
+    assert same != first["kept"]  # GPTQ's codes stay exactly when learning from RTN did not beat them
+    assert first["best"] < first["start"] or not first["kept"]

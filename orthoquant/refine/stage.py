@@ -116,7 +116,8 @@ class RefineStage:
         linears = linears_of(layer, self.spec)
         roles = [r for r in linears if self.recipe.weights_for(prefix + self.spec.path(r)) is not None]
         owner = {role: g[0] for g in self.spec.input_groups() for role in g}
-        watched = {owner[r]: linears[owner[r]] for r in roles} if self.recipe.solver.name in ANCHORS else {}
+        anchored = self.recipe.refine.start == "solver" and self.recipe.solver.name in ANCHORS
+        watched = {owner[r]: linears[owner[r]] for r in roles} if anchored else {}
         source = self._fp_inputs(inputs)
         with collect_input_stats(watched) as stats:
             targets = fp_targets(layer, source, self.device)
@@ -134,10 +135,8 @@ class RefineStage:
         """
         start, refine = time.perf_counter(), self.recipe.refine
         install_input_quantizers(layer, prefix, self.spec, self.recipe)  # train as inference will run
-        anchor = ANCHORS.get(self.recipe.solver.name, fp_anchor)
-        rounded = {p: anchor(snapshot.fp_weights[p], layer.get_submodule(p).weight.detach(),
-                             snapshot.hessians.get(p), self.recipe.solver) for p in quantized}
-        learnable = LayerRounding(layer, quantized, rounded, refine).to(self.device)
+        starts, rounded = self._starts(layer, quantized, snapshot)
+        learnable = LayerRounding(layer, starts, rounded, refine).to(self.device)
         settings = Settings(refine.iters, refine.batch_size, refine.optimizer, refine.patience,
                             seed=refine.seed * 100_003 + index)
         outcome = reconstruct(layer, inputs, snapshot.targets, learnable, settings, self.device)
@@ -150,3 +149,14 @@ class RefineStage:
         metrics = {"start": outcome.start, "best": outcome.best, "best_iter": outcome.best_iter,
                    "iters": outcome.iters, "kept": outcome.improved, "seconds": time.perf_counter() - start}
         return quantized, metrics
+
+    def _starts(self, layer: nn.Module, quantized: Quantized,
+                snapshot: Snapshot) -> tuple[Quantized, dict[str, torch.Tensor]]:
+        """The codes learning starts from and the values they round (:mod:`.anchors`)."""
+        if self.recipe.refine.start == "rtn":
+            starts = {p: SolvedLinear(make_format(s.spec).quantize(snapshot.fp_weights[p]), s.spec)
+                      for p, s in quantized.items()}
+            return starts, {p: snapshot.fp_weights[p] for p in quantized}
+        anchor = ANCHORS.get(self.recipe.solver.name, fp_anchor)
+        return quantized, {p: anchor(snapshot.fp_weights[p], layer.get_submodule(p).weight.detach(),
+                                     snapshot.hessians.get(p), self.recipe.solver) for p in quantized}

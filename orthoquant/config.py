@@ -339,6 +339,12 @@ class RefineSpec:
     :param optimizer: ``signsgd`` (AutoRound) or ``adam``.
     :param patience: stop a layer after this many steps without a lower batch loss (0: run every step).
     :param tune_scales: learn the per-group scale factors too (AutoRound's min-max tuning).
+    :param target: what the quantized layer (fed the quantized model's activations) is fit to:
+        ``fp_model``, the FP model's output at that depth (AutoRound: each layer also corrects the error
+        its inputs carry), or ``fp_layer``, the FP layer's output on the same quantized inputs.
+    :param start: codes the learning starts from: ``solver`` (the solver's) or ``rtn`` (round to nearest in
+        the same format, AutoRound's start, anchored at the FP weights); either way the layer keeps the
+        solver's codes where they reconstruct better, so GPTQ + ``start: rtn`` is the better of the two.
     :param seed: seed of the batch order (each layer derives its own).
     """
 
@@ -350,11 +356,15 @@ class RefineSpec:
     optimizer: str = "signsgd"
     patience: int = 0
     tune_scales: bool = True
+    target: str = "fp_model"
+    start: str = "solver"
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from .refine import METHODS, OPTIMIZERS
+        from .refine import METHODS, OPTIMIZERS, TARGETS
 
+        _one_of("refine.target", self.target, TARGETS)
+        _one_of("refine.start", self.start, ["solver", "rtn"])
         _one_of("refine.method", self.method, METHODS)
         _one_of("refine.optimizer", self.optimizer, OPTIMIZERS.names())
         _require(self.iters >= 0, f"refine.iters={self.iters} must be >= 0")

@@ -88,6 +88,9 @@ class LayerwiseQuantizer:
     metrics: dict[str, Any] = field(default_factory=dict)
     finetune: LayerFinetune | None = None
 
+    def __post_init__(self) -> None:
+        self.refine = RefineStage(self.recipe, self.spec, self.device)  # carries FP activations across layers
+
     def run_layers(self, inputs: LayerInputs) -> LayerInputs:
         """Quantize every layer; returns the inputs of the final norm (the last layer's outputs)."""
         layers = layers_of(self.model, self.spec)
@@ -104,6 +107,9 @@ class LayerwiseQuantizer:
             self.source.materialize(layer, prefix, self.device)
             if self._finished_before(i):
                 bar.set_postfix_str(f"({i + 1}/{len(layers)}) resumed")
+                if self.refine.follows_fp_model:  # the FP activations still pass through the FP layer
+                    self._prepare(layer, i)
+                    self.refine.advance(layer, inputs)
                 prepare_kv_scales(layer, self.spec, self.recipe)  # static KV scales are stored with the layer
                 if self.finetune is not None:  # its FP outputs continue the FP stream
                     self._prepare(layer, i)
@@ -172,12 +178,11 @@ class LayerwiseQuantizer:
         self._prepare(layer, index)
         if self.finetune is not None:
             self.finetune.begin(layer)
-        refine = RefineStage(self.recipe, self.spec, self.device)
-        snapshot = refine.begin(layer, prefix, inputs) if refine.active else None
+        snapshot = self.refine.begin(layer, prefix, inputs) if self.refine.active else None
         quantized, losses = self.solve_layer(layer, prefix, inputs, index)
         extra = {}
         if snapshot is not None:
-            quantized, extra["refine"] = refine.finish(layer, prefix, index, quantized, snapshot, inputs)
+            quantized, extra["refine"] = self.refine.finish(layer, prefix, index, quantized, snapshot, inputs)
         if self.finetune is not None and self.finetune.metrics:
             extra["finetune"] = self.finetune.metrics
         calibrate_kv_scales(layer, prefix, self.spec, self.recipe,  # static KV scales, saved with the layer

@@ -186,3 +186,77 @@ def test_resume_after_an_interrupted_refinement_equals_uninterrupted(tmp_path, m
 def test_recipes_that_cannot_be_refined_are_refused(sets, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_recipe("gptq-w4a16", ["refine.iters=10", *sets])
+
+
+class ToyWeight(torch.nn.Module):
+    """A Learnable replacing a linear's whole weight (the mechanism knows nothing of rounding)."""
+
+    def __init__(self, start, lr):
+        super().__init__()
+        self.weight, self.lr = torch.nn.Parameter(start.clone()), lr
+
+    def param_groups(self):
+        return [{"params": [self.weight], "lr": self.lr}]
+
+    def substitutions(self):
+        return {"weight": self.weight}
+
+    def project_(self):
+        pass
+
+
+def toy_problem(lr):
+    from orthoquant.layerwise import LayerInputs
+
+    g = torch.Generator().manual_seed(0)
+    layer, teacher = torch.nn.Linear(6, 5, bias=False), torch.randn(5, 6, generator=g)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(5, 6, generator=g))  # not the global generator: same toy every run
+    hidden = [torch.randn(4, 3, 6, generator=g) for _ in range(3)]
+    targets = [h @ teacher.T for h in hidden]
+    return layer, LayerInputs(hidden, [{} for _ in hidden]), targets, ToyWeight(layer.weight.detach(), lr)
+
+
+@pytest.mark.parametrize("optimizer", ["signsgd", "adam"])
+def test_the_mechanism_fits_a_toy_target(optimizer):
+    layer, inputs, targets, learnable = toy_problem(lr=0.02)
+    out = reconstruct_module.reconstruct(layer, inputs, targets, learnable,
+                                         reconstruct_module.Settings(200, 5, optimizer), CPU)
+    assert out.improved and out.best < 0.2 * out.start and out.iters == 200
+    assert out.best == pytest.approx(reconstruct_module.total_loss(layer, learnable.substitutions(), inputs,
+                                                                   targets, CPU))  # left at the selected step
+
+
+def test_early_stop_after_patience_steps_without_progress_keeps_the_best_step():
+    layer, inputs, targets, learnable = toy_problem(lr=1e4)  # every step overshoots by far
+    out = reconstruct_module.reconstruct(layer, inputs, targets, learnable,
+                                         reconstruct_module.Settings(100, 5, "signsgd", patience=3), CPU)
+    assert out.iters == 4 and out.best_iter == 0
+    assert torch.equal(learnable.weight.detach(), layer.weight.detach()) and not out.improved
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_a_refined_rotated_run_exports_like_any_other(tmp_path, tokenizer, fmt):
+    from orthoquant.export import export_run
+
+    r = load_recipe("quarot-round-w4a16", ["calibration.batch_size=4", "weights.group_size=32",
+                                           "weights.scale_dtype=float16", "refine.iters=10"])
+    vocab = len(tokenizer)
+    quantize(tiny_model("llama", vocab_size=vocab), r, windows(vocab), out=tmp_path / "run")
+    tokenizer.save_pretrained(tmp_path / "run")
+    assert any(m["kept"] for m in layer_metrics(tmp_path / "run"))  # refined codes are what is exported
+    report = export_run(tmp_path / "run", tmp_path / fmt, fmt)  # reloads and compares before returning
+    assert report["checks"]
+
+
+def test_starting_from_rtn_keeps_the_solvers_codes_where_they_reconstruct_better(trained_data, tmp_path):
+    model, calib = trained(trained_data)
+    sets = ["weights.group_size=32", "calibration.batch_size=8"]
+    quantize(model, load_recipe("gptq-w4a16", sets), calib, out=tmp_path / "gptq")
+    model, _ = trained(trained_data)
+    quantize(model, load_recipe("gptq-w4a16", [*sets, "refine.iters=20", "refine.start=rtn"]), calib,
+             out=tmp_path / "best")
+    first = layer_metrics(tmp_path / "best")[0]
+    same = (tmp_path / "gptq/layers/00000.safetensors").read_bytes() == (tmp_path / "best/layers/00000.safetensors").read_bytes()
+    assert same != first["kept"]  # GPTQ's codes stay exactly when learning from RTN did not beat them
+    assert first["best"] < first["start"] or not first["kept"]

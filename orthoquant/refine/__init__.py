@@ -9,6 +9,8 @@ from .reconstruct import OPTIMIZERS
 
 # What ``refine.method`` can learn.
 METHODS = ("round",)
+# What a layer is fit to (see RefineSpec.target).
+TARGETS = ("fp_model", "fp_layer")
 # Solvers that leave a linear's codes in its own basis (no solver-chosen online transform).
 REFINABLE_SOLVERS = ("rtn", "gptq", "ldlq", "ldlq-tune")
 
@@ -19,4 +21,4 @@ def refinable_formats() -> list[str]:
     return GRIDS.names()
 
 
-__all__ = ["METHODS", "OPTIMIZERS", "REFINABLE_SOLVERS", "refinable_formats"]
+__all__ = ["METHODS", "OPTIMIZERS", "REFINABLE_SOLVERS", "TARGETS", "refinable_formats"]

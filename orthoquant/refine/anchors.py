@@ -10,7 +10,8 @@ GPTQ's codes with GPTQ's own distances to the rounding boundaries.
 Measured on the test suite's trained model (W4 g32, 200 steps): from GPTQ's codes, whose errors are
 compensated across columns, every flipped code costs a full uncompensated step, and the layer loss
 first rises about 1.7x and ends above GPTQ's (then the stage keeps GPTQ's codes); from RTN's codes it
-falls 4-5x. The rounding presets therefore start from RTN, as AutoRound does.
+falls 4-5x. The rounding presets therefore learn from RTN codes, as AutoRound does (``refine.start: rtn``),
+and keep GPTQ's codes in the layers where those reconstruct better.
 
 ``H`` is the second moment of the full-precision layer's inputs; under true-sequential solving GPTQ saw
 slightly different inputs for later linears, so the anchors are approximate there (anchors outside

@@ -156,7 +156,7 @@ def total_loss(layer: nn.Module, subs: dict[str, torch.Tensor], inputs: LayerInp
                targets: list[torch.Tensor], device: torch.device) -> float:
     """MSE over every cached row (one value per element, averaged), in float64."""
     err, count = 0.0, 0
-    for hidden, kwargs, target in zip(inputs.hidden, inputs.kwargs, targets):
+    for hidden, kwargs, target in zip(inputs.hidden, inputs.kwargs_for(layer), targets):
         out = _forward(layer, subs, hidden, kwargs, device).float()
         err += float((out - target.to(device).float()).square().sum(dtype=torch.float64))
         count += target.numel()
@@ -178,6 +178,7 @@ def reconstruct(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tenso
         every ``settings.eval_every`` steps (the parameters before the first step included), instead
         of each step's batch loss; ``patience`` counts evaluations. Outcome losses are on them too.
     """
+    inputs = LayerInputs(inputs.hidden, inputs.kwargs_for(layer))  # this layer's own masks (Gemma's windows)
     judged = (inputs, targets) if valid is None else valid
     start = total_loss(layer, {}, *judged, device)
     optimizer = OPTIMIZERS.get(settings.optimizer)(learnable.param_groups())

@@ -2,10 +2,14 @@
 it learns the rounding of the solved linears afterwards (the recipe's ``refine`` section).
 
 Per layer: :meth:`RefineStage.begin` keeps the full-precision weights of the targeted linears and the
-layer's full-precision outputs on its cached inputs (one no-grad pass); the solver then quantizes the
+layer's full-precision outputs (one no-grad pass), on the FP model's activations at that depth, which the
+stage carries from layer to layer (``target: fp_model``, AutoRound's; the outputs are the next layer's FP
+activations, so this costs no memory beyond the targets), or on the quantized model's (``fp_layer``).
+A resumed layer only advances the FP activations (:meth:`RefineStage.advance`). The solver then quantizes the
 linears; :meth:`RefineStage.finish` learns offsets and scale factors (:mod:`.rounding`) by block
-reconstruction (:mod:`.reconstruct`) with the recipe's activation fake-quantizers in place, and
-replaces a linear's codes and scales only when the layer's MSE over all cached rows went down.
+reconstruction (:mod:`.reconstruct`) with the recipe's activation fake-quantizers in place (the KV
+cache stays in full precision while learning: static KV scales are calibrated after this stage), and
+replaces the layer's codes and scales only when its MSE over all cached rows went down.
 """
 from __future__ import annotations
 
@@ -80,35 +84,59 @@ class Snapshot:
 
 @dataclass
 class RefineStage:
+    """One per run (it carries the FP model's activations from layer to layer).
+
+    :ivar fp_stream: the FP model's inputs of the next layer (``target: fp_model``), None before layer 0.
+    """
+
     recipe: Recipe
     spec: ArchSpec
     device: torch.device
+    fp_stream: LayerInputs | None = None
 
     @property
     def active(self) -> bool:
         return self.recipe.refine is not None and self.recipe.refine.iters > 0
+
+    @property
+    def follows_fp_model(self) -> bool:
+        """Whether a layer skipped on resume must still be run in full precision (call :meth:`advance`)."""
+        return self.active and self.recipe.refine.target == "fp_model"
+
+    def _fp_inputs(self, inputs: LayerInputs) -> LayerInputs:
+        return self.fp_stream if self.follows_fp_model and self.fp_stream is not None else inputs
+
+    def advance(self, layer: nn.Module, inputs: LayerInputs) -> None:
+        """Run a full-precision layer (prepared as for solving) on the FP activations only."""
+        source = self._fp_inputs(inputs)
+        self.fp_stream = source.with_hidden(fp_targets(layer, source, self.device))
 
     def begin(self, layer: nn.Module, prefix: str, inputs: LayerInputs) -> Snapshot:
         """Call after the recipe's transforms are in the layer and before it is solved."""
         linears = linears_of(layer, self.spec)
         roles = [r for r in linears if self.recipe.weights_for(prefix + self.spec.path(r)) is not None]
         owner = {role: g[0] for g in self.spec.input_groups() for role in g}
-        watched = {owner[r]: linears[owner[r]] for r in roles} if self.recipe.solver.name in ANCHORS else {}
+        anchored = self.recipe.refine.start == "solver" and self.recipe.solver.name in ANCHORS
+        watched = {owner[r]: linears[owner[r]] for r in roles} if anchored else {}
+        source = self._fp_inputs(inputs)
         with collect_input_stats(watched) as stats:
-            targets = fp_targets(layer, inputs, self.device)
+            targets = fp_targets(layer, source, self.device)
+        if self.follows_fp_model:
+            self.fp_stream = source.with_hidden(targets)
         weights = {self.spec.path(r): linears[r].weight.detach().float().clone() for r in roles}
         hessians = {self.spec.path(r): stats[owner[r]].H for r in roles if owner[r] in stats}
         return Snapshot(weights, targets, hessians)
 
     def finish(self, layer: nn.Module, prefix: str, index: int, quantized: Quantized, snapshot: Snapshot,
                inputs: LayerInputs) -> tuple[Quantized, dict[str, Any]]:
-        """Learn the rounding of the solved linears; returns what to store and the stage's metrics."""
+        """Learn the rounding of the solved linears; returns what to store and the stage's metrics.
+
+        When the learned codes win, the layer's linears are set to their decoded weights (in place).
+        """
         start, refine = time.perf_counter(), self.recipe.refine
         install_input_quantizers(layer, prefix, self.spec, self.recipe)  # train as inference will run
-        anchor = ANCHORS.get(self.recipe.solver.name, fp_anchor)
-        rounded = {p: anchor(snapshot.fp_weights[p], layer.get_submodule(p).weight.detach(),
-                             snapshot.hessians.get(p), self.recipe.solver) for p in quantized}
-        learnable = LayerRounding(layer, quantized, rounded, refine).to(self.device)
+        starts, rounded = self._starts(layer, quantized, snapshot)
+        learnable = LayerRounding(layer, starts, rounded, refine).to(self.device)
         settings = Settings(refine.iters, refine.batch_size, refine.optimizer, refine.patience,
                             seed=refine.seed * 100_003 + index)
         outcome = reconstruct(layer, inputs, snapshot.targets, learnable, settings, self.device)
@@ -121,3 +149,14 @@ class RefineStage:
         metrics = {"start": outcome.start, "best": outcome.best, "best_iter": outcome.best_iter,
                    "iters": outcome.iters, "kept": outcome.improved, "seconds": time.perf_counter() - start}
         return quantized, metrics
+
+    def _starts(self, layer: nn.Module, quantized: Quantized,
+                snapshot: Snapshot) -> tuple[Quantized, dict[str, torch.Tensor]]:
+        """The codes learning starts from and the values they round (:mod:`.anchors`)."""
+        if self.recipe.refine.start == "rtn":
+            starts = {p: SolvedLinear(make_format(s.spec).quantize(snapshot.fp_weights[p]), s.spec)
+                      for p, s in quantized.items()}
+            return starts, {p: snapshot.fp_weights[p] for p in quantized}
+        anchor = ANCHORS.get(self.recipe.solver.name, fp_anchor)
+        return quantized, {p: anchor(snapshot.fp_weights[p], layer.get_submodule(p).weight.detach(),
+                                     snapshot.hessians.get(p), self.recipe.solver) for p in quantized}

@@ -1,0 +1,207 @@
+#!/usr/bin/env python
+"""Benchmark orthoquant's weight-only recipes against a peer tool, Intel's AutoRound, on the demo model.
+
+For each setting (``w4g128``, ``w3g128``, ``w2g64``) one table row per method: FP, RTN, GPTQ,
+orthoquant rounding (``round-*``: learned rounding by block reconstruction from RTN codes, GPTQ's codes
+kept per layer where they reconstruct better), the same without GPTQ (RTN + rounding, AutoRound's
+algorithm), rotation + rounding
+(``quarot-round-w4a16`` at the same bits and group) and AutoRound, each with its held-out perplexity
+(demo-corpus ``test.txt``), gap to FP and quantize wall time, all in one run on the same threads. Every
+method calibrates on the same token windows (``--nsamples`` x ``--seqlen`` of ``train.txt``).
+
+AutoRound pins its own versions, so it lives in a separate virtual environment (see the README); this
+script installs nothing. ``--peer-python`` names that environment's interpreter (default: this one); when
+``auto_round`` is not importable there, the AutoRound row says so and the rest still runs. AutoRound
+quantizes in a subprocess of that interpreter (this file with ``--worker``, importing no orthoquant) and
+is evaluated there with stock transformers on the same windows; its FP perplexity, computed the same
+way, is checked against orthoquant's so that both evaluation paths are known to agree.
+
+    python scripts/bench_peers.py --peer-python /tmp/ar-venv/bin/python             # W4 g128, W3 g128
+    python scripts/bench_peers.py --settings w2g64 --peer-python /tmp/ar-venv/bin/python
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("bench_peers")
+# label -> (bits, group size, symmetric, orthoquant rounding preset)
+SETTINGS = {"w4g128": (4, 128, True, "round-w4a16-g128"), "w3g128": (3, 128, True, "round-w3a16-g128"),
+            "w2g64": (2, 64, False, "round-w2a16-g64")}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--settings", default="w4g128,w3g128", help=f"comma-separated, of {list(SETTINGS)}")
+    p.add_argument("--nsamples", type=int, default=64)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--iters", type=int, default=200, help="steps per layer of both rounding methods")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate on the first N held-out windows")
+    p.add_argument("--peer-python", default=sys.executable, help="interpreter of the AutoRound environment")
+    p.add_argument("--out", type=Path, default=Path("runs/bench_peers"))
+    p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # internal: run AutoRound from a job file
+    return p.parse_args(argv)
+
+
+def weight_sets(bits: int, group: int, symmetric: bool) -> list[str]:
+    return [f"weights.bits={bits}", f"weights.group_size={group}", f"weights.symmetric={str(symmetric).lower()}"]
+
+
+def our_cases(setting: str, iters: int) -> list[tuple[str, str, list[str]]]:
+    """(label, preset, overrides) of orthoquant's rows at one setting."""
+    bits, group, sym, rounding = SETTINGS[setting]
+    w = weight_sets(bits, group, sym)
+    steps = [f"refine.iters={iters}"]
+    return [(f"{setting} RTN", "rtn-w4a16", w), (f"{setting} GPTQ", "gptq-w4a16-g128", w),
+            (f"{setting} orthoquant rounding", rounding, steps),
+            (f"{setting} RTN + rounding", rounding, ["solver.name=rtn", *steps]),
+            (f"{setting} QuaRot + rounding", "quarot-round-w4a16", w + steps)]
+
+
+# --- the AutoRound worker (runs in the peer environment: torch, transformers, auto_round only) ------------
+def nll_perplexity(model, windows) -> float:
+    import torch
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids in windows.split(1):
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            target = ids[:, 1:]
+            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                           reduction="sum").double())
+            count += target.numel()
+    return math.exp(total / count)
+
+
+def run_worker(job_path: Path) -> None:
+    import torch
+    from auto_round import AutoRound
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    job = json.loads(job_path.read_text())
+    torch.set_num_threads(job["threads"])
+    data = load_file(job["windows"])
+    model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(job["model"])
+    fp = nll_perplexity(model, data["held_out"])
+    calib = list(data["calib"].split(8))
+    start = time.perf_counter()
+    ar = AutoRound(model, tokenizer, bits=job["bits"], group_size=job["group"], sym=job["sym"],
+                   iters=job["iters"], nsamples=len(data["calib"]), seqlen=data["calib"].shape[1], batch_size=8,
+                   dataset=calib, device_map="cpu", low_cpu_mem_usage=False, enable_torch_compile=False)
+    quantized, _ = ar.quantize()
+    seconds = time.perf_counter() - start
+    result = {"fp_ppl": fp, "ppl": nll_perplexity(quantized, data["held_out"]), "seconds": seconds}
+    Path(job["result"]).write_text(json.dumps(result))
+
+
+# --- the benchmark ------------------------------------------------------------------------------------
+def peer_available(python: str) -> str | None:
+    """None when ``auto_round`` imports under ``python``, else why not (one line)."""
+    probe = subprocess.run([python, "-c", "import auto_round, sys; sys.stdout.write(auto_round.__version__)"],
+                           capture_output=True, text=True)
+    if probe.returncode == 0:
+        log.info("AutoRound %s under %s", probe.stdout.strip(), python)
+        return None
+    return (probe.stderr.strip().splitlines() or ["no output"])[-1]
+
+
+def run_autoround(python: str, model: Path, windows_file: Path, setting: str, iters: int, threads: int,
+                  out: Path) -> dict:
+    bits, group, sym, _ = SETTINGS[setting]
+    job = {"model": str(model), "windows": str(windows_file), "bits": bits, "group": group, "sym": sym,
+           "iters": iters, "threads": threads, "result": str(out / f"autoround-{setting}.json")}
+    job_file = out / f"autoround-{setting}.job.json"
+    job_file.write_text(json.dumps(job))
+    subprocess.run([python, __file__, "--worker", str(job_file)], check=True)
+    return json.loads(Path(job["result"]).read_text())
+
+
+def save_windows(model: Path, corpus: Path, nsamples: int, seqlen: int, max_windows: int | None, out: Path) -> Path:
+    """The calibration windows every method uses and the held-out windows AutoRound is evaluated on."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from orthoquant.data import calibration_windows, evaluation_tokens, perplexity_windows
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    calib = calibration_windows(tokenizer, str(corpus / "train.txt"), nsamples, seqlen, seed=0)
+    held = perplexity_windows(evaluation_tokens(tokenizer, str(corpus / "test.txt"), seqlen), seqlen)[:max_windows]
+    path = out / "windows.safetensors"
+    save_file({"calib": calib.contiguous(), "held_out": held.contiguous()}, str(path))
+    return path
+
+
+def table(rows: list[dict], seqlen: int) -> str:
+    fp = rows[0]["ppl"]
+    gptq = {r["setting"]: r["seconds"] for r in rows if r["method"].endswith(" GPTQ")}
+    lines = [f"| method | held-out ppl (seqlen {seqlen}) | gap to FP | quantize s | time / GPTQ |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("ppl") is None:
+            lines.append(f"| {r['method']} | {r['note']} | | | |")
+            continue
+        ratio = f"{r['seconds'] / gptq[r['setting']]:.1f}x" if r["setting"] in gptq and r["seconds"] else ""
+        lines.append(f"| {r['method']} | {r['ppl']:.4f} | {r['ppl'] / fp - 1:+.2%} | {r['seconds']:.0f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker is not None:
+        run_worker(args.worker)
+        return 0
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+    import torch
+
+    from orthoquant.demo import build_demo_model, cache_dir
+    from orthoquant.evaluate.preset_table import preset_perplexities
+    from orthoquant.progress import setup_logging, setup_threads
+
+    setup_logging()
+    setup_threads()
+    settings = [s for s in args.settings.split(",") if s]
+    unknown = [s for s in settings if s not in SETTINGS]
+    if unknown:
+        print(f"bench_peers: error: unknown setting(s) {unknown}; choose from {list(SETTINGS)}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    model, corpus = build_demo_model(), cache_dir() / "demo-corpus"
+    windows_file = save_windows(model, corpus, args.nsamples, args.seqlen, args.max_windows, args.out)
+    missing = peer_available(args.peer_python)
+    rows: list[dict] = []
+    for setting in settings:
+        ours = preset_perplexities(str(model), our_cases(setting, args.iters), str(corpus / "train.txt"),
+                                   str(corpus / "test.txt"), args.out, nsamples=args.nsamples, seqlen=args.seqlen,
+                                   max_windows=args.max_windows, device=torch.device("cpu"))
+        if not rows:
+            rows.append({"setting": "", "method": "FP", "ppl": ours[0].ppl, "seconds": 0.0})
+        rows += [{"setting": setting, "method": r.name, "ppl": r.ppl, "seconds": r.seconds} for r in ours[1:]]
+        if missing is not None:
+            rows.append({"setting": setting, "method": f"{setting} AutoRound", "ppl": None,
+                         "note": f"not run: auto_round does not import under {args.peer_python} ({missing})"})
+            continue
+        peer = run_autoround(args.peer_python, model, windows_file, setting, args.iters, torch.get_num_threads(),
+                             args.out)
+        log.info("AutoRound FP ppl %.6f vs orthoquant's %.6f", peer["fp_ppl"], rows[0]["ppl"])
+        rows.append({"setting": setting, "method": f"{setting} AutoRound", "ppl": peer["ppl"],
+                     "seconds": peer["seconds"], "fp_ppl_same_eval": peer["fp_ppl"]})
+    text = table(rows, args.seqlen)
+    (args.out / "results.md").write_text(text + "\n")
+    payload = {"seqlen": args.seqlen, "nsamples": args.nsamples, "iters": args.iters,
+               "threads": torch.get_num_threads(), "rows": rows}
+    (args.out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

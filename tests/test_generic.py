@@ -103,7 +103,9 @@ def test_gpt2_conv1d_exports_only_natively(saved_model, text_file, tmp_path):
     assert not (tmp_path / "ct").exists()
 
 
-@pytest.mark.parametrize("preset, lacks", [("quarot-w4a16", "transforms"), ("rtn-w4a4kv4", "KV-cache")])
+@pytest.mark.parametrize("preset, lacks", [("quarot-w4a16", "transforms"), ("rtn-w4a4kv4", "KV-cache"),
+                                           ("round-w4a16-g128", "learned rounding"),
+                                           ("quip-e8p-2bit", "QuIP# fine-tuning")])
 def test_transform_or_kv_recipe_names_the_missing_spec(preset, lacks, saved_model, text_file, tmp_path, capsys):
     folder = saved_model("opt")
     code = main(["quantize", str(folder), "--recipe", preset, "--calib", str(text_file), "--nsamples", "4",

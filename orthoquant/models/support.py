@@ -27,7 +27,10 @@ def check_support(spec: ArchSpec, config, recipe) -> None:
     if spec.generic:
         needs = [what for what, present in (("transforms", bool(sites)),
                                             ("KV-cache quantization", recipe.kv_cache is not None),
-                                            ("learned fitting", recipe.fitting is not None)) if present]
+                                            ("learned fitting", recipe.fitting is not None),
+                                            ("learned rounding (refine)", getattr(recipe, "refine", None) is not None),
+                                            ("QuIP# fine-tuning", getattr(recipe, "finetune", None) is not None))
+                 if present]
         if needs:
             raise UserError(f"the recipe asks for {' and '.join(needs)}, which need an architecture spec {arch} "
                             f"lacks (no arch spec: only weight-only RTN/GPTQ and W8A8 run on it); full support: "

@@ -182,7 +182,11 @@ class FitSpec:
     :param train_weights: fake-quantize weights with the recipe's weight format during fitting (W4A16).
     :param loss_chunk: tokens per chunk of the loss (memory O(chunk x vocab)).
     :param checkpoint_every: steps between fit checkpoints in the run folder (0: only at the end).
-    :param grad_checkpointing: recompute decoder layers in backward: ``auto`` (on CUDA), ``on``, ``off``.
+    :param grad_checkpointing: recompute each decoder layer in backward, keeping only its inputs
+        (``auto`` and ``on``), or keep every layer's graph from the forward (``off``: faster, activation
+        memory of the whole step).
+    :param offload: ``none`` (the frozen weights stay on the device) or ``cpu`` (they stay in CPU memory,
+        pinned on CUDA, and stream to the device one decoder layer at a time, the next one prefetched).
     :param autocast: ``auto`` (bfloat16 on CUDA, off on CPU), ``bfloat16`` or ``off``.
     :param qsur_samples: calibration windows QSUR is measured on before and after fitting (0: skip).
     :param released: a released SpinQuant ``R.bin`` or OSTQuant parameter file to use instead of fitting.
@@ -206,6 +210,7 @@ class FitSpec:
     loss_chunk: int = 1024
     checkpoint_every: int = 10
     grad_checkpointing: str = "auto"
+    offload: str = "none"
     autocast: str = "auto"
     qsur_samples: int = 8
     released: str = ""
@@ -224,6 +229,7 @@ class FitSpec:
         _one_of("fitting.schedule", self.schedule, ["linear", "cosine", "constant"])
         _one_of("fitting.grad_checkpointing", self.grad_checkpointing, ["auto", "on", "off"])
         _one_of("fitting.autocast", self.autocast, ["auto", "bfloat16", "off"])
+        _one_of("fitting.offload", self.offload, ["none", "cpu"])
         for name in ("top_k", "batch_size", "grad_accum", "loss_chunk"):
             _require(getattr(self, name) > 0, f"fitting.{name}={getattr(self, name)} must be positive")
         for name in ("steps", "checkpoint_every", "qsur_samples", "stabilize"):

@@ -22,7 +22,9 @@ from .init import hadamard_init, klt_init
 from .loop import train
 from .qsur import measure_qsur
 from .released import import_released
-from .session import FitSession, quantizers_off, swapped
+from .residency import Offloaded, Resident
+from .session import FitSession
+from .step import LayerMajorStep
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "fit.pt"
@@ -46,7 +48,9 @@ def prepare_session(model: nn.Module, spec: ArchSpec, recipe: Recipe, plan: Tran
     model.requires_grad_(False)
     init = klt_init(model, spec, plan.dims, fit.seed) if fit.init == "klt" else hadamard_init(plan.dims, fit.seed)
     learned = LearnedTransforms(fit.params, plan.dims, spec, len(layers), init, device)
-    session = FitSession(model, spec, recipe, plan, learned, device)
+    residency = Offloaded(device) if fit.offload == "cpu" else Resident()
+    residency.prepare(layers)
+    session = FitSession(model, spec, recipe, plan, learned, device, residency)
     session.install()
     return session
 
@@ -62,9 +66,8 @@ def deploy(model: nn.Module, spec: ArchSpec, plan: TransformPlan, learned: dict[
 
 def measure(session: FitSession, windows: torch.Tensor) -> dict[str, list[float]]:
     """QSUR per site and layer of the current transforms, quantizers off."""
-    n = session.fit.qsur_samples
-    with swapped(session.fold_all()), quantizers_off(session.model):
-        return measure_qsur(session.model, session.spec, windows[:n], session.device, session.fit.batch_size)
+    step = LayerMajorStep(session, list(windows[:session.fit.qsur_samples].split(session.fit.batch_size)))
+    return measure_qsur(step.observe, session.spec, session.device)
 
 
 def fit_transforms(model: nn.Module, spec: ArchSpec, recipe: Recipe, plan: TransformPlan, source: WeightSource,
@@ -83,8 +86,9 @@ def fit_transforms(model: nn.Module, spec: ArchSpec, recipe: Recipe, plan: Trans
         deploy(model, spec, plan, import_released(Path(fit.released), plan.dims, spec, len(layers_of(model, spec))))
         return {"released": fit.released}
     layers = layers_of(model, spec)
+    home = torch.device("cpu") if fit.offload == "cpu" else device  # offloaded layers never sit on the device
     for i, layer in enumerate(layers):
-        source.materialize(layer, f"{spec.layers}.{i}.", device)
+        source.materialize(layer, f"{spec.layers}.{i}.", home)
     try:
         session = prepare_session(model, spec, recipe, plan, device)
         report = {"qsur_before": measure(session, windows)} if fit.qsur_samples else {}
@@ -92,6 +96,7 @@ def fit_transforms(model: nn.Module, spec: ArchSpec, recipe: Recipe, plan: Trans
         if fit.qsur_samples:
             report["qsur_after"] = measure(session, windows)
         session.remove_quantizers()
+        session.residency.finish(restore=not source.streaming)
         deploy(model, spec, plan, session.learned.frozen())
     finally:
         if source.streaming:

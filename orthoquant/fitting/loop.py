@@ -23,6 +23,7 @@ from ..config import FitSpec
 from .cayley import CayleySGD
 from .losses import LOSSES
 from .session import FitSession
+from .step import LayerMajorStep
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +85,8 @@ def accumulate_gradients(session: FitSession, windows: torch.Tensor, step: int) 
     batches = micro_batches(batch_indices(len(windows), per_step, step, fit.seed), fit.batch_size, rank, size)
     objective = LOSSES.get(fit.loss)
     session.learned.zero_grad(set_to_none=False)
-    teacher, student = session.step_tensors()
-    total = 0.0
-    for idx in batches:
-        total += session.micro_step(windows[idx].to(session.device), teacher, student, objective, 1 / len(batches))
-    session.backward_through_folds(student)
-    loss = torch.tensor(total / len(batches), device=session.device)
+    step = LayerMajorStep(session, [windows[idx] for idx in batches])
+    loss = torch.tensor(step.run(objective, 1 / len(batches)), device=session.device)
     if size > 1:
         for p in session.learned.parameters():
             if p.grad is None:  # every rank must join every all-reduce

@@ -49,3 +49,9 @@ def install_fitting_quantizers(layer: nn.Module, prefix: str, spec: ArchSpec, re
         set_input_quantizer(lin, op(recipe.activations_for(prefix + spec.path(role))))
     kv = op(recipe.kv_cache)
     set_kv_quantizers(get_module(layer, spec.attention), kv, kv)
+
+
+def weight_ste(fmt: QuantFormat, w: torch.Tensor) -> torch.Tensor:
+    """The format's quantize-dequantize of a weight, its gradient passed straight to ``w``."""
+    q = fmt.quantize_dequantize(w.detach()).to(w.dtype)
+    return q + (w - w.detach())  # exactly q in value (the deployed weight), identity in gradient

@@ -14,6 +14,15 @@ them on a CPU:
     python scripts/make_demo_model.py          # builds ~/.cache/orthoquant/demo-llama once
     python scripts/bench_fit.py --steps 30 --grad-accum 2 --out runs/bench_fit.json
     python scripts/bench_fit.py --device cuda --out runs/bench_fit_gpu.json
+
+``--scale`` measures the fit's memory and speed instead (no demo model needed): a random Llama
+(hidden 768, intermediate 2048, vocabulary 32768: ≥ 100M parameters at 8 layers, float32) is cut to
+2, 4 and 8 layers and fitted with ``ostquant-w4a4kv4`` in a fresh process per case; the ratio is the
+process's peak RSS (VmHWM) with ``fitting.steps`` steps minus its peak with ``fitting.steps=0``, over
+the model's weight bytes. ``--before REV`` runs the same cases with the package as of git revision
+REV too (speed before/after in one run, same machine and load):
+
+    python scripts/bench_fit.py --scale --before d46398d --out runs/bench_fit_scale.json
 """
 from __future__ import annotations
 
@@ -123,6 +132,88 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+SCALE_CHILD = r"""
+import json, sys, torch
+torch.set_num_threads(1)
+a = json.loads(sys.argv[1])
+from transformers import LlamaConfig, LlamaForCausalLM
+from orthoquant import load_recipe
+from orthoquant.fitting import fit_transforms
+from orthoquant.models.loading import InMemorySource
+from orthoquant.models.spec import spec_for
+from orthoquant.pipeline import make_plan, prepare_model
+config = LlamaConfig(vocab_size=a["vocab"], hidden_size=a["hidden"], intermediate_size=a["intermediate"],
+                     num_hidden_layers=a["layers"], num_attention_heads=a["hidden"] // 64,
+                     num_key_value_heads=a["hidden"] // 192, max_position_embeddings=4096, tie_word_embeddings=False,
+                     architectures=["LlamaForCausalLM"])
+torch.manual_seed(0)
+model = LlamaForCausalLM(config).eval()
+weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+recipe = load_recipe(a["recipe"], a["sets"])
+spec, cpu = spec_for(model.config), torch.device("cpu")
+plan = make_plan(model, spec, recipe)
+prepare_model(model, spec, InMemorySource(), cpu, plan)
+windows = torch.randint(0, a["vocab"], (a["windows"], a["seqlen"]), generator=torch.Generator().manual_seed(0))
+report = fit_transforms(model, spec, recipe, plan, InMemorySource(), windows, cpu)
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+print("RESULT " + json.dumps({"hwm": int(hwm) * 1024, "weight_bytes": weight_bytes,
+                              "steps_per_s": report.get("steps_per_s"), "params": sum(p.numel() for p in model.parameters())}))
+"""
+
+
+def scale_case(code: Path, layers: int, steps: int, args, offload: str = "none") -> dict:
+    """One fit in a fresh process with the package at ``code``; its peak RSS and speed."""
+    import subprocess
+
+    sets = [f"fitting.steps={steps}", f"fitting.batch_size={args.batch_size}", f"fitting.grad_accum={args.grad_accum}",
+            "fitting.qsur_samples=0", "fitting.top_k=1000", "fitting.checkpoint_every=0"]
+    if offload != "none":
+        sets.append(f"fitting.offload={offload}")
+    spec = dict(vocab=32768, hidden=768, intermediate=2048, layers=layers, recipe=args.scale_recipe, sets=sets,
+                windows=args.batch_size * args.grad_accum * 2, seqlen=args.seqlen)
+    env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", SCALE_CHILD, json.dumps(spec)], capture_output=True, text=True,
+                          env=env, cwd=str(code))
+    if proc.returncode:
+        raise RuntimeError(f"fit failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1][7:])
+
+
+def export_revision(rev: str, into: Path) -> Path:
+    """The package as of git revision ``rev``, extracted under ``into``."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    archive = subprocess.run(["git", "-C", str(root), "archive", rev, "orthoquant"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+def scale_main(args) -> None:
+    here = Path(__file__).resolve().parents[1]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        versions = [("after", here)] + ([("before", export_revision(args.before, Path(tmp)))] if args.before else [])
+        cases = [(name, code, "none") for name, code in versions] + [("after", here, "cpu")]
+        for layers in [int(n) for n in args.layers.split(",")]:
+            for name, code, offload in cases:
+                base = scale_case(code, layers, 0, args, offload)
+                fit = scale_case(code, layers, args.steps, args, offload)
+                rows.append({"code": name, "offload": offload, "layers": layers, "params": fit["params"],
+                             "weight_mib": fit["weight_bytes"] / 2**20, "base_mib": base["hwm"] / 2**20,
+                             "fit_mib": fit["hwm"] / 2**20, "extra_mib": (fit["hwm"] - base["hwm"]) / 2**20,
+                             "ratio": (fit["hwm"] - base["hwm"]) / fit["weight_bytes"], "steps_per_s": fit["steps_per_s"]})
+                print(json.dumps(rows[-1]), flush=True)
+    lines = ["| code | offload | layers | params | weights MiB | fit − no-fit peak MiB | ratio | steps/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['code']} | {r['offload']} | {r['layers']} | {r['params'] / 1e6:.1f}M | {r['weight_mib']:.0f} | "
+              f"{r['extra_mib']:.0f} | {r['ratio']:.2f} | {r['steps_per_s']:.4f} |" for r in rows]
+    print("\n".join(lines))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows, "table": "\n".join(lines)}, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(cache_dir() / "demo-llama"))
@@ -137,7 +228,17 @@ def main() -> None:
     parser.add_argument("--qsur-samples", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--scale", action="store_true", help="fit memory/speed versus depth (see above)")
+    parser.add_argument("--before", default=None, help="--scale: also run the package at this git revision")
+    parser.add_argument("--layers", default="2,4,8", help="--scale: depths")
+    parser.add_argument("--scale-recipe", default="ostquant-w4a4kv4")
+    parser.add_argument("--batch-size", type=int, default=2, help="--scale: sequences per micro-batch")
+    parser.add_argument("--seqlen-scale", dest="seqlen_scale", type=int, default=256)
     args = parser.parse_args()
+    if args.scale:
+        args.seqlen = args.seqlen_scale
+        args.steps, args.grad_accum = args.steps or 2, args.grad_accum or 2
+        return scale_main(args)
     if not (Path(args.model) / "config.json").is_file():
         sys.exit(f"no model in {args.model}: build the demo model first (python scripts/make_demo_model.py)")
     if args.threads:

@@ -185,6 +185,7 @@ def export_revision(rev: str, into: Path) -> Path:
 
     root = Path(__file__).resolve().parents[1]
     archive = subprocess.run(["git", "-C", str(root), "archive", rev, "orthoquant"], capture_output=True, check=True)
+    into.mkdir(parents=True, exist_ok=True)
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
     return into
 
@@ -193,8 +194,10 @@ def scale_main(args) -> None:
     here = Path(__file__).resolve().parents[1]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        versions = [("after", here)] + ([("before", export_revision(args.before, Path(tmp)))] if args.before else [])
-        cases = [(name, code, "none") for name, code in versions] + [("after", here, "cpu")]
+        after = export_revision(args.after, Path(tmp) / "after") if args.after else here
+        versions = [("after", after)] + ([("before", export_revision(args.before, Path(tmp) / "before"))]
+                                         if args.before else [])
+        cases = [(name, code, "none") for name, code in versions] + [("after", after, "cpu")]
         for layers in [int(n) for n in args.layers.split(",")]:
             for name, code, offload in cases:
                 base = scale_case(code, layers, 0, args, offload)
@@ -230,6 +233,8 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--scale", action="store_true", help="fit memory/speed versus depth (see above)")
     parser.add_argument("--before", default=None, help="--scale: also run the package at this git revision")
+    parser.add_argument("--after", default=None, help="--scale: the package at this git revision instead of the "
+                                                         "working tree (edits during the run cannot leak in)")
     parser.add_argument("--layers", default="2,4,8", help="--scale: depths")
     parser.add_argument("--scale-recipe", default="ostquant-w4a4kv4")
     parser.add_argument("--batch-size", type=int, default=2, help="--scale: sequences per micro-batch")

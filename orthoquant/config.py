@@ -166,7 +166,10 @@ class FitSpec:
     """End-to-end fitting of learnable transforms (OSTQuant, SpinQuant) before the layer-wise solve.
 
     Defaults are OSTQuant's (100 steps, global batch 16, RiemannianAdam, lr 0.016897 / 0.0017899,
-    linear decay, KL-Top with k = 1000). Training sequences are the calibration windows.
+    linear decay, KL-Top with k = 1000) on the fit's own data: ``source`` packed into ``seqlen``-token
+    windows (OSTQuant: every window of WikiText-2 train, ``nsamples = 0``; SpinQuant: 800 × 2048),
+    separate from GPTQ's calibration windows. An in-memory :func:`orthoquant.quantize` without
+    ``fit_windows`` trains on its calibration windows.
 
     :param params: learnable parameters (``orthoquant.transforms.learnable.PARAMS``): R_res, R_ov (one
         rotation per KV head), R2 (one per layer shared by heads), S_attn, S_ffn, S_ov, S_qk, S_up_down.
@@ -189,6 +192,11 @@ class FitSpec:
         pinned on CUDA, and stream to the device one decoder layer at a time, the next one prefetched).
     :param autocast: ``auto`` (bfloat16 on CUDA, off on CPU), ``bfloat16`` or ``off``.
     :param qsur_samples: calibration windows QSUR is measured on before and after fitting (0: skip).
+    :param source: text the fit trains on (any calibration source: wikitext2, c4, pile, a local path).
+    :param nsamples: windows of the fit data; 0 takes every packed window of ``source``.
+    :param seqlen: tokens per fit window.
+    :param eval_samples: fit windows held out from training, whose loss is logged after every step
+        (``eval_losses`` in the metrics; 0: none).
     :param released: a released SpinQuant ``R.bin`` or OSTQuant parameter file to use instead of fitting.
     """
 
@@ -213,6 +221,10 @@ class FitSpec:
     offload: str = "none"
     autocast: str = "auto"
     qsur_samples: int = 8
+    source: str = "wikitext2"
+    nsamples: int = 0
+    seqlen: int = 2048
+    eval_samples: int = 4
     released: str = ""
 
     def __post_init__(self) -> None:
@@ -232,7 +244,8 @@ class FitSpec:
         _one_of("fitting.offload", self.offload, ["none", "cpu"])
         for name in ("top_k", "batch_size", "grad_accum", "loss_chunk"):
             _require(getattr(self, name) > 0, f"fitting.{name}={getattr(self, name)} must be positive")
-        for name in ("steps", "checkpoint_every", "qsur_samples", "stabilize"):
+        _require(self.seqlen > 1, f"fitting.seqlen={self.seqlen} must be at least 2")
+        for name in ("steps", "checkpoint_every", "qsur_samples", "stabilize", "nsamples", "eval_samples"):
             _require(getattr(self, name) >= 0, f"fitting.{name}={getattr(self, name)} must be >= 0")
         _require(self.lr_rotation >= 0 and self.lr_scale >= 0, "fitting learning rates must be >= 0")
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from . import __version__
 from .config import Recipe
-from .data import calibration_windows
+from .data import calibration_windows, fitting_windows
 from .errors import UserError
 from .fakequant.attention import use_orthoquant_attention
 from .fakequant.kvcache import prepare_kv_scales
@@ -63,11 +63,15 @@ def check_seqlen(model: nn.Module, seqlen: int) -> None:
 
 
 def run_quantization(model: nn.Module, spec: ArchSpec, recipe: Recipe, source: WeightSource,
-                     windows: torch.Tensor, device: torch.device, run: RunFolder | None) -> dict:
-    """Prepare the model, quantize it layer by layer, then lm_head if the recipe targets it."""
+                     windows: torch.Tensor, device: torch.device, run: RunFolder | None,
+                     fit_windows: torch.Tensor | None = None) -> dict:
+    """Prepare the model, quantize it layer by layer, then lm_head if the recipe targets it.
+
+    :param fit_windows: the fit's training sequences (None: the calibration ``windows``)."""
     plan = make_plan(model, spec, recipe)
     prepare_model(model, spec, source, device, plan)
-    fitted = (fit_transforms(model, spec, recipe, plan, source, windows, device, run.path if run else None)
+    fit_data = windows if fit_windows is None else fit_windows
+    fitted = (fit_transforms(model, spec, recipe, plan, source, fit_data, device, run.path if run else None)
               if recipe.fitting is not None else None)  # learned transforms join the plan
     batches = list(windows.split(recipe.calibration.batch_size))
     inputs = capture_inputs(model, spec, batches, device)
@@ -98,10 +102,12 @@ def _quantize_lm_head(model, spec, recipe, hidden, device) -> dict:
 
 
 def quantize(model: nn.Module, recipe: Recipe, windows: torch.Tensor, out: Path | str | None = None,
-             device: torch.device | str = "cpu") -> nn.Module:
+             device: torch.device | str = "cpu", fit_windows: torch.Tensor | None = None) -> nn.Module:
     """Quantize an in-memory model in place on calibration token windows (nsamples, seqlen).
 
-    With ``out`` the run folder is written (and resumed), as the CLI does.
+    With ``out`` the run folder is written (and resumed), as the CLI does. ``fit_windows``: what a
+    learned-transform fit trains on (None: the calibration windows; ``fitting.source`` is read only
+    by :func:`quantize_pretrained`, which has the tokenizer).
     """
     device = torch.device(device)
     spec = spec_for(model.config)
@@ -110,7 +116,7 @@ def quantize(model: nn.Module, recipe: Recipe, windows: torch.Tensor, out: Path 
     if run is not None:
         run.start({"model": f"in-memory:{type(model).__name__}", "recipe": recipe.to_dict()}, recipe.to_yaml())
     source = InMemorySource()
-    metrics = run_quantization(model, spec, recipe, source, windows, device, run)
+    metrics = run_quantization(model, spec, recipe, source, windows, device, run, fit_windows)
     if run is not None:
         model.config.save_pretrained(run.path)
         run.finish({"metrics": metrics, "orthoquant": __version__})
@@ -127,16 +133,26 @@ def quantize_pretrained(model_id: str, recipe: Recipe, out: Path | str, device: 
     fingerprint = {"model": model_id if not Path(model_id).exists() else str(Path(model_id).resolve()),
                    "recipe": recipe.to_dict()}
     windows = calibration_windows(tokenizer, cal.source, cal.nsamples, cal.seqlen, cal.seed)
+    fit_windows = _fit_windows(model, tokenizer, recipe)
     if run.start(fingerprint, recipe.to_yaml()):
         log.info("%s is already complete; nothing to do", run.path)
         return run
     start = time.perf_counter()
-    metrics = run_quantization(model, spec, recipe, source, windows, device, run)
+    metrics = run_quantization(model, spec, recipe, source, windows, device, run, fit_windows)
     tokenizer.save_pretrained(run.path)
     model.config.save_pretrained(run.path)
     run.finish({"metrics": metrics, "seconds": time.perf_counter() - start, "orthoquant": __version__,
                 "torch": torch.__version__})
     return run
+
+
+def _fit_windows(model: nn.Module, tokenizer, recipe: Recipe) -> torch.Tensor | None:
+    """The fit's own training windows (``fitting.source``), before anything is written."""
+    fit = recipe.fitting
+    if fit is None or fit.released:
+        return None
+    check_seqlen(model, fit.seqlen)
+    return fitting_windows(tokenizer, fit.source, fit.nsamples, fit.seqlen, fit.seed)
 
 
 class RunSource(WeightSource):

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from orthoquant import load_recipe, open_run, quantize, quantize_pretrained
 from orthoquant.config import FitSpec, QuantSpec, Recipe, TransformSpec
-from orthoquant.data import calibration_windows
+from orthoquant.data import calibration_windows, fitting_windows
 from orthoquant.errors import ConfigError
 from orthoquant.fitting import loop, prepare_session
 from orthoquant.fitting.qsur import log_qsur, qsur_per_axis
@@ -23,7 +23,7 @@ CPU = torch.device("cpu")
 WINDOWS = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(2))
 QUANT = dict(activations=QuantSpec(bits=4, symmetric=False), kv_cache=QuantSpec(bits=4, symmetric=False),
              transforms=(TransformSpec("qk"), TransformSpec("down_input")))
-SMALL = dict(batch_size=2, grad_accum=1, top_k=20, qsur_samples=0)
+SMALL = dict(batch_size=2, grad_accum=1, top_k=20, qsur_samples=0, eval_samples=0)
 
 
 def session_for(fit: FitSpec, family="llama", dtype=torch.float32, **overrides):
@@ -129,7 +129,8 @@ def test_batches_cover_every_window_once_per_epoch_and_split_over_processes():
 
 
 SETS = ["fitting.steps=2", "fitting.batch_size=2", "fitting.grad_accum=1", "fitting.top_k=20",
-        "fitting.qsur_samples=2", "overrides=[]", "calibration.nsamples=4", "calibration.seqlen=16"]
+        "fitting.qsur_samples=2", "fitting.eval_samples=1", "overrides=[]", "calibration.nsamples=4",
+        "calibration.seqlen=16"]
 
 
 @pytest.mark.parametrize("preset", ["ostquant-w4a16", "ostquant-w4a4kv4", "spinquant-w4a4kv4"])
@@ -148,11 +149,14 @@ def test_presets_run_end_to_end_and_report_fitting_metrics(preset, tmp_path):
 def test_a_streamed_model_fits_like_the_same_model_in_memory(saved_model, text_file, tmp_path):
     folder = saved_model("qwen2")
     recipe = Recipe(**QUANT, fitting=FitSpec(steps=2, **SMALL)).with_overrides(
-        [f"calibration.source={text_file}", "calibration.nsamples=2", "calibration.seqlen=16"])
+        [f"calibration.source={text_file}", "calibration.nsamples=2", "calibration.seqlen=16",
+         f"fitting.source={text_file}", "fitting.nsamples=4", "fitting.seqlen=16"])
     run = quantize_pretrained(str(folder), recipe, tmp_path / "run", CPU)
     streamed, _, _, _ = open_run(run.path, CPU)
-    windows = calibration_windows(AutoTokenizer.from_pretrained(folder), str(text_file), 2, 16, 0)
-    in_memory = quantize(AutoModelForCausalLM.from_pretrained(folder), recipe, windows)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    windows = calibration_windows(tokenizer, str(text_file), 2, 16, 0)
+    fit_windows = fitting_windows(tokenizer, str(text_file), 4, 16, 0)
+    in_memory = quantize(AutoModelForCausalLM.from_pretrained(folder), recipe, windows, fit_windows=fit_windows)
     ids = windows[:1]
     with torch.no_grad():
         torch.testing.assert_close(streamed(ids).logits, in_memory(ids).logits, rtol=1e-4, atol=1e-4)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..config import Recipe
-from ..device import peak_memory
+from ..device import peak_memory, use_mmap_for_large_blocks
 from ..errors import ConfigError
 from ..models.loading import WeightSource
 from ..models.spec import ArchSpec
@@ -85,6 +85,7 @@ def fit_transforms(model: nn.Module, spec: ArchSpec, recipe: Recipe, plan: Trans
     if fit.released:
         deploy(model, spec, plan, import_released(Path(fit.released), plan.dims, spec, len(layers_of(model, spec))))
         return {"released": fit.released}
+    use_mmap_for_large_blocks()  # freed folds and activations go back to the system, not a growing heap
     layers = layers_of(model, spec)
     home = torch.device("cpu") if fit.offload == "cpu" else device  # offloaded layers never sit on the device
     for i, layer in enumerate(layers):

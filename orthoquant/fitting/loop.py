@@ -20,6 +20,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..config import FitSpec
+from ..errors import ConfigError
 from .cayley import CayleySGD
 from .losses import LOSSES
 from .session import FitSession
@@ -120,9 +121,28 @@ def _resume(path: Path | None, session: FitSession, optimizer) -> tuple[int, lis
     return state["step"], state["losses"], state["complete"]
 
 
+def held_out(windows: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(training windows, the last ``n`` windows held out for the per-step loss, or None)."""
+    if n == 0:
+        return windows, None
+    if n >= len(windows):
+        raise ConfigError(f"fitting.eval_samples={n} holds out every one of the {len(windows)} fit windows; "
+                          "lower it or give the fit more data")
+    return windows[:-n], windows[-n:]
+
+
+def held_out_loss(session: FitSession, windows: torch.Tensor) -> float:
+    step = LayerMajorStep(session, list(windows.split(session.fit.batch_size)))
+    return step.loss(LOSSES.get(session.fit.loss))
+
+
 def train(session: FitSession, windows: torch.Tensor, checkpoint: Path | None = None) -> dict:
-    """Run (or resume) ``fitting.steps`` optimiser steps; returns losses and timing."""
+    """Run (or resume) ``fitting.steps`` optimiser steps; returns losses (training and held-out per
+    step) and timing."""
     fit = session.fit
+    windows, evaluation = held_out(windows, fit.eval_samples)
+    eval_losses: list[float] = []
+    eval_seconds = 0.0
     optimizer = make_optimizer(fit, session.learned.rotations(), session.learned.scales())
     start, losses, done = _resume(checkpoint, session, optimizer)
     began = time.perf_counter()
@@ -133,12 +153,17 @@ def train(session: FitSession, windows: torch.Tensor, checkpoint: Path | None = 
             g["lr"] = g["base_lr"] * lr_factor(fit.schedule, step, fit.steps)
         losses.append(accumulate_gradients(session, windows, step))
         optimizer.step()
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if evaluation is not None:
+            tick = time.perf_counter()
+            eval_losses.append(held_out_loss(session, evaluation))
+            eval_seconds += time.perf_counter() - tick
+            log.info("fit step %d: loss %.5f, held-out loss %.5f", step + 1, losses[-1], eval_losses[-1])
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", **({"held_out": f"{eval_losses[-1]:.4f}"} if eval_losses else {}))
         last = step + 1 == fit.steps
         if checkpoint is not None and (last or (fit.checkpoint_every and (step + 1) % fit.checkpoint_every == 0)):
             _save(checkpoint, session, optimizer, step + 1, losses, last)
-    seconds = time.perf_counter() - began
+    seconds = time.perf_counter() - began - eval_seconds  # optimiser steps only
     ran = len(bar)
-    return {"losses": losses, "seconds": seconds, "steps_run": ran,
-            "steps_per_s": ran / seconds if ran and seconds > 0 else None,
+    return {"losses": losses, "eval_losses": eval_losses, "eval_seconds": eval_seconds, "seconds": seconds,
+            "steps_run": ran, "steps_per_s": ran / seconds if ran and seconds > 0 else None,
             "orthogonality_error": session.learned.orthogonality_error()}

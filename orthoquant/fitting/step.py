@@ -53,13 +53,18 @@ class LayerMajorStep:
         self.rows, self.kwargs = captured.hidden, captured.kwargs
         self.n = len(session.layers)
 
-    def _run(self, index: int, tensors: Tensors, hidden: list[torch.Tensor], grad: bool = False) -> list[torch.Tensor]:
+    def _run(self, index: int, tensors: Tensors, hidden: list[torch.Tensor], grad: bool = False,
+             batch: int | None = None) -> list[torch.Tensor]:
+        """Layer ``index`` with ``tensors`` swapped in, on every micro-batch (or only on ``batch``)."""
         s, layer = self.s, self.s.layers[index]
+        kwargs = self.kwargs if batch is None else [self.kwargs[batch]]
         with torch.set_grad_enabled(grad), swapped(tensors), s.autocast():
-            return [s.residency.call(layer, h, _to(kw, s.device)) for h, kw in zip(hidden, self.kwargs)]
+            return [s.residency.call(layer, h, _to(kw, s.device)) for h, kw in zip(hidden, kwargs)]
 
-    def forward(self, teacher: bool) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, list[Record]]:
-        """Final hidden states of the student and (if asked) the teacher, and the records for backward."""
+    def forward(self, teacher: bool, train: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor] | None,
+                                                                  list[Record]]:
+        """Final hidden states of the student and (if asked) the teacher, and (``train``) the records
+        for backward."""
         s = self.s
         with torch.no_grad():
             student = [s.rotate_rows(r) for r in self.rows]
@@ -72,8 +77,9 @@ class LayerMajorStep:
                 if teacher:
                     with quantizers_off(layer):
                         clean = self._run(i, folded, clean)
-                if s.recompute:
-                    records.append(Record(student))
+                if s.recompute or not train:
+                    if train:
+                        records.append(Record(student))
                     with torch.no_grad():
                         student = self._run(i, s.student(folded), student)
                 else:
@@ -91,15 +97,20 @@ class LayerMajorStep:
             with s.residency.use(i, i - 1 if i > 0 else None):
                 with torch.enable_grad():
                     folded = s.fold_layer(i)
-                leaves, inputs, outputs = record.leaves, record.inputs, record.outputs
-                if outputs is None:  # recompute the layer, now with its graph
-                    leaves, inputs = _leaves(folded), [h.detach().requires_grad_() for h in inputs]
-                    outputs = self._run(i, s.student(leaves), inputs, grad=True)
-                for y, g in zip(outputs, grads):
-                    torch.autograd.backward(y, g)
-                grads = [x.grad for x in inputs]
+                if record.outputs is None:  # recompute the layer with its graph, one micro-batch at a time
+                    leaves = _leaves(folded)
+                    weights = s.student(leaves)
+                    for m, h in enumerate(record.inputs):
+                        x = h.detach().requires_grad_()
+                        torch.autograd.backward(self._run(i, weights, [x], grad=True, batch=m)[0], grads[m])
+                        grads[m] = x.grad
+                    del weights
+                else:
+                    leaves = record.leaves
+                    for y, g in zip(record.outputs, grads):
+                        torch.autograd.backward(y, g)
+                    grads = [x.grad for x in record.inputs]
                 records[i] = None  # its inputs and graph are no longer needed
-                del outputs, inputs
                 pairs = [(v, leaves[k].grad) for k, v in folded.items()
                          if v.requires_grad and leaves[k].grad is not None]
                 if pairs:
@@ -110,6 +121,25 @@ class LayerMajorStep:
         if pairs:
             torch.autograd.backward([x for x, _ in pairs], [g for _, g in pairs])
 
+    def _loss(self, objective: Objective, head, student: torch.Tensor, clean: torch.Tensor | None,
+              ids: torch.Tensor) -> torch.Tensor:
+        s = self.s
+        with s.autocast():
+            teacher = None
+            if clean is not None:
+                with torch.no_grad():
+                    teacher = s.head_input(clean)
+            return objective.fn(head, s.head_input(student), s.head, teacher, ids, s.fit.top_k, s.fit.loss_chunk)
+
+    @torch.no_grad()
+    def loss(self, objective: Objective) -> float:
+        """Mean loss over the micro-batches, without gradients (the held-out loss)."""
+        student, clean, _ = self.forward(objective.needs_teacher, train=False)
+        head = self.s.student_head()
+        total = sum(self._loss(objective, head, student[m], clean[m] if clean else None, ids).item()
+                    for m, ids in enumerate(self.batches))
+        return total / len(self.batches)
+
     def run(self, objective: Objective, scale: float) -> float:
         """Forward, loss and backward of the step; gradients (times ``scale``) land on the transforms.
         Returns the mean loss over the micro-batches."""
@@ -118,12 +148,8 @@ class LayerMajorStep:
         head, grads, total = s.student_head(), [], 0.0
         for m, ids in enumerate(self.batches):
             h = student[m].detach().requires_grad_()
-            with torch.enable_grad(), s.autocast():
-                teacher = None
-                if clean is not None:
-                    with torch.no_grad():
-                        teacher = s.head_input(clean[m])
-                loss = objective.fn(head, s.head_input(h), s.head, teacher, ids, s.fit.top_k, s.fit.loss_chunk)
+            with torch.enable_grad():
+                loss = self._loss(objective, head, h, clean[m] if clean is not None else None, ids)
                 (loss * scale).backward()
             grads.append(h.grad)
             total += loss.item()

@@ -192,6 +192,10 @@ class FitSpec:
         pinned on CUDA, and stream to the device one decoder layer at a time, the next one prefetched).
     :param autocast: ``auto`` (bfloat16 on CUDA, off on CPU), ``bfloat16`` or ``off``.
     :param qsur_samples: calibration windows QSUR is measured on before and after fitting (0: skip).
+    :param ste: gradient of the activation/KV fake-quantizers: ``plain`` straight-through (SpinQuant)
+        or ``pass_scale``, through the rounding and the dynamic scale (OSTQuant).
+    :param max_grad_norm: clip the transforms' global gradient norm to this before each step (the
+        papers' Trainer default, 1.0; 0: no clipping).
     :param source: text the fit trains on (any calibration source: wikitext2, c4, pile, a local path).
     :param nsamples: windows of the fit data; 0 takes every packed window of ``source``.
     :param seqlen: tokens per fit window.
@@ -221,6 +225,8 @@ class FitSpec:
     offload: str = "none"
     autocast: str = "auto"
     qsur_samples: int = 8
+    ste: str = "pass_scale"
+    max_grad_norm: float = 1.0
     source: str = "wikitext2"
     nsamples: int = 0
     seqlen: int = 2048
@@ -242,6 +248,8 @@ class FitSpec:
         _one_of("fitting.grad_checkpointing", self.grad_checkpointing, ["auto", "on", "off"])
         _one_of("fitting.autocast", self.autocast, ["auto", "bfloat16", "off"])
         _one_of("fitting.offload", self.offload, ["none", "cpu"])
+        _one_of("fitting.ste", self.ste, ["plain", "pass_scale"])
+        _require(self.max_grad_norm >= 0, f"fitting.max_grad_norm={self.max_grad_norm} must be >= 0")
         for name in ("top_k", "batch_size", "grad_accum", "loss_chunk"):
             _require(getattr(self, name) > 0, f"fitting.{name}={getattr(self, name)} must be positive")
         _require(self.seqlen > 1, f"fitting.seqlen={self.seqlen} must be at least 2")

@@ -99,6 +99,17 @@ def accumulate_gradients(session: FitSession, windows: torch.Tensor, step: int) 
     return loss.item()
 
 
+def clip_gradients(params, max_norm: float) -> float:
+    """Scale the gradients so their global L2 norm is at most ``max_norm`` (0: leave them); returns
+    the norm before clipping. Gradients are already all-reduced, so every process clips alike."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_norm <= 0:
+        return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item()
+    return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+
+
 def _save(path: Path, session: FitSession, optimizer, step: int, losses: list[float], done: bool) -> None:
     if world()[0] != 0:
         return
@@ -152,6 +163,7 @@ def train(session: FitSession, windows: torch.Tensor, checkpoint: Path | None = 
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(fit.schedule, step, fit.steps)
         losses.append(accumulate_gradients(session, windows, step))
+        clip_gradients(session.learned.parameters(), fit.max_grad_norm)
         optimizer.step()
         if evaluation is not None:
             tick = time.perf_counter()

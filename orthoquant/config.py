@@ -128,7 +128,14 @@ class TransformSpec:
 
 @dataclass(frozen=True)
 class SolverSpec:
-    """The weight solver and its settings (GPTQ's defaults)."""
+    """The weight solver and its settings (GPTQ's defaults).
+
+    :param true_sequential: solve a layer's linears in groups, each calibrated on the outputs of the
+        groups already solved (QuaRot's order: q/k/v → o → gate/up → down).
+    :param propagate: what the next layer is calibrated on: the outputs of this layer with quantized
+        weights and activations/KV in ``fp`` (QuaRot, SpinQuant and OSTQuant run GPTQ before attaching
+        activation quantizers; their presets set it) or also fake-quantized (``quantized``).
+    """
 
     name: str = "rtn"
     damp: float = 0.01
@@ -136,6 +143,7 @@ class SolverSpec:
     act_order: bool = False
     static_groups: bool = False
     true_sequential: bool = False
+    propagate: str = "quantized"
 
     def __post_init__(self) -> None:
         from .solvers import SOLVERS
@@ -143,6 +151,7 @@ class SolverSpec:
         _one_of("solver.name", self.name, SOLVERS.names())
         _require(0 < self.damp < 1, f"solver.damp={self.damp} must lie in (0, 1)")
         _require(self.blocksize > 0, f"solver.blocksize={self.blocksize} must be positive")
+        _one_of("solver.propagate", self.propagate, ["fp", "quantized"])
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,7 @@ from .solvers import SOLVERS, proxy_loss
 from .stats import collect_input_stats
 from .fakequant.install import calibrate_kv_scales, install_layer_quantizers
 from .fakequant.kvcache import prepare_kv_scales
+from .fitting.session import quantizers_off
 from .transforms.plan import TransformPlan
 
 log = logging.getLogger(__name__)
@@ -96,7 +98,9 @@ class LayerwiseQuantizer:
                 bar.set_postfix_str(f"({i + 1}/{len(layers)}) calibrating")
                 solved = self._quantize_layer(layer, i, prefix, inputs)
             install_runtime(layer, i, self.spec, self.recipe, self.plan, solved)
-            inputs = LayerInputs(run_layer(layer, inputs, self.device), inputs.kwargs)
+            clean = quantizers_off(layer) if self.recipe.solver.propagate == "fp" else nullcontext()
+            with clean:  # what layer i+1 is calibrated on
+                inputs = LayerInputs(run_layer(layer, inputs, self.device), inputs.kwargs)
             self.source.release(layer)
         return inputs
 

@@ -22,7 +22,7 @@ from .init import hadamard_init, klt_init
 from .loop import train
 from .qsur import measure_qsur
 from .released import import_released
-from .residency import Offloaded, Resident
+from .residency import residency_for
 from .session import FitSession
 from .step import LayerMajorStep
 
@@ -48,7 +48,7 @@ def prepare_session(model: nn.Module, spec: ArchSpec, recipe: Recipe, plan: Tran
     model.requires_grad_(False)
     init = klt_init(model, spec, plan.dims, fit.seed) if fit.init == "klt" else hadamard_init(plan.dims, fit.seed)
     learned = LearnedTransforms(fit.params, plan.dims, spec, len(layers), init, device)
-    residency = Offloaded(device) if fit.offload == "cpu" else Resident()
+    residency = residency_for(fit.offload, device)
     residency.prepare(layers)
     session = FitSession(model, spec, recipe, plan, learned, device, residency)
     session.install()

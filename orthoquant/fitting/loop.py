@@ -23,17 +23,11 @@ from ..config import FitSpec
 from ..errors import ConfigError
 from .cayley import CayleySGD
 from .losses import LOSSES
+from .residency import world
 from .session import FitSession
 from .step import LayerMajorStep
 
 log = logging.getLogger(__name__)
-
-
-def world() -> tuple[int, int]:
-    """(rank, number of processes) of the default process group; (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def batch_indices(n: int, per_step: int, step: int, seed: int) -> torch.Tensor:

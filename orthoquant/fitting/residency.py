@@ -18,9 +18,19 @@ from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from ..errors import ConfigError
+
 Key = tuple[nn.Module, str]
+
+
+def world() -> tuple[int, int]:
+    """(rank, number of processes) of the default process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def call_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], hooks: bool = True) -> torch.Tensor:
@@ -109,3 +119,62 @@ class Offloaded(Resident):
             for (module, name), p in host.items():
                 module._parameters[name] = nn.Parameter(p.detach().to(self.device), requires_grad=False)
         self.host = []
+
+
+class Sharded(Resident):
+    """FSDP2: every layer ``fully_shard``-ed over the default process group; a use all-gathers it.
+
+    The layers are sharded once their norms are folded and the transforms initialised (each process
+    holds the model whole until then). :meth:`finish` gathers them back into plain parameters and
+    removes FSDP from them, for the layer-wise solve that follows.
+    """
+
+    name = "fsdp"
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.layers = device, None
+
+    def prepare(self, layers: nn.ModuleList) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(self.device.type, (world()[1],))
+        self.layers = layers
+        self.classes = [type(layer) for layer in layers]
+        for layer in layers:
+            fully_shard(layer, mesh=mesh)
+
+    @contextmanager
+    def use(self, index: int, following: int | None = None) -> Iterator[None]:
+        layer = self.layers[index]
+        layer.unshard()
+        try:
+            yield
+        finally:
+            layer.reshard()
+
+    def call(self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        return call_layer(layer, hidden, kwargs, hooks=False)  # FSDP's hooks would undo the swap
+
+    def finish(self, restore: bool = True) -> None:
+        from torch.distributed._composable_state import _module_state_mapping
+
+        for layer, cls in zip(self.layers, self.classes):
+            layer.unshard()
+            full = {key: key[0]._parameters[key[1]].detach().clone() for key in _parameters(layer)}
+            layer.__class__ = cls
+            layer._forward_pre_hooks.clear()
+            layer._forward_hooks.clear()
+            _module_state_mapping.pop(layer, None)
+            for (module, name), value in full.items():
+                module._parameters[name] = nn.Parameter(value, requires_grad=False)
+
+
+def residency_for(offload: str, device: torch.device) -> Resident:
+    """Sharded under several processes, else offloaded or resident as ``fitting.offload`` says."""
+    if world()[1] > 1:
+        if offload != "none":
+            raise ConfigError(f"fitting.offload={offload} with {world()[1]} processes is not supported: FSDP2 "
+                              "shards the weights across the processes instead; drop fitting.offload")
+        return Sharded(device)
+    return Offloaded(device) if offload == "cpu" else Resident()

@@ -46,7 +46,8 @@ def prepare_session(model: nn.Module, spec: ArchSpec, recipe: Recipe, plan: Tran
     for layer in layers:
         fold_layer_norms(layer, spec)
     model.requires_grad_(False)
-    init = klt_init(model, spec, plan.dims, fit.seed) if fit.init == "klt" else hadamard_init(plan.dims, fit.seed)
+    init = (klt_init(model, spec, plan.dims, fit.seed, device) if fit.init == "klt"
+            else hadamard_init(plan.dims, fit.seed))
     learned = LearnedTransforms(fit.params, plan.dims, spec, len(layers), init, device)
     residency = residency_for(fit.offload, device)
     residency.prepare(layers)

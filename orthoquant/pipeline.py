@@ -20,6 +20,8 @@ from .errors import UserError
 from .fakequant.attention import use_orthoquant_attention
 from .fakequant.kvcache import prepare_kv_scales
 from .fitting import fit_transforms
+from .fitting.distributed import on_first_process
+from .fitting.residency import world
 from .formats import make_format
 from .layerwise import capture_inputs, final_hidden
 from .models.loading import InMemorySource, WeightSource, build_skeleton, open_model
@@ -73,6 +75,8 @@ def run_quantization(model: nn.Module, spec: ArchSpec, recipe: Recipe, source: W
     fit_data = windows if fit_windows is None else fit_windows
     fitted = (fit_transforms(model, spec, recipe, plan, source, fit_data, device, run.path if run else None)
               if recipe.fitting is not None else None)  # learned transforms join the plan
+    if world()[0] != 0:  # under torchrun the other processes only share the fit
+        return {}
     batches = list(windows.split(recipe.calibration.batch_size))
     inputs = capture_inputs(model, spec, batches, device)
     runner = LayerwiseQuantizer(model, spec, recipe, source, device, plan, run)
@@ -134,11 +138,13 @@ def quantize_pretrained(model_id: str, recipe: Recipe, out: Path | str, device: 
                    "recipe": recipe.to_dict()}
     windows = calibration_windows(tokenizer, cal.source, cal.nsamples, cal.seqlen, cal.seed)
     fit_windows = _fit_windows(model, tokenizer, recipe)
-    if run.start(fingerprint, recipe.to_yaml()):
+    if on_first_process(lambda: run.start(fingerprint, recipe.to_yaml()), device):
         log.info("%s is already complete; nothing to do", run.path)
         return run
     start = time.perf_counter()
     metrics = run_quantization(model, spec, recipe, source, windows, device, run, fit_windows)
+    if world()[0] != 0:
+        return run
     tokenizer.save_pretrained(run.path)
     model.config.save_pretrained(run.path)
     run.finish({"metrics": metrics, "seconds": time.perf_counter() - start, "orthoquant": __version__,

@@ -53,6 +53,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
         s.residency.finish()  # gathered back into plain parameters for the layer-wise solve
         q = s.layers[0].self_attn.q_proj.weight
         sharded = sharded and not isinstance(q, DTensor) and torch.equal(q, full)
+        sharded = sharded and not any(isinstance(v, DTensor) for v in s.layers[0].state_dict().values())
         grads = step_gradients(grad_accum=1)
         params = fitted(grad_accum=1)
         if rank == 0:

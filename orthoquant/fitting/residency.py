@@ -163,11 +163,24 @@ class Sharded(Resident):
             layer.unshard()
             full = {key: key[0]._parameters[key[1]].detach().clone() for key in _parameters(layer)}
             layer.__class__ = cls
-            layer._forward_pre_hooks.clear()
-            layer._forward_hooks.clear()
+            for module in layer.modules():
+                _drop_fsdp_hooks(module)
             _module_state_mapping.pop(layer, None)
             for (module, name), value in full.items():
                 module._parameters[name] = nn.Parameter(value, requires_grad=False)
+
+
+_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_state_dict_pre_hooks", "_state_dict_hooks",
+          "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def _drop_fsdp_hooks(module: nn.Module) -> None:
+    """Remove the hooks FSDP2 registered on ``module`` (forward, and the state-dict hooks that would
+    turn its parameters back into shards), leaving any other hook in place."""
+    for attr in _HOOKS:
+        hooks = getattr(module, attr)
+        for key in [k for k, h in hooks.items() if "fsdp" in getattr(getattr(h, "func", h), "__module__", "")]:
+            del hooks[key]
 
 
 def residency_for(offload: str, device: torch.device) -> Resident:

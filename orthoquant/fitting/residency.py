@@ -52,6 +52,13 @@ class Resident:
     def call(self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         return call_layer(layer, hidden, kwargs)
 
+    def stash(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Where a kept layer input waits for the backward pass (here: where it is)."""
+        return hidden
+
+    def fetch(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
     def finish(self, restore: bool = True) -> None:
         """After the fit; ``restore``: leave the layers where they were before it."""
 
@@ -110,6 +117,16 @@ class Offloaded(Resident):
         finally:
             for key, host in self.host[index].items():
                 key[0]._parameters[key[1]] = host
+
+    def stash(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Kept layer inputs wait in CPU memory too (pinned on CUDA): (layers + 1) of them per step."""
+        if self.stream is None:
+            return hidden
+        host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
+        return host.copy_(hidden, non_blocking=True)
+
+    def fetch(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.to(self.device, non_blocking=True)
 
     def finish(self, restore: bool = True) -> None:
         """Put every layer back on the device, as it was before the fit (``restore``; a streamed model

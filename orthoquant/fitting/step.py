@@ -15,7 +15,7 @@ once per micro-batch, and an offloaded or sharded layer is fetched once per pass
 
 Memory beyond the frozen weights: one layer's folded weights (with gradient and the fold's graph in
 step 3), the transforms and their optimiser state, and the kept inputs: (layers + 1) · micro-batches ·
-batch · seqlen · hidden values. With ``grad_checkpointing: off`` each layer's graph is kept from
+batch · seqlen · hidden values (in CPU memory when the layers are offloaded). With ``grad_checkpointing: off`` each layer's graph is kept from
 the forward instead of being recomputed (faster, activation memory of every layer and micro-batch).
 """
 from __future__ import annotations
@@ -79,7 +79,7 @@ class LayerMajorStep:
                         clean = self._run(i, folded, clean)
                 if s.recompute or not train:
                     if train:
-                        records.append(Record(student))
+                        records.append(Record([s.residency.stash(h) for h in student]))
                     with torch.no_grad():
                         student = self._run(i, s.student(folded), student)
                 else:
@@ -101,7 +101,7 @@ class LayerMajorStep:
                     leaves = _leaves(folded)
                     weights = s.student(leaves)
                     for m, h in enumerate(record.inputs):
-                        x = h.detach().requires_grad_()
+                        x = s.residency.fetch(h).detach().requires_grad_()
                         torch.autograd.backward(self._run(i, weights, [x], grad=True, batch=m)[0], grads[m])
                         grads[m] = x.grad
                     del weights

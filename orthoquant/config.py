@@ -46,6 +46,8 @@ class QuantSpec:
     :param static: one scale per tensor calibrated once on the calibration data and stored with the
         run, instead of each call's own range (KV cache only, as vLLM's FP8 KV cache: ``group_size=0``,
         symmetric ``fp8`` or ``int``).
+    :param per_head: one group per attention head: ``group_size`` resolves to the model's head_dim
+        when the quantizer is installed (SpinQuant's and OSTQuant's o_proj input; activations only).
     """
 
     format: str = "int"
@@ -57,6 +59,7 @@ class QuantSpec:
     scale_rule: str = "spec"
     scale_dtype: str = "float32"
     static: bool = False
+    per_head: bool = False
 
     def __post_init__(self) -> None:
         from .formats import FORMATS
@@ -67,6 +70,9 @@ class QuantSpec:
         _one_of("scale_rule", self.scale_rule, ["spec", "three_quarters"])
         _one_of("scale_dtype", self.scale_dtype, ["float32", "float16", "bfloat16"])
         FORMATS.get(self.format).check(self)
+        _require(not self.per_head or self.group_size == -1,
+                 f"per_head=true with group_size={self.group_size}: the group size is the model's head_dim; "
+                 "leave group_size at -1")
         if self.static:
             _require(self.format in STATIC_FORMATS,
                      f"static=True with format={self.format!r}: static scales exist for {list(STATIC_FORMATS)}")
@@ -74,6 +80,11 @@ class QuantSpec:
                                            "one per tensor, set group_size=0")
             _require(self.symmetric, "static=True with symmetric=False: static scales have no zero point")
             _require(not self.clip_search, "static=True with clip_search=True: the clip search is for weights")
+
+
+    def for_head_dim(self, head_dim: int) -> "QuantSpec":
+        """This spec with ``per_head`` resolved: groups of ``head_dim`` columns."""
+        return dataclasses.replace(self, group_size=head_dim, per_head=False) if self.per_head else self
 
 
 # Formats whose static (calibrated, per-tensor) scale is one number.

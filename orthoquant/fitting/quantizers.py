@@ -57,8 +57,10 @@ def install_fitting_quantizers(layer: nn.Module, prefix: str, spec: ArchSpec, re
     def op(q_spec):
         return functools.partial(ste, make_format(q_spec)) if q_spec is not None else None
 
+    head_dim = get_module(layer, spec.attention).head_dim
     for role, lin in linears_of(layer, spec).items():
-        set_input_quantizer(lin, op(recipe.activations_for(prefix + spec.path(role))))
+        a_spec = recipe.activations_for(prefix + spec.path(role))
+        set_input_quantizer(lin, op(a_spec.for_head_dim(head_dim) if a_spec is not None else None))
     kv = op(recipe.kv_cache)
     set_kv_quantizers(get_module(layer, spec.attention), kv, kv)
 

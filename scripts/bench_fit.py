@@ -19,8 +19,8 @@ them on a CPU:
 (hidden 768, intermediate 2048, vocabulary 32768: ≥ 100M parameters at 8 layers, float32) is cut to
 2, 4 and 8 layers and fitted with ``ostquant-w4a4kv4`` in a fresh process per case; the ratio is the
 process's peak RSS (VmHWM, reset once the model is built and prepared) with ``fitting.steps`` steps
-minus its peak with ``fitting.steps=0``, over the model's weight bytes. ``--before REV`` runs the same cases with the package as of git revision
-REV too (speed before/after in one run, same machine and load):
+minus its peak with ``fitting.steps=0``, over the model's weight bytes. ``--before REV`` runs the
+same cases with the package as of git revision REV too (speed before/after in one run, same machine and load):
 
     python scripts/bench_fit.py --scale --before d46398d --out runs/bench_fit_scale.json
 """
@@ -159,8 +159,9 @@ windows = torch.randint(0, a["vocab"], (a["windows"], a["seqlen"]), generator=to
 open("/proc/self/clear_refs", "w").write("5")  # VmHWM from here: the model's own build peak is not the fit's
 report = fit_transforms(model, spec, recipe, plan, InMemorySource(), windows, cpu)
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+params = sum(p.numel() for p in model.parameters())
 print("RESULT " + json.dumps({"hwm": int(hwm) * 1024, "weight_bytes": weight_bytes,
-                              "steps_per_s": report.get("steps_per_s"), "params": sum(p.numel() for p in model.parameters())}))
+                              "steps_per_s": report.get("steps_per_s"), "params": params}))
 """
 
 
@@ -214,7 +215,8 @@ def scale_main(args) -> None:
                 rows.append({"code": name, "offload": offload, "layers": layers, "params": fit["params"],
                              "weight_mib": fit["weight_bytes"] / 2**20, "base_mib": base["hwm"] / 2**20,
                              "fit_mib": fit["hwm"] / 2**20, "extra_mib": (fit["hwm"] - base["hwm"]) / 2**20,
-                             "ratio": (fit["hwm"] - base["hwm"]) / fit["weight_bytes"], "steps_per_s": fit["steps_per_s"]})
+                             "ratio": (fit["hwm"] - base["hwm"]) / fit["weight_bytes"],
+                             "steps_per_s": fit["steps_per_s"]})
                 print(json.dumps(rows[-1]), flush=True)
     lines = ["| code | offload | layers | params | weights MiB | fit − no-fit peak MiB | ratio | steps/s |",
              "|---|---|---|---|---|---|---|---|"]

@@ -15,8 +15,9 @@ once per micro-batch, and an offloaded or sharded layer is fetched once per pass
 
 Memory beyond the frozen weights: one layer's folded weights (with gradient and the fold's graph in
 step 3), the transforms and their optimiser state, and the kept inputs: (layers + 1) · micro-batches ·
-batch · seqlen · hidden values (in CPU memory when the layers are offloaded). With ``grad_checkpointing: off`` each layer's graph is kept from
-the forward instead of being recomputed (faster, activation memory of every layer and micro-batch).
+batch · seqlen · hidden values (in CPU memory when the layers are offloaded). With
+``grad_checkpointing: off`` each layer's graph is kept from the forward instead of being recomputed
+(faster, activation memory of every layer and micro-batch).
 """
 from __future__ import annotations
 

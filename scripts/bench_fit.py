@@ -7,8 +7,9 @@ fit's optimiser steps per second, its first/last loss and QSUR^(1/d) per site be
 fitting (mean over layers). ``peak_mib`` is the peak of the whole quantization: CUDA's
 ``max_memory_allocated``, or on CPU the process RSS high-water mark above its level before (sampled).
 
-The o_proj input group of the SpinQuant/OSTQuant presets is set to the model's head_dim (their
-paper setting is "per head", 128 on Llama). Step counts and batches default to the presets'; lower
+The SpinQuant/OSTQuant presets group the o_proj input per head (their paper setting; 128 on Llama, the
+model's head_dim here). Fitted recipes train on every packed window of the train text (``--no-fit-data``:
+on the calibration windows); ``KL to FP`` is the held-out per-token KL to the unquantized model. Step counts and batches default to the presets'; lower
 them on a CPU:
 
     python scripts/make_demo_model.py          # builds ~/.cache/orthoquant/demo-llama once
@@ -43,7 +44,7 @@ except ImportError:  # run from a checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orthoquant import load_recipe, quantize  # noqa: E402
-from orthoquant.data import calibration_windows, evaluation_tokens, perplexity_windows  # noqa: E402
+from orthoquant.data import calibration_windows, evaluation_tokens, fitting_windows, perplexity_windows  # noqa: E402
 from orthoquant.demo import cache_dir  # noqa: E402
 from orthoquant.evaluate.ppl import perplexity  # noqa: E402
 
@@ -83,9 +84,8 @@ class PeakRSS:
 
 def recipe_sets(name: str, args, head_dim: int) -> list[str]:
     sets = [f"calibration.nsamples={args.nsamples}", f"calibration.seqlen={args.seqlen}", "calibration.batch_size=8"]
-    if name.startswith(("spinquant", "ostquant")) and "w4a4" in name:
-        sets.append(f"overrides=[{{pattern: 'self_attn\\.o_proj$', activations: {{group_size: {head_dim}}}}}]")
     if name.startswith(("spinquant-w", "ostquant")):
+        sets.append(f"fitting.seqlen={args.seqlen}")
         sets += [f"fitting.{k}={v}" for k, v in (("steps", args.steps), ("grad_accum", args.grad_accum),
                                                   ("qsur_samples", args.qsur_samples)) if v is not None]
     return sets
@@ -101,7 +101,19 @@ def summary(fitting: dict) -> dict:
     return out
 
 
-def run_one(name: str, args, calib: torch.Tensor, held_out: torch.Tensor, device: torch.device) -> dict:
+@torch.no_grad()
+def log_probs(model, windows: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+    return [torch.log_softmax(model(w.to(device)).logits.float(), -1).cpu() for w in windows.split(8)]
+
+
+def kl_to_fp(model, fp: list[torch.Tensor], windows: torch.Tensor, device: torch.device) -> float:
+    """Mean per-token KL(FP ‖ model) on the held-out windows."""
+    total = sum((p.exp() * (p - q)).sum().item() for p, q in zip(fp, log_probs(model, windows, device)))
+    return total / windows.numel()
+
+
+def run_one(name: str, args, calib: torch.Tensor, held_out: torch.Tensor, device: torch.device,
+            fit_windows: torch.Tensor | None = None, fp: list[torch.Tensor] | None = None) -> dict:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(args.model).to(device)
@@ -110,24 +122,28 @@ def run_one(name: str, args, calib: torch.Tensor, held_out: torch.Tensor, device
         torch.cuda.reset_peak_memory_stats(device)
     with tempfile.TemporaryDirectory() as tmp, PeakRSS() as rss:
         start = time.perf_counter()
-        quantize(model, recipe, calib, out=Path(tmp) / "run", device=device)
+        quantize(model, recipe, calib, out=Path(tmp) / "run", device=device, fit_windows=fit_windows)
         seconds = time.perf_counter() - start
         metrics = json.loads((Path(tmp) / "run" / "run.json").read_text())["metrics"]
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else rss.mib
     row = {"recipe": name, "ppl": perplexity(model, held_out, device, batch_size=8),
            "quantize_s": seconds, "peak_mib": peak}
+    if fp is not None:
+        row["kl"] = kl_to_fp(model, fp, held_out, device)
     if "fitting" in metrics:
         row["fit"] = summary(metrics["fitting"])
     return row
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| recipe | ppl | quantize s | peak MiB | fit steps/s | loss first → last |", "|---|---|---|---|---|---|"]
+    lines = ["| recipe | ppl | KL to FP | quantize s | peak MiB | fit steps/s | loss first → last |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         fit = r.get("fit") or {}
         loss = f"{fit['first_loss']:.4f} → {fit['last_loss']:.4f}" if fit.get("first_loss") is not None else ""
         sps = f"{fit['steps_per_s']:.3f}" if fit.get("steps_per_s") else ""
-        cells = (r["recipe"], f"{r['ppl']:.3f}", f"{r['quantize_s']:.1f}", f"{r['peak_mib']:.0f}", sps, loss)
+        kl = f"{r['kl']:.5f}" if "kl" in r else ""
+        cells = (r["recipe"], f"{r['ppl']:.3f}", kl, f"{r['quantize_s']:.1f}", f"{r['peak_mib']:.0f}", sps, loss)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -242,6 +258,8 @@ def main() -> None:
     parser.add_argument("--qsur-samples", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--fit-data", action=argparse.BooleanOptionalAction, default=True,
+                        help="fit on every packed window of the train text (off: on the calibration windows)")
     parser.add_argument("--scale", action="store_true", help="fit memory/speed versus depth (see above)")
     parser.add_argument("--before", default=None, help="--scale: also run the package at this git revision")
     parser.add_argument("--after", default=None, help="--scale: the package at this git revision instead of the "
@@ -266,9 +284,14 @@ def main() -> None:
     calib = calibration_windows(tokenizer, str(corpus / "train.txt"), args.nsamples, args.seqlen, seed=0)
     tokens = evaluation_tokens(tokenizer, str(corpus / "test.txt"), args.seqlen)
     held_out = perplexity_windows(tokens, args.seqlen)[: args.eval_windows]
+    # the fit's own data, as the presets' (every packed window of the train text), not GPTQ's windows
+    fit_windows = fitting_windows(tokenizer, str(corpus / "train.txt"), 0, args.seqlen) if args.fit_data else None
+    from transformers import AutoModelForCausalLM
+
+    fp = log_probs(AutoModelForCausalLM.from_pretrained(args.model).to(device), held_out, device)
     rows = []
     for name in args.recipes.split(","):
-        rows.append(run_one(name, args, calib, held_out, device))
+        rows.append(run_one(name, args, calib, held_out, device, fit_windows, fp))
         print(json.dumps(rows[-1]), flush=True)
     table = markdown(rows)
     print(table)

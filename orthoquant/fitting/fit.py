@@ -22,7 +22,7 @@ from .init import hadamard_init, klt_init
 from .loop import train
 from .qsur import measure_qsur
 from .released import import_released
-from .residency import residency_for
+from .residency import residency_for, world
 from .session import FitSession
 from .step import LayerMajorStep
 
@@ -88,7 +88,8 @@ def fit_transforms(model: nn.Module, spec: ArchSpec, recipe: Recipe, plan: Trans
         return {"released": fit.released}
     use_mmap_for_large_blocks()  # freed folds and activations go back to the system, not a growing heap
     layers = layers_of(model, spec)
-    home = torch.device("cpu") if fit.offload == "cpu" else device  # offloaded layers never sit on the device
+    # offloaded layers never sit on the device whole, and sharded ones only as their shards (FSDP2 moves them)
+    home = torch.device("cpu") if fit.offload == "cpu" or world()[1] > 1 else device
     for i, layer in enumerate(layers):
         source.materialize(layer, f"{spec.layers}.{i}.", home)
     try:

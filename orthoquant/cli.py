@@ -79,8 +79,14 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     from .device import resolve_device
     from .pipeline import quantize_pretrained
 
+    from .fitting.distributed import init_from_launch
+    from .fitting.residency import world
+
     recipe = recipe_from_args(args)
-    run = quantize_pretrained(args.model, recipe, args.out, resolve_device(args.device), args.dtype)
+    device = init_from_launch(recipe, resolve_device(args.device))  # torchrun: join the fit's processes
+    run = quantize_pretrained(args.model, recipe, args.out, device, args.dtype)
+    if world()[0] != 0:
+        return {}  # process 0 writes and reports the run
     log.info("run folder: %s", run.path)
     return run.info()
 

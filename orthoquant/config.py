@@ -81,6 +81,8 @@ class QuantSpec:
     :param static: one scale per tensor calibrated once on the calibration data and stored with the
         run, instead of each call's own range (KV cache only, as vLLM's FP8 KV cache: ``group_size=0``,
         symmetric ``fp8`` or ``int``).
+    :param per_head: one group per attention head: ``group_size`` resolves to the model's head_dim
+        when the quantizer is installed (SpinQuant's and OSTQuant's o_proj input; activations only).
     """
 
     format: str = "int"
@@ -92,6 +94,7 @@ class QuantSpec:
     scale_rule: str = "spec"
     scale_dtype: str = "float32"
     static: bool = False
+    per_head: bool = False
 
     def __post_init__(self) -> None:
         from .formats import FORMATS
@@ -107,6 +110,9 @@ class QuantSpec:
                  "(a preset's rule does not carry over when its format is changed)")
         _one_of("scale_dtype", self.scale_dtype, ["float32", "float16", "bfloat16"])
         FORMATS.get(self.format).check(self)
+        _require(not self.per_head or self.group_size == -1,
+                 f"per_head=true with group_size={self.group_size}: the group size is the model's head_dim; "
+                 "leave group_size at -1")
         if self.static:
             _require(self.format in STATIC_FORMATS,
                      f"static=True with format={self.format!r}: static scales exist for {list(STATIC_FORMATS)}")
@@ -114,6 +120,11 @@ class QuantSpec:
                                            "one per tensor, set group_size=0")
             _require(self.symmetric, "static=True with symmetric=False: static scales have no zero point")
             _require(not self.clip_search, "static=True with clip_search=True: the clip search is for weights")
+
+
+    def for_head_dim(self, head_dim: int) -> "QuantSpec":
+        """This spec with ``per_head`` resolved: groups of ``head_dim`` columns."""
+        return dataclasses.replace(self, group_size=head_dim, per_head=False) if self.per_head else self
 
 
 # Formats whose static (calibrated, per-tensor) scale is one number.
@@ -169,7 +180,14 @@ class TransformSpec:
 
 @dataclass(frozen=True)
 class SolverSpec:
-    """The weight solver and its settings (GPTQ's defaults)."""
+    """The weight solver and its settings (GPTQ's defaults).
+
+    :param true_sequential: solve a layer's linears in groups, each calibrated on the outputs of the
+        groups already solved (QuaRot's order: q/k/v → o → gate/up → down).
+    :param propagate: what the next layer is calibrated on: the outputs of this layer with quantized
+        weights and activations/KV in ``fp`` (QuaRot, SpinQuant and OSTQuant run GPTQ before attaching
+        activation quantizers; their presets set it) or also fake-quantized (``quantized``).
+    """
 
     name: str = "rtn"
     damp: float = 0.01
@@ -177,6 +195,7 @@ class SolverSpec:
     act_order: bool = False
     static_groups: bool = False
     true_sequential: bool = False
+    propagate: str = "quantized"
 
     def __post_init__(self) -> None:
         from .solvers import SOLVERS
@@ -184,6 +203,7 @@ class SolverSpec:
         _one_of("solver.name", self.name, SOLVERS.names())
         _require(0 < self.damp < 1, f"solver.damp={self.damp} must lie in (0, 1)")
         _require(self.blocksize > 0, f"solver.blocksize={self.blocksize} must be positive")
+        _one_of("solver.propagate", self.propagate, ["fp", "quantized"])
 
 
 @dataclass(frozen=True)
@@ -209,7 +229,10 @@ class FitSpec:
     """End-to-end fitting of learnable transforms (OSTQuant, SpinQuant) before the layer-wise solve.
 
     Defaults are OSTQuant's (100 steps, global batch 16, RiemannianAdam, lr 0.016897 / 0.0017899,
-    linear decay, KL-Top with k = 1000). Training sequences are the calibration windows.
+    linear decay, KL-Top with k = 1000) on the fit's own data: ``source`` packed into ``seqlen``-token
+    windows (OSTQuant: every window of WikiText-2 train, ``nsamples = 0``; SpinQuant: 800 × 2048),
+    separate from GPTQ's calibration windows. An in-memory :func:`orthoquant.quantize` without
+    ``fit_windows`` trains on its calibration windows.
 
     :param params: learnable parameters (``orthoquant.transforms.learnable.PARAMS``): R_res, R_ov (one
         rotation per KV head), R2 (one per layer shared by heads), S_attn, S_ffn, S_ov, S_qk, S_up_down.
@@ -225,9 +248,22 @@ class FitSpec:
     :param train_weights: fake-quantize weights with the recipe's weight format during fitting (W4A16).
     :param loss_chunk: tokens per chunk of the loss (memory O(chunk x vocab)).
     :param checkpoint_every: steps between fit checkpoints in the run folder (0: only at the end).
-    :param grad_checkpointing: recompute decoder layers in backward: ``auto`` (on CUDA), ``on``, ``off``.
+    :param grad_checkpointing: recompute each decoder layer in backward, keeping only its inputs
+        (``auto`` and ``on``), or keep every layer's graph from the forward (``off``: faster, activation
+        memory of the whole step).
+    :param offload: ``none`` (the frozen weights stay on the device) or ``cpu`` (they stay in CPU memory,
+        pinned on CUDA, and stream to the device one decoder layer at a time, the next one prefetched).
     :param autocast: ``auto`` (bfloat16 on CUDA, off on CPU), ``bfloat16`` or ``off``.
     :param qsur_samples: calibration windows QSUR is measured on before and after fitting (0: skip).
+    :param ste: gradient of the activation/KV fake-quantizers: ``plain`` straight-through (SpinQuant)
+        or ``pass_scale``, through the rounding and the dynamic scale (OSTQuant).
+    :param max_grad_norm: clip the transforms' global gradient norm to this before each step (the
+        papers' Trainer default, 1.0; 0: no clipping).
+    :param source: text the fit trains on (any calibration source: wikitext2, c4, pile, a local path).
+    :param nsamples: windows of the fit data; 0 takes every packed window of ``source``.
+    :param seqlen: tokens per fit window.
+    :param eval_samples: fit windows held out from training, whose loss is logged after every step
+        (``eval_losses`` in the metrics; 0: none).
     :param released: a released SpinQuant ``R.bin`` or OSTQuant parameter file to use instead of fitting.
     """
 
@@ -249,8 +285,15 @@ class FitSpec:
     loss_chunk: int = 1024
     checkpoint_every: int = 10
     grad_checkpointing: str = "auto"
+    offload: str = "none"
     autocast: str = "auto"
     qsur_samples: int = 8
+    ste: str = "pass_scale"
+    max_grad_norm: float = 1.0
+    source: str = "wikitext2"
+    nsamples: int = 0
+    seqlen: int = 2048
+    eval_samples: int = 4
     released: str = ""
 
     def __post_init__(self) -> None:
@@ -267,9 +310,13 @@ class FitSpec:
         _one_of("fitting.schedule", self.schedule, ["linear", "cosine", "constant"])
         _one_of("fitting.grad_checkpointing", self.grad_checkpointing, ["auto", "on", "off"])
         _one_of("fitting.autocast", self.autocast, ["auto", "bfloat16", "off"])
+        _one_of("fitting.offload", self.offload, ["none", "cpu"])
+        _one_of("fitting.ste", self.ste, ["plain", "pass_scale"])
+        _require(self.max_grad_norm >= 0, f"fitting.max_grad_norm={self.max_grad_norm} must be >= 0")
         for name in ("top_k", "batch_size", "grad_accum", "loss_chunk"):
             _require(getattr(self, name) > 0, f"fitting.{name}={getattr(self, name)} must be positive")
-        for name in ("steps", "checkpoint_every", "qsur_samples", "stabilize"):
+        _require(self.seqlen > 1, f"fitting.seqlen={self.seqlen} must be at least 2")
+        for name in ("steps", "checkpoint_every", "qsur_samples", "stabilize", "nsamples", "eval_samples"):
             _require(getattr(self, name) >= 0, f"fitting.{name}={getattr(self, name)} must be >= 0")
         _require(self.lr_rotation >= 0 and self.lr_scale >= 0, "fitting learning rates must be >= 0")
         _check_seed("fitting.seed", self.seed)

@@ -5,6 +5,7 @@ layer at a time into a run folder, :func:`quantize` works on a model already in 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -14,12 +15,14 @@ from torch import nn
 
 from . import __version__
 from .config import Recipe
-from .data import calibration_windows
+from .data import calibration_windows, fitting_windows
 from .errors import UserError
 from .fakequant.attention import use_orthoquant_attention
 from .fakequant.kvcache import prepare_kv_scales
 from .fingerprint import calibration_fingerprint, legacy_fingerprint, model_fingerprint, run_fingerprint
 from .fitting import fit_transforms
+from .fitting.distributed import on_first_process
+from .fitting.residency import world
 from .formats import make_format
 from .layerwise import capture_inputs, final_hidden
 from .models.loading import InMemorySource, WeightSource, build_skeleton, open_model
@@ -68,12 +71,18 @@ def check_seqlen(model: nn.Module, seqlen: int) -> None:
 
 
 def run_quantization(model: nn.Module, spec: ArchSpec, recipe: Recipe, source: WeightSource,
-                     windows: torch.Tensor, device: torch.device, run: RunFolder | None) -> dict:
-    """Prepare the model, quantize it layer by layer, then lm_head if the recipe targets it."""
+                     windows: torch.Tensor, device: torch.device, run: RunFolder | None,
+                     fit_windows: torch.Tensor | None = None) -> dict:
+    """Prepare the model, quantize it layer by layer, then lm_head if the recipe targets it.
+
+    :param fit_windows: the fit's training sequences (None: the calibration ``windows``)."""
     plan = make_plan(model, spec, recipe)
     prepare_model(model, spec, source, device, plan)
-    fitted = (fit_transforms(model, spec, recipe, plan, source, windows, device, run.path if run else None)
+    fit_data = windows if fit_windows is None else fit_windows
+    fitted = (fit_transforms(model, spec, recipe, plan, source, fit_data, device, run.path if run else None)
               if recipe.fitting is not None else None)  # learned transforms join the plan
+    if world()[0] != 0:  # under torchrun the other processes only share the fit
+        return {}
     if fitted is not None and run is not None:
         run.record_new_files()  # the finished fit checkpoint: a resume checks it before reading it
     batches = list(windows.split(recipe.calibration.batch_size))
@@ -105,10 +114,12 @@ def _quantize_lm_head(model, spec, recipe, hidden, device) -> dict:
 
 
 def quantize(model: nn.Module, recipe: Recipe, windows: torch.Tensor, out: Path | str | None = None,
-             device: torch.device | str = "cpu") -> nn.Module:
+             device: torch.device | str = "cpu", fit_windows: torch.Tensor | None = None) -> nn.Module:
     """Quantize an in-memory model in place on calibration token windows (nsamples, seqlen).
 
-    With ``out`` the run folder is written (and resumed), as the CLI does.
+    With ``out`` the run folder is written (and resumed), as the CLI does. ``fit_windows``: what a
+    learned-transform fit trains on (None: the calibration windows; ``fitting.source`` is read only
+    by :func:`quantize_pretrained`, which has the tokenizer).
     """
     device = torch.device(device)
     spec = spec_for(model.config)
@@ -117,7 +128,7 @@ def quantize(model: nn.Module, recipe: Recipe, windows: torch.Tensor, out: Path 
     check_seqlen(model, windows.shape[1])
     check_request(model, spec, recipe, out, device)  # before the run folder exists: nothing to clean up
     if out is None:
-        run_quantization(model, spec, recipe, InMemorySource(), windows, device, None)
+        run_quantization(model, spec, recipe, InMemorySource(), windows, device, None, fit_windows)
         return model
     name = f"in-memory:{type(model).__name__}"
     fingerprint = run_fingerprint({"in_memory": name}, calibration_fingerprint(None, windows),
@@ -125,7 +136,7 @@ def quantize(model: nn.Module, recipe: Recipe, windows: torch.Tensor, out: Path 
     run = RunFolder(out)
     with run.locked():
         run.start(fingerprint, recipe.to_yaml(), legacy={"model": name, "recipe": recipe.to_dict()})
-        metrics = run_quantization(model, spec, recipe, InMemorySource(), windows, device, run)
+        metrics = run_quantization(model, spec, recipe, InMemorySource(), windows, device, run, fit_windows)
         model.config.save_pretrained(run.path)
         run.finish({"metrics": metrics, "orthoquant": __version__})
     return model
@@ -135,24 +146,39 @@ def quantize_pretrained(model_id: str, recipe: Recipe, out: Path | str, device: 
                         dtype: str = "auto") -> RunFolder:
     """Quantize a hub id or local folder into the run folder ``out``, streaming one layer at a time."""
     run = RunFolder(out)
-    run.refuse_if_busy()  # before loading and tokenizing: a second process fails at once
+    if world()[0] == 0:
+        run.refuse_if_busy()  # before loading and tokenizing: a second process fails at once
     model, tokenizer, spec, source, path = open_model(model_id, dtype, device)
     check_support(spec, model.config, recipe)
     check_request(model, spec, recipe, out, device)  # before the run folder exists: nothing to clean up
     cal = recipe.calibration
     check_seqlen(model, cal.seqlen)
     windows = calibration_windows(tokenizer, cal.source, cal.nsamples, cal.seqlen, cal.seed)
+    fit_windows = _fit_windows(model, tokenizer, recipe)
     fingerprint = run_fingerprint(model_fingerprint(path, model_id), calibration_fingerprint(cal.source, windows),
                                   next(model.parameters()).dtype, device, recipe.to_dict())
-    with run.locked():  # held until the run is complete: a second process on --out fails at once
-        if run.start(fingerprint, recipe.to_yaml(), legacy=legacy_fingerprint(model_id, recipe.to_dict())):
+    first = world()[0] == 0  # under torchrun process 0 writes the run; the others share the fit
+    with run.locked() if first else contextlib.nullcontext():  # a second process on --out fails at once
+        legacy = legacy_fingerprint(model_id, recipe.to_dict())
+        if on_first_process(lambda: run.start(fingerprint, recipe.to_yaml(), legacy=legacy), device):
             log.info("%s is already complete; nothing to do", run.path)
             return run
-        metrics = run_quantization(model, spec, recipe, source, windows, device, run)
+        metrics = run_quantization(model, spec, recipe, source, windows, device, run, fit_windows)
+        if not first:
+            return run
         tokenizer.save_pretrained(run.path)
         model.config.save_pretrained(run.path)
         run.finish({"metrics": metrics, "orthoquant": __version__, "torch": torch.__version__})
     return run
+
+
+def _fit_windows(model: nn.Module, tokenizer, recipe: Recipe) -> torch.Tensor | None:
+    """The fit's own training windows (``fitting.source``), before anything is written."""
+    fit = recipe.fitting
+    if fit is None or fit.released:
+        return None
+    check_seqlen(model, fit.seqlen)
+    return fitting_windows(tokenizer, fit.source, fit.nsamples, fit.seqlen, fit.seed)
 
 
 class RunSource(WeightSource):

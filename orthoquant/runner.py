@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,7 @@ from .fakequant.kvcache import prepare_kv_scales
 from .errors import UserError
 from .finetune.e2e import LayerAccess, finetune_end_to_end, update_stored
 from .finetune.layer import LayerFinetune
+from .fitting.session import quantizers_off
 from .transforms.plan import TransformPlan
 
 log = logging.getLogger(__name__)
@@ -121,7 +123,9 @@ class LayerwiseQuantizer:
                 solved = self._quantize_layer(layer, i, prefix, inputs)
             install_runtime(layer, i, self.spec, self.recipe, self.plan, solved)
             solved_layers.append(solved)
-            inputs = inputs.with_hidden(run_layer(layer, inputs, self.device))
+            clean = quantizers_off(layer) if self.recipe.solver.propagate == "fp" else nullcontext()
+            with clean:  # what layer i+1 is calibrated on
+                inputs = inputs.with_hidden(run_layer(layer, inputs, self.device))
             if self.finetune is not None:
                 self.finetune.end()
             self.source.release(layer)

@@ -7,13 +7,23 @@ fit's optimiser steps per second, its first/last loss and QSUR^(1/d) per site be
 fitting (mean over layers). ``peak_mib`` is the peak of the whole quantization: CUDA's
 ``max_memory_allocated``, or on CPU the process RSS high-water mark above its level before (sampled).
 
-The o_proj input group of the SpinQuant/OSTQuant presets is set to the model's head_dim (their
-paper setting is "per head", 128 on Llama). Step counts and batches default to the presets'; lower
+The SpinQuant/OSTQuant presets group the o_proj input per head (their paper setting; 128 on Llama, the
+model's head_dim here). Fitted recipes train on every packed window of the train text (``--no-fit-data``:
+on the calibration windows); ``KL to FP`` is the held-out per-token KL to the unquantized model. Step counts and batches default to the presets'; lower
 them on a CPU:
 
     python scripts/make_demo_model.py          # builds ~/.cache/orthoquant/demo-llama once
     python scripts/bench_fit.py --steps 30 --grad-accum 2 --out runs/bench_fit.json
     python scripts/bench_fit.py --device cuda --out runs/bench_fit_gpu.json
+
+``--scale`` measures the fit's memory and speed instead (no demo model needed): a random Llama
+(hidden 768, intermediate 2048, vocabulary 32768: ≥ 100M parameters at 8 layers, float32) is cut to
+2, 4 and 8 layers and fitted with ``ostquant-w4a4kv4`` in a fresh process per case; the ratio is the
+process's peak RSS (VmHWM, reset once the model is built and prepared) with ``fitting.steps`` steps
+minus its peak with ``fitting.steps=0``, over the model's weight bytes. ``--before REV`` runs the
+same cases with the package as of git revision REV too (speed before/after in one run, same machine and load):
+
+    python scripts/bench_fit.py --scale --before d46398d --out runs/bench_fit_scale.json
 """
 from __future__ import annotations
 
@@ -34,7 +44,7 @@ except ImportError:  # run from a checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orthoquant import load_recipe, quantize  # noqa: E402
-from orthoquant.data import calibration_windows, evaluation_tokens, perplexity_windows  # noqa: E402
+from orthoquant.data import calibration_windows, evaluation_tokens, fitting_windows, perplexity_windows  # noqa: E402
 from orthoquant.demo import cache_dir  # noqa: E402
 from orthoquant.evaluate.ppl import perplexity  # noqa: E402
 
@@ -74,9 +84,8 @@ class PeakRSS:
 
 def recipe_sets(name: str, args, head_dim: int) -> list[str]:
     sets = [f"calibration.nsamples={args.nsamples}", f"calibration.seqlen={args.seqlen}", "calibration.batch_size=8"]
-    if name.startswith(("spinquant", "ostquant")) and "w4a4" in name:
-        sets.append(f"overrides=[{{pattern: 'self_attn\\.o_proj$', activations: {{group_size: {head_dim}}}}}]")
     if name.startswith(("spinquant-w", "ostquant")):
+        sets.append(f"fitting.seqlen={args.seqlen}")
         sets += [f"fitting.{k}={v}" for k, v in (("steps", args.steps), ("grad_accum", args.grad_accum),
                                                   ("qsur_samples", args.qsur_samples)) if v is not None]
     return sets
@@ -92,7 +101,19 @@ def summary(fitting: dict) -> dict:
     return out
 
 
-def run_one(name: str, args, calib: torch.Tensor, held_out: torch.Tensor, device: torch.device) -> dict:
+@torch.no_grad()
+def log_probs(model, windows: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+    return [torch.log_softmax(model(w.to(device)).logits.float(), -1).cpu() for w in windows.split(8)]
+
+
+def kl_to_fp(model, fp: list[torch.Tensor], windows: torch.Tensor, device: torch.device) -> float:
+    """Mean per-token KL(FP ‖ model) on the held-out windows."""
+    total = sum((p.exp() * (p - q)).sum().item() for p, q in zip(fp, log_probs(model, windows, device)))
+    return total / windows.numel()
+
+
+def run_one(name: str, args, calib: torch.Tensor, held_out: torch.Tensor, device: torch.device,
+            fit_windows: torch.Tensor | None = None, fp: list[torch.Tensor] | None = None) -> dict:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(args.model).to(device)
@@ -101,26 +122,126 @@ def run_one(name: str, args, calib: torch.Tensor, held_out: torch.Tensor, device
         torch.cuda.reset_peak_memory_stats(device)
     with tempfile.TemporaryDirectory() as tmp, PeakRSS() as rss:
         start = time.perf_counter()
-        quantize(model, recipe, calib, out=Path(tmp) / "run", device=device)
+        quantize(model, recipe, calib, out=Path(tmp) / "run", device=device, fit_windows=fit_windows)
         seconds = time.perf_counter() - start
         metrics = json.loads((Path(tmp) / "run" / "run.json").read_text())["metrics"]
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else rss.mib
     row = {"recipe": name, "ppl": perplexity(model, held_out, device, batch_size=8),
            "quantize_s": seconds, "peak_mib": peak}
+    if fp is not None:
+        row["kl"] = kl_to_fp(model, fp, held_out, device)
     if "fitting" in metrics:
         row["fit"] = summary(metrics["fitting"])
     return row
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| recipe | ppl | quantize s | peak MiB | fit steps/s | loss first → last |", "|---|---|---|---|---|---|"]
+    lines = ["| recipe | ppl | KL to FP | quantize s | peak MiB | fit steps/s | loss first → last |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         fit = r.get("fit") or {}
         loss = f"{fit['first_loss']:.4f} → {fit['last_loss']:.4f}" if fit.get("first_loss") is not None else ""
         sps = f"{fit['steps_per_s']:.3f}" if fit.get("steps_per_s") else ""
-        cells = (r["recipe"], f"{r['ppl']:.3f}", f"{r['quantize_s']:.1f}", f"{r['peak_mib']:.0f}", sps, loss)
+        kl = f"{r['kl']:.5f}" if "kl" in r else ""
+        cells = (r["recipe"], f"{r['ppl']:.3f}", kl, f"{r['quantize_s']:.1f}", f"{r['peak_mib']:.0f}", sps, loss)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+SCALE_CHILD = r"""
+import json, sys, torch
+torch.set_num_threads(1)
+a = json.loads(sys.argv[1])
+from transformers import LlamaConfig, LlamaForCausalLM
+from orthoquant import load_recipe
+from orthoquant.fitting import fit_transforms
+from orthoquant.models.loading import InMemorySource
+from orthoquant.models.spec import spec_for
+from orthoquant.pipeline import make_plan, prepare_model
+config = LlamaConfig(vocab_size=a["vocab"], hidden_size=a["hidden"], intermediate_size=a["intermediate"],
+                     num_hidden_layers=a["layers"], num_attention_heads=a["hidden"] // 64,
+                     num_key_value_heads=a["hidden"] // 192, max_position_embeddings=4096, tie_word_embeddings=False,
+                     architectures=["LlamaForCausalLM"])
+from orthoquant.device import use_mmap_for_large_blocks
+use_mmap_for_large_blocks()  # as the CLI does before building a model
+torch.manual_seed(0)
+model = LlamaForCausalLM(config).eval()
+weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+recipe = load_recipe(a["recipe"], a["sets"])
+spec, cpu = spec_for(model.config), torch.device("cpu")
+plan = make_plan(model, spec, recipe)
+prepare_model(model, spec, InMemorySource(), cpu, plan)
+windows = torch.randint(0, a["vocab"], (a["windows"], a["seqlen"]), generator=torch.Generator().manual_seed(0))
+open("/proc/self/clear_refs", "w").write("5")  # VmHWM from here: the model's own build peak is not the fit's
+report = fit_transforms(model, spec, recipe, plan, InMemorySource(), windows, cpu)
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+params = sum(p.numel() for p in model.parameters())
+print("RESULT " + json.dumps({"hwm": int(hwm) * 1024, "weight_bytes": weight_bytes,
+                              "steps_per_s": report.get("steps_per_s"), "params": params}))
+"""
+
+
+def scale_case(code: Path, layers: int, steps: int, args, offload: str = "none") -> dict:
+    """One fit in a fresh process with the package at ``code``; its peak RSS and speed."""
+    import subprocess
+
+    sets = [f"fitting.steps={steps}", f"fitting.batch_size={args.batch_size}", f"fitting.grad_accum={args.grad_accum}",
+            "fitting.qsur_samples=0", "fitting.top_k=1000", "fitting.checkpoint_every=0"]
+    if name_has_eval(code):  # the held-out loss is extra work the code before had no counterpart of
+        sets.append("fitting.eval_samples=0")
+    if offload != "none":
+        sets.append(f"fitting.offload={offload}")
+    spec = dict(vocab=32768, hidden=768, intermediate=2048, layers=layers, recipe=args.scale_recipe, sets=sets,
+                windows=args.batch_size * args.grad_accum * 2, seqlen=args.seqlen)
+    env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", SCALE_CHILD, json.dumps(spec)], capture_output=True, text=True,
+                          env=env, cwd=str(code))
+    if proc.returncode:
+        raise RuntimeError(f"fit failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1][7:])
+
+
+def name_has_eval(code: Path) -> bool:
+    return "eval_samples" in (code / "orthoquant" / "config.py").read_text()
+
+
+def export_revision(rev: str, into: Path) -> Path:
+    """The package as of git revision ``rev``, extracted under ``into``."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    archive = subprocess.run(["git", "-C", str(root), "archive", rev, "orthoquant"], capture_output=True, check=True)
+    into.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+def scale_main(args) -> None:
+    here = Path(__file__).resolve().parents[1]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        after = export_revision(args.after, Path(tmp) / "after") if args.after else here
+        versions = [("after", after)] + ([("before", export_revision(args.before, Path(tmp) / "before"))]
+                                         if args.before else [])
+        cases = [(name, code, "none") for name, code in versions] + [("after", after, "cpu")]
+        for layers in [int(n) for n in args.layers.split(",")]:
+            for name, code, offload in cases:
+                base = scale_case(code, layers, 0, args, offload)
+                fit = scale_case(code, layers, args.steps, args, offload)
+                rows.append({"code": name, "offload": offload, "layers": layers, "params": fit["params"],
+                             "weight_mib": fit["weight_bytes"] / 2**20, "base_mib": base["hwm"] / 2**20,
+                             "fit_mib": fit["hwm"] / 2**20, "extra_mib": (fit["hwm"] - base["hwm"]) / 2**20,
+                             "ratio": (fit["hwm"] - base["hwm"]) / fit["weight_bytes"],
+                             "steps_per_s": fit["steps_per_s"]})
+                print(json.dumps(rows[-1]), flush=True)
+    lines = ["| code | offload | layers | params | weights MiB | fit − no-fit peak MiB | ratio | steps/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['code']} | {r['offload']} | {r['layers']} | {r['params'] / 1e6:.1f}M | {r['weight_mib']:.0f} | "
+              f"{r['extra_mib']:.0f} | {r['ratio']:.2f} | {r['steps_per_s']:.4f} |" for r in rows]
+    print("\n".join(lines))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows, "table": "\n".join(lines)}, indent=2))
 
 
 def main() -> None:
@@ -137,7 +258,21 @@ def main() -> None:
     parser.add_argument("--qsur-samples", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--fit-data", action=argparse.BooleanOptionalAction, default=True,
+                        help="fit on every packed window of the train text (off: on the calibration windows)")
+    parser.add_argument("--scale", action="store_true", help="fit memory/speed versus depth (see above)")
+    parser.add_argument("--before", default=None, help="--scale: also run the package at this git revision")
+    parser.add_argument("--after", default=None, help="--scale: the package at this git revision instead of the "
+                                                         "working tree (edits during the run cannot leak in)")
+    parser.add_argument("--layers", default="2,4,8", help="--scale: depths")
+    parser.add_argument("--scale-recipe", default="ostquant-w4a4kv4")
+    parser.add_argument("--batch-size", type=int, default=2, help="--scale: sequences per micro-batch")
+    parser.add_argument("--seqlen-scale", dest="seqlen_scale", type=int, default=256)
     args = parser.parse_args()
+    if args.scale:
+        args.seqlen = args.seqlen_scale
+        args.steps, args.grad_accum = args.steps or 2, args.grad_accum or 2
+        return scale_main(args)
     if not (Path(args.model) / "config.json").is_file():
         sys.exit(f"no model in {args.model}: build the demo model first (python scripts/make_demo_model.py)")
     if args.threads:
@@ -149,9 +284,14 @@ def main() -> None:
     calib = calibration_windows(tokenizer, str(corpus / "train.txt"), args.nsamples, args.seqlen, seed=0)
     tokens = evaluation_tokens(tokenizer, str(corpus / "test.txt"), args.seqlen)
     held_out = perplexity_windows(tokens, args.seqlen)[: args.eval_windows]
+    # the fit's own data, as the presets' (every packed window of the train text), not GPTQ's windows
+    fit_windows = fitting_windows(tokenizer, str(corpus / "train.txt"), 0, args.seqlen) if args.fit_data else None
+    from transformers import AutoModelForCausalLM
+
+    fp = log_probs(AutoModelForCausalLM.from_pretrained(args.model).to(device), held_out, device)
     rows = []
     for name in args.recipes.split(","):
-        rows.append(run_one(name, args, calib, held_out, device))
+        rows.append(run_one(name, args, calib, held_out, device, fit_windows, fp))
         print(json.dumps(rows[-1]), flush=True)
     table = markdown(rows)
     print(table)

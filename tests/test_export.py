@@ -153,7 +153,8 @@ def _tiny_sizes(node):
 def tiny_preset(name):
     data = _tiny_sizes(load_recipe(name).to_dict())
     if data.get("fitting"):  # a few steps show the learned transforms round-trip; quality is not tested here
-        data["fitting"].update(steps=2, batch_size=2, grad_accum=1, qsur_samples=0, checkpoint_every=0)
+        data["fitting"].update(steps=2, batch_size=2, grad_accum=1, qsur_samples=0, checkpoint_every=0,
+                               eval_samples=0)
     return recipe_of(data)
 
 

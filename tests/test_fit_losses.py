@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from orthoquant.fitting import losses
 from orthoquant.fitting.losses import cross_entropy, kl, kl_top, mse, teacher_top_k
 
 N, D, V, K, CHUNK = 37, 6, 50, 10, 8  # N not a multiple of CHUNK: the last chunk is short
@@ -85,3 +86,22 @@ def test_other_losses_equal_their_references(name):
     for a, b in zip(grads(ours, w_s, h_s), grads(ref, w_s, h_s)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
     assert head.most == CHUNK and head.calls == 2 * CHUNKS
+
+
+def test_kl_top_through_a_linear_head_takes_the_fused_path_with_the_same_value_and_gradients(monkeypatch):
+    w_s, w_t, h_s, h_t = setup()
+    head = torch.nn.Linear(D, V, bias=True, dtype=torch.float64)
+    with torch.no_grad():
+        head.weight.copy_(w_s)
+        head.bias.normal_()
+    target = teacher_top_k(lambda h: h @ w_t.T, h_t, K, CHUNK)
+    generic = kl_top(lambda h: head(h), h_s, target, CHUNK)
+    calls = []
+    real = torch.autograd.Function.apply.__func__
+    monkeypatch.setattr(losses._KLTopLinear, "apply", classmethod(lambda cls, *a: calls.append(1) or real(cls, *a)))
+    fused = kl_top(head, h_s, target, CHUNK)
+    assert len(calls) == CHUNKS  # the fused function, once per chunk
+    torch.testing.assert_close(fused, generic, rtol=1e-12, atol=1e-14)
+    params = (h_s, head.weight, head.bias)
+    for a, b in zip(grads(fused, *params), grads(generic, *params)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)

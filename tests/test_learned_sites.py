@@ -6,11 +6,12 @@ import torch
 
 from orthoquant.config import FitSpec, QuantSpec, Recipe, TransformSpec
 from orthoquant.fitting import deploy, prepare_session
+from orthoquant.fitting.step import LayerMajorStep
 from orthoquant.layerwise import capture_inputs
 from orthoquant.models.loading import InMemorySource
 from orthoquant.models.spec import spec_for
 from orthoquant.models.surgery import fold_all_norms
-from orthoquant.models.tiny import tiny_model
+from orthoquant.models.tiny import FAMILIES, tiny_model
 from orthoquant.pipeline import make_plan, prepare_model
 from orthoquant.runner import LayerwiseQuantizer
 from orthoquant.transforms import plan as plan_module
@@ -135,20 +136,25 @@ QUANTIZED = dict(weights=QuantSpec(bits=4, clip_search=True), activations=QuantS
                  kv_cache=QuantSpec(bits=4, symmetric=False), transforms=ONLINE)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_fitting_time_forward_equals_the_deployed_forward(family):
-    recipe = Recipe(**QUANTIZED, fitting=FitSpec(train_weights=True, qsur_samples=0))
+@pytest.mark.parametrize("offload", ["none", "cpu"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fitting_time_forward_equals_the_deployed_forward(family, offload):
+    """The fit's forward (one weight copy, each layer folded on the fly, offloaded or not) is the
+    deployed model's forward, in float64 on every family."""
+    recipe = Recipe(**QUANTIZED, fitting=FitSpec(train_weights=True, qsur_samples=0, offload=offload))
     model, _ = reference(family, dtype=torch.float64)
     spec = spec_for(model.config)
     plan = make_plan(model, spec, recipe)
     prepare_model(model, spec, InMemorySource(), CPU, plan)
     session = prepare_session(model, spec, recipe, plan, CPU)
     session.learned.load_state_dict(random_learned(model, OST).state_dict())
-    fitting = session.logits(IDS, session.step_tensors()[1], quantized=True)
-    clean = session.logits(IDS, session.step_tensors()[0], quantized=False)
+    fitting = LayerMajorStep(session, [IDS]).logits(quantized=True)[0]
+    clean = LayerMajorStep(session, [IDS]).logits(quantized=False)[0]
     transforms = session.learned.frozen()
     model, ref = reference(family, dtype=torch.float64)
     out = deployed(model, recipe, transforms)
     assert rel_err(out, fitting) < 1e-6  # fake-quant rounds in float32
     assert rel_err(clean, ref) < 1e-6  # float32 masters: orthogonal to ~1e-7
     assert rel_err(out, ref) > 1e-3  # the quantizers really act
+    model, _ = reference(family, dtype=torch.float64)  # quantizers off: both sides are float64 end to end
+    assert rel_err(clean, deployed(model, Recipe(transforms=ONLINE), transforms)) < 1e-12

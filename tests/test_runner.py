@@ -115,7 +115,7 @@ def test_run_folder_reloads_bit_exactly_and_streams_the_same_numbers(tmp_path):
 @pytest.fixture
 def blockdense_solver():
     """A solver that moves each linear into a random block-dense basis before RTN, as WUSH does."""
-    from orthoquant.solvers import SOLVERS, SolveResult, Solver, proxy_loss
+    from orthoquant.solvers import SOLVERS, SolveResult, Solver
     from orthoquant.transforms.base import BlockDense
 
     def solve(W, H, fmt, spec):

@@ -134,6 +134,38 @@ def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed
     return windows
 
 
+def fitting_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """Training sequences of a learned-transform fit, packed as OSTQuant and SpinQuant pack them: the
+    source's text tokenized once (cached as calibration text is) and cut into consecutive,
+    non-overlapping windows. ``nsamples = 0`` takes every window (OSTQuant: the whole packed train
+    split); otherwise a seeded random ``nsamples`` of them, in stream order (SpinQuant: 800 × 2048).
+    Per-document sources (c4, pile) give one random window from each of ``nsamples`` documents.
+
+    :return: LongTensor (n, seqlen): a view of the token stream when every window is taken, so the
+        micro-batches gathered from it are the only copies.
+    :raises DataError: the source packs into fewer than ``nsamples`` windows (or none).
+    """
+    _check_positive(seqlen=seqlen)
+    corpus = open_source(source, "calib")
+    gen = torch.Generator().manual_seed(seed)
+    if corpus.per_document:
+        if nsamples == 0:
+            raise ConfigError(f"fitting.nsamples=0 packs a whole text, but {corpus.label} is read per document; "
+                              "set fitting.nsamples")
+        return _document_windows(tokenizer, corpus, nsamples, seqlen, gen)
+    stream = encode(tokenizer, corpus.text())
+    n = stream.numel() // seqlen
+    if n == 0 or n < nsamples:
+        raise DataError(f"fitting source {corpus.label} has {stream.numel()} tokens: {n} windows of fitting.seqlen = "
+                        f"{seqlen}, fewer than fitting.nsamples = {max(nsamples, 1)}; lower fitting.nsamples/"
+                        "fitting.seqlen or give more text")
+    packed = stream[:n * seqlen].view(n, seqlen)
+    if nsamples:
+        packed = packed[torch.randperm(n, generator=gen)[:nsamples].sort().values]
+    logger.info("fitting: %d × %d tokens from %s", packed.shape[0], seqlen, corpus.label)
+    return packed
+
+
 def evaluation_tokens(tokenizer, source: str, seqlen: int) -> torch.Tensor:
     """The perplexity stream of ``source``: wikitext2 test joined with "\\n\\n"; c4/pile GPTQ-style
     (first 1100 documents joined with " ", first ``256 * seqlen`` tokens); a local source whole.

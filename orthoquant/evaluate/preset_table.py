@@ -51,8 +51,10 @@ def quantize_case(model: str, preset: str, sets: list[str], calib: str, out: Pat
                   seqlen: int, device: torch.device = torch.device("cpu")) -> Path:
     """The finished run folder ``out`` of ``preset`` (with ``sets`` overrides) calibrated on ``calib``;
     a finished run there with the same recipe is reused."""
-    overrides = [f"calibration.source={calib}", f"calibration.nsamples={nsamples}",
-                 f"calibration.seqlen={seqlen}", *sets]
+    overrides = [f"calibration.source={calib}", f"calibration.nsamples={nsamples}", f"calibration.seqlen={seqlen}"]
+    if load_recipe(preset).fitting is not None:  # a learned preset fits on the same text (all its windows)
+        overrides += [f"fitting.source={calib}", f"fitting.seqlen={seqlen}"]
+    overrides += sets
     return quantize_pretrained(model, load_recipe(preset, overrides), out, device).path
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..config import Recipe
-from ..device import peak_memory
+from ..device import peak_memory, use_mmap_for_large_blocks
 from ..errors import ConfigError
 from ..models.loading import WeightSource
 from ..models.spec import ArchSpec
@@ -22,7 +22,9 @@ from .init import hadamard_init, klt_init
 from .loop import train
 from .qsur import measure_qsur
 from .released import check_released, import_released
-from .session import FitSession, quantizers_off, swapped
+from .residency import residency_for, world
+from .session import FitSession
+from .step import LayerMajorStep
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "fit.safetensors"  # safetensors + JSON, never a pickle (fitting/checkpoint.py)
@@ -47,9 +49,12 @@ def prepare_session(model: nn.Module, spec: ArchSpec, recipe: Recipe, plan: Tran
     for layer in layers:
         fold_layer_norms(layer, spec)
     model.requires_grad_(False)
-    init = klt_init(model, spec, plan.dims, fit.seed) if fit.init == "klt" else hadamard_init(plan.dims, fit.seed)
+    init = (klt_init(model, spec, plan.dims, fit.seed, device) if fit.init == "klt"
+            else hadamard_init(plan.dims, fit.seed))
     learned = LearnedTransforms(fit.params, plan.dims, spec, len(layers), init, device)
-    session = FitSession(model, spec, recipe, plan, learned, device)
+    residency = residency_for(fit.offload, device)
+    residency.prepare(layers)
+    session = FitSession(model, spec, recipe, plan, learned, device, residency)
     session.install()
     return session
 
@@ -65,9 +70,8 @@ def deploy(model: nn.Module, spec: ArchSpec, plan: TransformPlan, learned: dict[
 
 def measure(session: FitSession, windows: torch.Tensor) -> dict[str, list[float]]:
     """QSUR per site and layer of the current transforms, quantizers off."""
-    n = session.fit.qsur_samples
-    with swapped(session.fold_all()), quantizers_off(session.model):
-        return measure_qsur(session.model, session.spec, windows[:n], session.device, session.fit.batch_size)
+    step = LayerMajorStep(session, list(windows[:session.fit.qsur_samples].split(session.fit.batch_size)))
+    return measure_qsur(step.observe, session.spec, session.device)
 
 
 def fit_transforms(model: nn.Module, spec: ArchSpec, recipe: Recipe, plan: TransformPlan, source: WeightSource,
@@ -85,9 +89,12 @@ def fit_transforms(model: nn.Module, spec: ArchSpec, recipe: Recipe, plan: Trans
     if fit.released:
         deploy(model, spec, plan, import_released(Path(fit.released), plan.dims, spec, len(layers_of(model, spec))))
         return {"released": fit.released}
+    use_mmap_for_large_blocks()  # freed folds and activations go back to the system, not a growing heap
     layers = layers_of(model, spec)
+    # offloaded layers never sit on the device whole, and sharded ones only as their shards (FSDP2 moves them)
+    home = torch.device("cpu") if fit.offload == "cpu" or world()[1] > 1 else device
     for i, layer in enumerate(layers):
-        source.materialize(layer, f"{spec.layers}.{i}.", device)
+        source.materialize(layer, f"{spec.layers}.{i}.", home)
     try:
         session = prepare_session(model, spec, recipe, plan, device)
         report = {"qsur_before": measure(session, windows)} if fit.qsur_samples else {}
@@ -95,6 +102,7 @@ def fit_transforms(model: nn.Module, spec: ArchSpec, recipe: Recipe, plan: Trans
         if fit.qsur_samples:
             report["qsur_after"] = measure(session, windows)
         session.remove_quantizers()
+        session.residency.finish(restore=not source.streaming)
         deploy(model, spec, plan, session.learned.frozen())
     finally:
         if source.streaming:

@@ -48,14 +48,16 @@ def _o_blocks(o: nn.Linear, dims: Dims) -> torch.Tensor:
     return w.permute(1, 0, 2, 3).reshape(dims.kv_heads, -1, dims.head_dim)
 
 
-def klt_init(model: nn.Module, spec: ArchSpec, dims: Dims, seed: int) -> RotationInit:
-    """OSTQuant's KLT init from the (norm-folded) weights of ``model``."""
+def klt_init(model: nn.Module, spec: ArchSpec, dims: Dims, seed: int,
+             device: torch.device | None = None) -> RotationInit:
+    """OSTQuant's KLT init from the (norm-folded) weights of ``model``, accumulated on ``device``
+    (default: where the weights are; offloaded weights sit in CPU memory but are summed on the device)."""
     fallback = hadamard_init(dims, seed)
     layers = layers_of(model, spec)
 
     def residual() -> torch.Tensor:
-        device = linears_of(layers[0], spec)["q"].weight.device
-        moments = Moments(dims.hidden, device)  # accumulated, never stacking all layers' rows
+        where = device or linears_of(layers[0], spec)["q"].weight.device
+        moments = Moments(dims.hidden, where)  # accumulated, never stacking all layers' rows
         for layer in layers:
             for role in ("q", "k", "v", "gate", "up"):
                 moments.add(linears_of(layer, spec)[role].weight.double())

@@ -20,19 +20,15 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..config import FitSpec
+from ..errors import ConfigError
 from .cayley import CayleySGD
 from .checkpoint import read_checkpoint, write_checkpoint
 from .losses import LOSSES
+from .residency import world
 from .session import FitSession
+from .step import LayerMajorStep
 
 log = logging.getLogger(__name__)
-
-
-def world() -> tuple[int, int]:
-    """(rank, number of processes) of the default process group; (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def batch_indices(n: int, per_step: int, step: int, seed: int) -> torch.Tensor:
@@ -85,12 +81,8 @@ def accumulate_gradients(session: FitSession, windows: torch.Tensor, step: int) 
     batches = micro_batches(batch_indices(len(windows), per_step, step, fit.seed), fit.batch_size, rank, size)
     objective = LOSSES.get(fit.loss)
     session.learned.zero_grad(set_to_none=False)
-    teacher, student = session.step_tensors()
-    total = 0.0
-    for idx in batches:
-        total += session.micro_step(windows[idx].to(session.device), teacher, student, objective, 1 / len(batches))
-    session.backward_through_folds(student)
-    loss = torch.tensor(total / len(batches), device=session.device)
+    step = LayerMajorStep(session, [windows[idx] for idx in batches])
+    loss = torch.tensor(step.run(objective, 1 / len(batches)), device=session.device)
     if size > 1:
         for p in session.learned.parameters():
             if p.grad is None:  # every rank must join every all-reduce
@@ -100,6 +92,17 @@ def accumulate_gradients(session: FitSession, windows: torch.Tensor, step: int) 
         dist.all_reduce(loss)
         loss /= size
     return loss.item()
+
+
+def clip_gradients(params, max_norm: float) -> float:
+    """Scale the gradients so their global L2 norm is at most ``max_norm`` (0: leave them); returns
+    the norm before clipping. Gradients are already all-reduced, so every process clips alike."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_norm <= 0:
+        return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item()
+    return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
 
 
 def _save(path: Path, session: FitSession, optimizer, step: int, losses: list[float], done: bool) -> None:
@@ -124,9 +127,28 @@ def _resume(path: Path | None, session: FitSession, optimizer) -> tuple[int, lis
     return state["step"], state["losses"], state["complete"]
 
 
+def held_out(windows: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(training windows, the last ``n`` windows held out for the per-step loss, or None)."""
+    if n == 0:
+        return windows, None
+    if n >= len(windows):
+        raise ConfigError(f"fitting.eval_samples={n} holds out every one of the {len(windows)} fit windows; "
+                          "lower it or give the fit more data")
+    return windows[:-n], windows[-n:]
+
+
+def held_out_loss(session: FitSession, windows: torch.Tensor) -> float:
+    step = LayerMajorStep(session, list(windows.split(session.fit.batch_size)))
+    return step.loss(LOSSES.get(session.fit.loss))
+
+
 def train(session: FitSession, windows: torch.Tensor, checkpoint: Path | None = None) -> dict:
-    """Run (or resume) ``fitting.steps`` optimiser steps; returns losses and timing."""
+    """Run (or resume) ``fitting.steps`` optimiser steps; returns losses (training and held-out per
+    step) and timing."""
     fit = session.fit
+    windows, evaluation = held_out(windows, fit.eval_samples)
+    eval_losses: list[float] = []
+    eval_seconds = 0.0
     optimizer = make_optimizer(fit, session.learned.rotations(), session.learned.scales())
     start, losses, done = _resume(checkpoint, session, optimizer)
     began = time.perf_counter()
@@ -136,13 +158,19 @@ def train(session: FitSession, windows: torch.Tensor, checkpoint: Path | None = 
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(fit.schedule, step, fit.steps)
         losses.append(accumulate_gradients(session, windows, step))
+        clip_gradients(session.learned.parameters(), fit.max_grad_norm)
         optimizer.step()
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if evaluation is not None:
+            tick = time.perf_counter()
+            eval_losses.append(held_out_loss(session, evaluation))
+            eval_seconds += time.perf_counter() - tick
+            log.info("fit step %d: loss %.5f, held-out loss %.5f", step + 1, losses[-1], eval_losses[-1])
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", **({"held_out": f"{eval_losses[-1]:.4f}"} if eval_losses else {}))
         last = step + 1 == fit.steps
         if checkpoint is not None and (last or (fit.checkpoint_every and (step + 1) % fit.checkpoint_every == 0)):
             _save(checkpoint, session, optimizer, step + 1, losses, last)
-    seconds = time.perf_counter() - began
+    seconds = time.perf_counter() - began - eval_seconds  # optimiser steps only
     ran = len(bar)
-    return {"losses": losses, "seconds": seconds, "steps_run": ran,
-            "steps_per_s": ran / seconds if ran and seconds > 0 else None,
+    return {"losses": losses, "eval_losses": eval_losses, "eval_seconds": eval_seconds, "seconds": seconds,
+            "steps_run": ran, "steps_per_s": ran / seconds if ran and seconds > 0 else None,
             "orthogonality_error": session.learned.orthogonality_error()}

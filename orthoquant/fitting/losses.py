@@ -67,8 +67,45 @@ def teacher_top_k(head: Head, hidden: torch.Tensor, k: int, chunk: int) -> TopK:
     return TopK(torch.cat(logps), torch.cat(indices))
 
 
+class _KLTopLinear(torch.autograd.Function):
+    """KL-Top of one chunk through a linear head, with a hand-written backward that holds one
+    (chunk, vocab) buffer: ``∂L/∂z = softmax(z) · Σ_I p − scatter_I(p)`` is formed in place in the
+    recomputed logits (autograd's would keep logits, log-softmax, the scattered gradient and the
+    logits' gradient: four such buffers). Logits are computed in the weight's dtype, autocast off, in
+    forward and backward alike."""
+
+    @staticmethod
+    def _logits(h, weight, bias):
+        with torch.autocast(h.device.type, enabled=False):
+            return _wide(F.linear(h.to(weight.dtype), weight, bias))
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, logp, index):
+        z = _KLTopLinear._logits(h, weight, bias)
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
+        logq = z.gather(-1, index) - lse
+        ctx.save_for_backward(h, weight, bias, logp, index, lse)
+        return (logp.exp() * (logp - logq)).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight, bias, logp, index, lse = ctx.saved_tensors
+        p = logp.exp()
+        g = _KLTopLinear._logits(h, weight, bias).sub_(lse).exp_().mul_(p.sum(-1, keepdim=True))
+        g = g.scatter_add_(-1, index, -p).mul_(grad).to(weight.dtype)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        return (g @ weight if need_h else None, g.transpose(0, 1) @ h.to(weight.dtype) if need_w else None,
+                g.sum(0) if need_b and bias is not None else None, None, None)
+
+
 def kl_top(head: Head, hidden: torch.Tensor, teacher: TopK, chunk: int) -> torch.Tensor:
-    """KL-Top of the student ``hidden`` (N, d) against the teacher's :class:`TopK` (mean over N)."""
+    """KL-Top of the student ``hidden`` (N, d) against the teacher's :class:`TopK` (mean over N).
+    A plain ``nn.Linear`` head takes the fused path (:class:`_KLTopLinear`)."""
+    if isinstance(head, torch.nn.Linear):
+        total = sum(_KLTopLinear.apply(h, head.weight, head.bias, logp, index) for h, logp, index in
+                    zip(hidden.split(chunk), teacher.logp.split(chunk), teacher.index.split(chunk)))
+        return total / hidden.shape[0]
+
     def part(h, logp_t, index):
         logq = _log_probs(head, h).gather(-1, index)
         return (logp_t.exp() * (logp_t - logq)).sum()

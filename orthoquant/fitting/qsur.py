@@ -9,14 +9,15 @@ mean utilisation per axis, in (0, 1]: 1 would be a sphere filling a cube, which 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from scipy.stats import chi2
 from torch import nn
 
-from ..layerwise import capture_inputs, run_layer
 from ..models.spec import ArchSpec
-from ..models.surgery import layers_of, linears_of
+from ..models.surgery import linears_of
 
 # site -> the role whose input is the site's activation (what its quantizer sees)
 QSUR_SITES = {"qkv": "q", "o": "o", "gate_up": "gate", "down": "down"}
@@ -63,24 +64,25 @@ def qsur_per_axis(mean: torch.Tensor, cov: torch.Tensor, confidence: float = 0.9
     return math.exp(log_qsur(mean, cov, confidence) / mean.numel())
 
 
-@torch.no_grad()
-def measure_qsur(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, device: torch.device,
-                 batch_size: int) -> dict[str, list[float]]:
+def measure_qsur(observe, spec: ArchSpec, device: torch.device) -> dict[str, list[float]]:
     """Per site, QSUR^(1/d) of each layer's activation as its quantizer would see it (after online
-    transforms), one layer at a time so that only one layer's moments are held."""
-    inputs = capture_inputs(model, spec, list(windows.split(batch_size)), device)
+    transforms). ``observe(visit)`` runs the model layer by layer with ``visit(index, layer)`` around
+    each layer, so only one layer's moments are held."""
     result: dict[str, list[float]] = {site: [] for site in QSUR_SITES}
-    for layer in layers_of(model, spec):
+
+    @contextmanager
+    def visit(index: int, layer: nn.Module) -> Iterator[None]:
         linears = linears_of(layer, spec)
         moments = {site: Moments(linears[role].in_features, device) for site, role in QSUR_SITES.items()}
         handles = [linears[role].register_forward_pre_hook(lambda m, args, mo=moments[site]: mo.add(args[0]))
                    for site, role in QSUR_SITES.items()]
         try:
-            outputs = run_layer(layer, inputs, device)
+            yield
         finally:
             for h in handles:
                 h.remove()
         for site, mo in moments.items():
             result[site].append(qsur_per_axis(mo.mean(), mo.cov()))
-        inputs = inputs.with_hidden(outputs)
+
+    observe(visit)
     return result

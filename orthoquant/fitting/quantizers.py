@@ -1,4 +1,6 @@
-"""Fake-quantizers of the fitting, whose gradient also flows through the quantization scale.
+"""Fake-quantizers of the fitting: activations with a plain straight-through estimator (SpinQuant,
+``fitting.ste: plain``) or with the gradient also flowing through the scale (OSTQuant,
+``fitting.ste: pass_scale``); weights straight-through except where they are clipped.
 
 A pure straight-through estimator (``x + (q − x).detach()``) gives the transforms no reason to shrink
 an outlier: the scale that the outlier inflates is invisible to the gradient. SpinQuant and OSTQuant
@@ -40,12 +42,39 @@ def scale_grad_fake_quant(fmt: QuantFormat, x: torch.Tensor) -> torch.Tensor:
     return (q0 + (surrogate - surrogate.detach())).reshape(x.shape).to(x.dtype)
 
 
+def plain_fake_quant(fmt: QuantFormat, x: torch.Tensor) -> torch.Tensor:
+    """Quantize-dequantize ``x`` row-wise, the gradient passed straight to ``x`` (none to the scale)."""
+    return fmt.fake_quant(x)
+
+
+STES = {"plain": plain_fake_quant, "pass_scale": scale_grad_fake_quant}
+
+
 def install_fitting_quantizers(layer: nn.Module, prefix: str, spec: ArchSpec, recipe: Recipe) -> None:
     """The recipe's activation and KV quantizers on ``layer``, in their fitting form."""
-    def op(q_spec):
-        return functools.partial(scale_grad_fake_quant, make_format(q_spec)) if q_spec is not None else None
+    ste = STES[recipe.fitting.ste]
 
+    def op(q_spec):
+        return functools.partial(ste, make_format(q_spec)) if q_spec is not None else None
+
+    head_dim = get_module(layer, spec.attention).head_dim
     for role, lin in linears_of(layer, spec).items():
-        set_input_quantizer(lin, op(recipe.activations_for(prefix + spec.path(role))))
+        a_spec = recipe.activations_for(prefix + spec.path(role))
+        set_input_quantizer(lin, op(a_spec.for_head_dim(head_dim) if a_spec is not None else None))
     kv = op(recipe.kv_cache)
     set_kv_quantizers(get_module(layer, spec.attention), kv, kv)
+
+
+def weight_ste(fmt: QuantFormat, w: torch.Tensor) -> torch.Tensor:
+    """The format's quantize-dequantize of a weight (out, in), its gradient passed straight to ``w``
+    except at clipped weights, which get none (OSTQuant's and SpinQuant's ``clamp(round_ste(w/s))``:
+    a clipped weight is one the rounding moved by more than half a quantization step). Only integer
+    grids have one step (the scale); other formats pass every weight's gradient."""
+    rows = w.detach().reshape(-1, w.shape[-1]).float()
+    cols = fmt.fit(rows).columns(rows.shape[-1])
+    q = fmt.decode(fmt.encode(rows, cols), cols)
+    if fmt.spec.format == "int":
+        mask = ((q - rows).abs() <= 0.5 * cols.scale.expand_as(rows) * (1 + 1e-6)).reshape(w.shape).to(w.dtype)
+    else:
+        mask = torch.ones_like(w)
+    return q.reshape(w.shape).to(w.dtype) + (w - w.detach()) * mask  # exactly q in value

@@ -1,22 +1,21 @@
-"""The model while its transforms are fitted.
+"""The model while its transforms are fitted: one copy of the frozen weights, folded on the fly.
 
-Its own parameters stay untouched (norm-folded, frozen). For each step the site table folds the
-current transforms into fresh weight tensors (:class:`~orthoquant.transforms.folding.Live`), which are
-swapped into the modules for the forward passes: the teacher pass (quantizers off, no gradient) and
-the student pass (activation/KV fake-quant; weight fake-quant if the recipe trains with it).
-Gradients land on the swapped tensors; one backward through the folds, layer by layer, carries them
-to the transforms' parameters, so a step folds twice (no grad, then with grad per layer) however many
-micro-batches it accumulates, and no layer's fold graph outlives its own backward.
+The model's own parameters stay untouched (norm-folded, frozen, in the model's dtype). A decoder
+layer's weights are folded with the current transforms through the plan's site table — the same
+functions deployment folds with (:class:`~orthoquant.transforms.folding.Live` instead of
+``IN_PLACE``) — only while that layer runs, and swapped into its modules for the call; nothing
+folded outlives its layer. The model-level residual rotation never materialises a folded embedding or
+lm_head: embedding rows are gathered first and then rotated by the same row map the embedding fold
+applies (``produce``: ``E ← E M`` row by row), and lm_head, whose fold is ``W M⁻ᵀ``, reads
+``h M⁻¹`` with its stored weight (``h (W M⁻ᵀ)ᵀ = (h M⁻¹) Wᵀ``). :mod:`.step` drives the layers.
 """
 from __future__ import annotations
 
-import functools
 from contextlib import contextmanager, nullcontext
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..config import Recipe
 from ..fakequant.attention import set_kv_quantizers
@@ -24,12 +23,12 @@ from ..fakequant.inputs import set_input_quantizer
 from ..formats import make_format
 from ..models.spec import ArchSpec
 from ..models.surgery import get_module, layers_of, linears_of
-from ..transforms.folding import Live
+from ..transforms.base import Transform
+from ..transforms.folding import Live, consume
 from ..transforms.learnable import LearnedTransforms
 from ..transforms.plan import GLOBAL, TransformPlan
-from ..transforms.sites import fuse_residual_rest
-from .losses import Objective
-from .quantizers import install_fitting_quantizers
+from .quantizers import install_fitting_quantizers, weight_ste
+from .residency import Resident
 
 Tensors = dict[tuple[nn.Module, str], torch.Tensor]
 
@@ -66,29 +65,34 @@ def quantizers_off(model: nn.Module) -> Iterator[None]:
             setattr(obj, attr, value)
 
 
-@contextmanager
-def checkpointed(layers: nn.ModuleList) -> Iterator[None]:
-    """Within the block, decoder layers keep only their inputs and recompute in backward."""
-    for layer in layers:
-        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward  # back to the class's forward
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """float32 at least (folds of bfloat16 weights run at the precision of the float32 masters)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def inverse_rows(t: Transform, x: torch.Tensor) -> torch.Tensor:
+    """``x M⁻¹`` over the last axis, from the consumer map alone: ``M⁻¹ = (I M⁻ᵀ)ᵀ``."""
+    eye = torch.eye(t.dim, dtype=x.dtype, device=x.device)
+    return x @ t.consumer(eye).transpose(0, 1)
 
 
 class FitSession:
-    """A model prepared by :func:`~orthoquant.fitting.loop.fit_transforms`: norms folded, parameters
-    frozen, and ``learned`` folded on the fly through ``plan``'s site table."""
+    """A model prepared by :func:`~orthoquant.fitting.fit.prepare_session`: norms folded, parameters
+    frozen, and ``learned`` folded on the fly through ``plan``'s site table.
+
+    :param residency: where the frozen decoder layers live between their uses (resident on the
+        device, offloaded to CPU memory, or sharded across processes).
+    """
 
     def __init__(self, model: nn.Module, spec: ArchSpec, recipe: Recipe, plan: TransformPlan,
-                 learned: LearnedTransforms, device: torch.device) -> None:
+                 learned: LearnedTransforms, device: torch.device, residency: Resident | None = None) -> None:
         self.model, self.spec, self.recipe, self.plan = model, spec, recipe, plan
         self.learned, self.device, self.fit = learned, device, recipe.fitting
         self.layers = layers_of(model, spec)
-        self.body = get_module(model, spec.layers.rpartition(".")[0])
+        self.embed = get_module(model, spec.embed)
+        self.norm = get_module(model, spec.final_norm)
         self.head = get_module(model, spec.lm_head)
+        self.residency = residency or Resident()
         self.names = {get_module(layer, spec.path(role)): f"{spec.layers}.{i}.{spec.path(role)}"
                       for i, layer in enumerate(self.layers) for role, _ in spec.linears}
         self.names[self.head] = spec.lm_head
@@ -113,85 +117,57 @@ class FitSession:
     def autocast(self):
         return torch.autocast(self.device.type, torch.bfloat16) if self._option(self.fit.autocast) else nullcontext()
 
+    @property
+    def recompute(self) -> bool:
+        """Recompute each decoder layer in backward (only layer inputs are kept), unless ``off``."""
+        return self.fit.grad_checkpointing != "off"
+
     # --- folding ---------------------------------------------------------------------------------
-    @staticmethod
-    def _cast(live: Live) -> Tensors:
-        """Folded values in their module's dtype, as deployment stores them (the cast is differentiable)."""
-        return {key: v.to(getattr(key[0], key[1]).dtype) for key, v in live.values.items()}
-
-    def fold_rest(self) -> Tensors:
-        """Embedding and lm_head under a learned residual rotation (a recipe's own residual transform
-        is already fused there by the pipeline's preparation)."""
-        live, residual = Live(), self.learned.live(GLOBAL).get("residual")
-        if residual is not None:
-            fuse_residual_rest(self.model, self.spec, residual, live)
-        return self._cast(live)
-
     def fold_layer(self, index: int) -> Tensors:
+        """Layer ``index``'s weights with the current transforms folded in, in the module's dtype (as
+        deployment stores them; differentiable when grad is enabled)."""
         live = Live()
         self.plan.fuse_layer(self.layers[index], index, live, self.learned.live(index))
-        return self._cast(live)
+        return {key: v.to(getattr(key[0], key[1]).dtype) for key, v in live.values.items()}
 
-    @torch.no_grad()
-    def fold_all(self) -> Tensors:
-        tensors = self.fold_rest()
-        for i in range(len(self.layers)):
-            tensors.update(self.fold_layer(i))
-        return tensors
+    def student(self, folded: Tensors) -> Tensors:
+        """What the quantized model computes with: weights fake-quantized (straight-through) when the
+        recipe trains with weight quantization, else the folded weights themselves."""
+        if not self.fit.train_weights:
+            return folded
+        return {key: self._quantize_weight(*key, v) for key, v in folded.items()}
 
     def _quantize_weight(self, module: nn.Module, name: str, value: torch.Tensor) -> torch.Tensor:
         spec = self.recipe.weights_for(self.names[module]) if name == "weight" and module in self.names else None
-        return value if spec is None else make_format(spec).quantize_dequantize(value).to(value.dtype)
+        return value if spec is None else weight_ste(make_format(spec), value)
 
-    def step_tensors(self) -> tuple[Tensors, Tensors]:
-        """(teacher, student) tensors for one step. Student tensors are leaves that collect the
-        micro-batches' gradients; weight fake-quant is straight-through (the gradient of the
-        quantized weight is passed to the unquantized one)."""
-        teacher = self.fold_all()
-        quantize = self.fit.train_weights
-        student = {key: (self._quantize_weight(*key, v) if quantize else v).detach().requires_grad_()
-                   for key, v in teacher.items()}
-        return teacher, student
+    def residual(self) -> Transform | None:
+        """The learned residual rotation (None when the fit learns none)."""
+        return self.learned.live(GLOBAL).get("residual")
 
-    def backward_through_folds(self, student: Tensors) -> None:
-        """Carry the student tensors' gradients to the learned parameters, one fold at a time."""
-        folds = [self.fold_rest] + [functools.partial(self.fold_layer, i) for i in range(len(self.layers))]
-        for fold in folds:
-            with torch.enable_grad():
-                values = fold()
-            pairs = [(v, student[k].grad.to(v.dtype)) for k, v in values.items()
-                     if v.requires_grad and student[k].grad is not None]
-            if pairs:
-                torch.autograd.backward([v for v, _ in pairs], [g for _, g in pairs])
+    # --- embedding and head ------------------------------------------------------------------------
+    def rotate_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Embedding rows (gathered by token) under the learned residual, as its fold writes them."""
+        t = self.residual()
+        return rows if t is None else t.forward(wide(rows)).to(rows.dtype)
 
-    # --- passes ----------------------------------------------------------------------------------
-    def hidden(self, ids: torch.Tensor, tensors: Tensors, quantized: bool) -> torch.Tensor:
-        """Final normed hidden states (B, T, d) with ``tensors`` swapped in."""
-        with swapped(tensors), (nullcontext() if quantized else quantizers_off(self.model)), self.autocast():
-            return self.body(input_ids=ids, use_cache=False).last_hidden_state
+    def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What lm_head's stored weight reads: the final norm, then the residual undone (``h M⁻¹``)."""
+        h, t = self.norm(hidden), self.residual()
+        return h if t is None else inverse_rows(t, wide(h)).to(h.dtype)
 
-    def logits(self, ids: torch.Tensor, tensors: Tensors, quantized: bool) -> torch.Tensor:
-        with torch.no_grad(), swapped(tensors):
-            return self.head(self.hidden(ids, tensors, quantized))
-
-    def micro_step(self, ids: torch.Tensor, teacher: Tensors, student: Tensors, objective: Objective,
-                   scale: float) -> float:
-        """Loss of one micro-batch (B, T); its gradient, times ``scale``, is added to the student tensors."""
-        teacher_hidden = None
-        if objective.needs_teacher:
-            with torch.no_grad():
-                teacher_hidden = self.hidden(ids, teacher, quantized=False)
-        w_t = teacher.get((self.head, "weight"), self.head.weight)
-        b_t = teacher.get((self.head, "bias"), self.head.bias)
-
-        def teacher_head(h: torch.Tensor) -> torch.Tensor:  # lm_head with the teacher's (unquantized) weight
-            return nn.functional.linear(h, w_t.to(h.dtype), None if b_t is None else b_t.to(h.dtype))
-
-        ckpt = checkpointed(self.layers) if self._option(self.fit.grad_checkpointing) else nullcontext()
-        with swapped(student), ckpt:
-            with self.autocast():
-                h = self.body(input_ids=ids, use_cache=False).last_hidden_state
-                loss = objective.fn(self.head, h, teacher_head, teacher_hidden, ids, self.fit.top_k,
-                                    self.fit.loss_chunk)
-            (loss * scale).backward()
-        return loss.item()
+    def student_head(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """lm_head as the quantized model runs it on :meth:`head_input`'s output. Only a head trained
+        with weight fake-quant needs its folded weight ``W M⁻ᵀ`` (quantized); it reads ``h``, so the
+        ``M⁻¹`` that :meth:`head_input` applied is mapped back first."""
+        spec = self.recipe.weights_for(self.spec.lm_head) if self.fit.train_weights else None
+        t = self.residual()
+        if spec is None:
+            return self.head
+        live = Live()
+        if t is not None:
+            consume(self.head, t, live)
+        w = weight_ste(make_format(spec), live.read(self.head, "weight"))
+        back = (lambda h: h) if t is None else (lambda h: t.forward(wide(h)).to(h.dtype))
+        bias = self.head.bias
+        return lambda h: nn.functional.linear(back(h), w.to(h.dtype), None if bias is None else bias.to(h.dtype))

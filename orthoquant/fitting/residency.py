@@ -1,0 +1,210 @@
+"""Where the frozen decoder layers live between their uses during a fit.
+
+The fit visits the layers in order (forward) and in reverse (backward), one at a time
+(:mod:`.step`); a residency makes layer i's weights usable on the device for the duration of
+``use(i)`` and says which layer comes next, so it can be fetched while i computes.
+
+- :class:`Resident`: every layer stays on the device (the model as loaded).
+- :class:`Offloaded` (``fitting.offload: cpu``): the weights stay in CPU memory (pinned on CUDA) and
+  are copied in for each use on a side stream, the next layer's copy overlapping the current layer's
+  compute. Device memory ≈ two layers of weights plus what the step itself holds.
+- :class:`Sharded` (under ``torchrun``): each layer is ``fully_shard``-ed over the processes (FSDP2);
+  ``use`` all-gathers it and reshards afterwards. The layer is then called without FSDP's hooks,
+  which would otherwise re-register its own parameters over the folded ones the step swaps in.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import ConfigError
+
+Key = tuple[nn.Module, str]
+
+
+def world() -> tuple[int, int]:
+    """(rank, number of processes) of the default process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def call_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], hooks: bool = True) -> torch.Tensor:
+    out = layer(hidden, **kwargs) if hooks else layer.forward(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+class Resident:
+    """Every layer already on the device."""
+
+    name = "none"
+
+    def prepare(self, layers: nn.ModuleList) -> None:
+        pass
+
+    def use(self, index: int, following: int | None = None):
+        return nullcontext()
+
+    def call(self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        return call_layer(layer, hidden, kwargs)
+
+    def stash(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Where a kept layer input waits for the backward pass (here: where it is)."""
+        return hidden
+
+    def fetch(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+    def finish(self, restore: bool = True) -> None:
+        """After the fit; ``restore``: leave the layers where they were before it."""
+
+
+def _parameters(layer: nn.Module) -> list[Key]:
+    return [(m, n) for m in layer.modules() for n, p in m._parameters.items() if p is not None]
+
+
+class Offloaded(Resident):
+    """Layer weights in (pinned) CPU memory, streamed to ``device`` one layer at a time."""
+
+    name = "cpu"
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.host: list[dict[Key, nn.Parameter]] = []
+        self.pending: dict[int, tuple[dict[Key, torch.Tensor], Any]] = {}
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def prepare(self, layers: nn.ModuleList) -> None:
+        """Move every layer's parameters to CPU memory (pinned when the device is CUDA)."""
+        for layer in layers:
+            host = {}
+            for module, name in _parameters(layer):
+                value = module._parameters[name].detach().to("cpu")
+                if self.stream is not None:
+                    value = value.pin_memory()
+                host[(module, name)] = module._parameters[name] = nn.Parameter(value, requires_grad=False)
+            self.host.append(host)
+
+    def _fetch(self, index: int) -> None:
+        """Start copying layer ``index`` to the device (asynchronously on CUDA)."""
+        if index in self.pending:
+            return
+        ctx = torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
+        with ctx:  # copy=True: on a CPU "device" the copy is real too, so the swap logic is exercised
+            copies = {key: p.detach().to(self.device, non_blocking=True, copy=True)
+                      for key, p in self.host[index].items()}
+            event = self.stream.record_event() if self.stream is not None else None
+        self.pending[index] = (copies, event)
+
+    @contextmanager
+    def use(self, index: int, following: int | None = None) -> Iterator[None]:
+        self._fetch(index)
+        copies, event = self.pending.pop(index)
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+            for value in copies.values():  # allocated on the side stream, used on this one
+                value.record_stream(torch.cuda.current_stream(self.device))
+        for (module, name), value in copies.items():
+            module._parameters[name] = nn.Parameter(value, requires_grad=False)
+        if following is not None:
+            self._fetch(following)  # overlaps this layer's compute
+        try:
+            yield
+        finally:
+            for key, host in self.host[index].items():
+                key[0]._parameters[key[1]] = host
+
+    def stash(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Kept layer inputs wait in CPU memory too (pinned on CUDA): (layers + 1) of them per step."""
+        if self.stream is None:
+            return hidden
+        host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
+        return host.copy_(hidden, non_blocking=True)
+
+    def fetch(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.to(self.device, non_blocking=True)
+
+    def finish(self, restore: bool = True) -> None:
+        """Put every layer back on the device, as it was before the fit (``restore``; a streamed model
+        releases its layers instead, and a model larger than the device must never be restored)."""
+        self.pending.clear()
+        for host in self.host if restore else ():
+            for (module, name), p in host.items():
+                module._parameters[name] = nn.Parameter(p.detach().to(self.device), requires_grad=False)
+        self.host = []
+
+
+class Sharded(Resident):
+    """FSDP2: every layer ``fully_shard``-ed over the default process group; a use all-gathers it.
+
+    The layers are sharded once their norms are folded and the transforms initialised (each process
+    holds the model whole until then). :meth:`finish` gathers them back into plain parameters and
+    removes FSDP from them, for the layer-wise solve that follows.
+    """
+
+    name = "fsdp"
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.layers = device, None
+
+    def prepare(self, layers: nn.ModuleList) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(self.device.type, (world()[1],))
+        self.layers = layers
+        self.classes = [type(layer) for layer in layers]
+        for layer in layers:
+            fully_shard(layer, mesh=mesh)
+
+    @contextmanager
+    def use(self, index: int, following: int | None = None) -> Iterator[None]:
+        layer = self.layers[index]
+        layer.unshard()
+        try:
+            yield
+        finally:
+            layer.reshard()
+
+    def call(self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        return call_layer(layer, hidden, kwargs, hooks=False)  # FSDP's hooks would undo the swap
+
+    def finish(self, restore: bool = True) -> None:
+        from torch.distributed._composable_state import _module_state_mapping
+
+        for layer, cls in zip(self.layers, self.classes):
+            layer.unshard()
+            full = {key: key[0]._parameters[key[1]].detach().clone() for key in _parameters(layer)}
+            layer.__class__ = cls
+            for module in layer.modules():
+                _drop_fsdp_hooks(module)
+            _module_state_mapping.pop(layer, None)
+            for (module, name), value in full.items():
+                module._parameters[name] = nn.Parameter(value, requires_grad=False)
+
+
+_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_state_dict_pre_hooks", "_state_dict_hooks",
+          "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def _drop_fsdp_hooks(module: nn.Module) -> None:
+    """Remove the hooks FSDP2 registered on ``module`` (forward, and the state-dict hooks that would
+    turn its parameters back into shards), leaving any other hook in place."""
+    for attr in _HOOKS:
+        hooks = getattr(module, attr)
+        for key in [k for k, h in hooks.items() if "fsdp" in getattr(getattr(h, "func", h), "__module__", "")]:
+            del hooks[key]
+
+
+def residency_for(offload: str, device: torch.device) -> Resident:
+    """Sharded under several processes, else offloaded or resident as ``fitting.offload`` says."""
+    if world()[1] > 1:
+        if offload != "none":
+            raise ConfigError(f"fitting.offload={offload} with {world()[1]} processes is not supported: FSDP2 "
+                              "shards the weights across the processes instead; drop fitting.offload")
+        return Sharded(device)
+    return Offloaded(device) if offload == "cpu" else Resident()

@@ -31,7 +31,9 @@ def uses(name: str, what: str) -> bool:
     r = load_recipe(name)
     return {"transforms": bool(r.transforms), "kv": r.kv_cache is not None, "fitting": r.fitting is not None,
             "residual": any(t.site == "residual" for t in r.transforms) or (r.fitting is not None and "R_res" in r.fitting.params),
-            "S_qk": r.fitting is not None and "S_qk" in r.fitting.params}[what]
+            "S_qk": r.fitting is not None and "S_qk" in r.fitting.params,
+            "refine": r.refine is not None and r.refine.iters > 0,
+            "finetune": r.finetune is not None and r.finetune.active}[what]
 
 
 @pytest.mark.parametrize("family, rule", [
@@ -40,7 +42,7 @@ def uses(name: str, what: str) -> bool:
     ("phi4-mini", lambda n: uses(n, "S_qk")),  # partial rotary
     ("gemma2", lambda n: uses(n, "residual")),  # sandwich norms
     ("gemma3", lambda n: uses(n, "residual")),
-    ("opt", lambda n: uses(n, "transforms") or uses(n, "kv") or uses(n, "fitting")),  # no arch spec
+    ("opt", lambda n: any(uses(n, w) for w in ("transforms", "kv", "fitting", "refine", "finetune"))),  # no arch spec
 ])
 def test_presets_are_refused_exactly_where_the_family_cannot_run_them(family, rule):
     assert refused(family) == {n for n in preset_names() if rule(n)}
@@ -56,7 +58,7 @@ def test_fitted_transforms_fold_exactly(family, params):
     model = tiny_model(family)
     with torch.no_grad():
         ref = model(IDS).logits
-    fit = FitSpec(params=params, steps=2, batch_size=2, grad_accum=1, top_k=20, qsur_samples=0)
+    fit = FitSpec(params=params, steps=2, batch_size=2, grad_accum=1, top_k=20, qsur_samples=0, eval_samples=0)
     quantize(model, Recipe(fitting=fit), WINDOWS)  # no quantizer: the learned transforms alone
     with torch.no_grad():
         out = model(IDS).logits

@@ -18,10 +18,10 @@ from .kvcache import RangeObserver, is_static, kv_ops, set_kv_scales
 
 def install_input_quantizers(layer: nn.Module, prefix: str, spec: ArchSpec, recipe: Recipe) -> None:
     """Fake-quantize each targeted linear's input as the recipe says."""
-    head_dim = get_module(layer, spec.attention).head_dim
     for role, lin in linears_of(layer, spec).items():
         a_spec = recipe.activations_for(prefix + spec.path(role))
-        a_spec = a_spec.for_head_dim(head_dim) if a_spec is not None else None
+        if a_spec is not None and a_spec.per_head:  # only then: a generic model's attention may not say
+            a_spec = a_spec.for_head_dim(get_module(layer, spec.attention).head_dim)
         set_input_quantizer(lin, make_format(a_spec).fake_quant if a_spec is not None else None)
 
 

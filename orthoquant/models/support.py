@@ -28,8 +28,8 @@ def check_support(spec: ArchSpec, config, recipe) -> None:
         needs = [what for what, present in (("transforms", bool(sites)),
                                             ("KV-cache quantization", recipe.kv_cache is not None),
                                             ("learned fitting", recipe.fitting is not None),
-                                            ("learned rounding (refine)", getattr(recipe, "refine", None) is not None),
-                                            ("QuIP# fine-tuning", getattr(recipe, "finetune", None) is not None))
+                                            ("learned rounding (refine)", recipe.refine is not None and recipe.refine.iters > 0),
+                                            ("QuIP# fine-tuning", recipe.finetune is not None and recipe.finetune.active))
                  if present]
         if needs:
             raise UserError(f"the recipe asks for {' and '.join(needs)}, which need an architecture spec {arch} "

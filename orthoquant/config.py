@@ -344,6 +344,9 @@ class FinetuneSpec:
     :param tune_lm_head: train lm_head's weight end to end too.
     :param loss_chunk: tokens per chunk of the end-to-end loss (memory O(chunk x vocab)).
     :param seed: seed of the batch order.
+    :param source: / :param nsamples: / :param seqlen: the fine-tuning data (QuIP#'s devset), drawn as
+        calibration windows are; ``source: ""`` fine-tunes on the calibration windows themselves, and
+        ``nsamples`` / ``seqlen`` 0 take the calibration's.
     """
 
     layer_epochs: int = 0
@@ -358,14 +361,20 @@ class FinetuneSpec:
     tune_lm_head: bool = False
     loss_chunk: int = 1024
     seed: int = 0
+    source: str = ""
+    nsamples: int = 0
+    seqlen: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("layer_epochs", "e2e_epochs", "patience"):
+        for name in ("layer_epochs", "e2e_epochs", "patience", "nsamples"):
             _require(getattr(self, name) >= 0, f"finetune.{name}={getattr(self, name)} must be >= 0")
         for name in ("lr", "susv_lr", "e2e_lr", "e2e_susv_lr"):
             _require(getattr(self, name) > 0, f"finetune.{name}={getattr(self, name)} must be positive")
         _require(self.batch_size > 0 and self.loss_chunk > 0, "finetune.batch_size and loss_chunk must be positive")
         _require(0 < self.holdout < 1, f"finetune.holdout={self.holdout} must lie in (0, 1)")
+        _require(self.seqlen == 0 or self.seqlen > 1, f"finetune.seqlen={self.seqlen} must be 0 or at least 2")
+        _require(bool(self.source) or not (self.nsamples or self.seqlen),
+                 "finetune.nsamples/seqlen choose windows of finetune.source: set it too")
 
     @property
     def active(self) -> bool:

@@ -72,10 +72,11 @@ def check_seqlen(model: nn.Module, seqlen: int) -> None:
 
 def run_quantization(model: nn.Module, spec: ArchSpec, recipe: Recipe, source: WeightSource,
                      windows: torch.Tensor, device: torch.device, run: RunFolder | None,
-                     fit_windows: torch.Tensor | None = None) -> dict:
+                     fit_windows: torch.Tensor | None = None, finetune_windows: torch.Tensor | None = None) -> dict:
     """Prepare the model, quantize it layer by layer, then lm_head if the recipe targets it.
 
-    :param fit_windows: the fit's training sequences (None: the calibration ``windows``)."""
+    :param fit_windows: the fit's training sequences (None: the calibration ``windows``).
+    :param finetune_windows: QuIP#'s fine-tuning data (None: the calibration ``windows``)."""
     plan = make_plan(model, spec, recipe)
     prepare_model(model, spec, source, device, plan)
     fit_data = windows if fit_windows is None else fit_windows
@@ -88,6 +89,9 @@ def run_quantization(model: nn.Module, spec: ArchSpec, recipe: Recipe, source: W
     batches = list(windows.split(recipe.calibration.batch_size))
     inputs = capture_inputs(model, spec, batches, device)
     runner = LayerwiseQuantizer(model, spec, recipe, source, device, plan, run)
+    if finetune_windows is not None:
+        runner.finetune_inputs = capture_inputs(model, spec, list(finetune_windows.split(recipe.calibration.batch_size)),
+                                                device)
     if fitted is not None:
         runner.metrics["fitting"] = fitted
     last = runner.run_layers(inputs)
@@ -114,7 +118,8 @@ def _quantize_lm_head(model, spec, recipe, hidden, device) -> dict:
 
 
 def quantize(model: nn.Module, recipe: Recipe, windows: torch.Tensor, out: Path | str | None = None,
-             device: torch.device | str = "cpu", fit_windows: torch.Tensor | None = None) -> nn.Module:
+             device: torch.device | str = "cpu", fit_windows: torch.Tensor | None = None,
+             finetune_windows: torch.Tensor | None = None) -> nn.Module:
     """Quantize an in-memory model in place on calibration token windows (nsamples, seqlen).
 
     With ``out`` the run folder is written (and resumed), as the CLI does. ``fit_windows``: what a
@@ -128,7 +133,7 @@ def quantize(model: nn.Module, recipe: Recipe, windows: torch.Tensor, out: Path 
     check_seqlen(model, windows.shape[1])
     check_request(model, spec, recipe, out, device)  # before the run folder exists: nothing to clean up
     if out is None:
-        run_quantization(model, spec, recipe, InMemorySource(), windows, device, None, fit_windows)
+        run_quantization(model, spec, recipe, InMemorySource(), windows, device, None, fit_windows, finetune_windows)
         return model
     name = f"in-memory:{type(model).__name__}"
     fingerprint = run_fingerprint({"in_memory": name}, calibration_fingerprint(None, windows),
@@ -136,7 +141,8 @@ def quantize(model: nn.Module, recipe: Recipe, windows: torch.Tensor, out: Path 
     run = RunFolder(out)
     with run.locked():
         run.start(fingerprint, recipe.to_yaml(), legacy={"model": name, "recipe": recipe.to_dict()})
-        metrics = run_quantization(model, spec, recipe, InMemorySource(), windows, device, run, fit_windows)
+        metrics = run_quantization(model, spec, recipe, InMemorySource(), windows, device, run, fit_windows,
+                                   finetune_windows)
         model.config.save_pretrained(run.path)
         run.finish({"metrics": metrics, "orthoquant": __version__})
     return model
@@ -154,7 +160,7 @@ def quantize_pretrained(model_id: str, recipe: Recipe, out: Path | str, device: 
     cal = recipe.calibration
     check_seqlen(model, cal.seqlen)
     windows = calibration_windows(tokenizer, cal.source, cal.nsamples, cal.seqlen, cal.seed)
-    fit_windows = _fit_windows(model, tokenizer, recipe)
+    fit_windows, finetune_windows = _fit_windows(model, tokenizer, recipe), _finetune_windows(model, tokenizer, recipe)
     fingerprint = run_fingerprint(model_fingerprint(path, model_id), calibration_fingerprint(cal.source, windows),
                                   next(model.parameters()).dtype, device, recipe.to_dict())
     first = world()[0] == 0  # under torchrun process 0 writes the run; the others share the fit
@@ -163,13 +169,24 @@ def quantize_pretrained(model_id: str, recipe: Recipe, out: Path | str, device: 
         if on_first_process(lambda: run.start(fingerprint, recipe.to_yaml(), legacy=legacy), device):
             log.info("%s is already complete; nothing to do", run.path)
             return run
-        metrics = run_quantization(model, spec, recipe, source, windows, device, run, fit_windows)
+        metrics = run_quantization(model, spec, recipe, source, windows, device, run, fit_windows, finetune_windows)
         if not first:
             return run
         tokenizer.save_pretrained(run.path)
         model.config.save_pretrained(run.path)
         run.finish({"metrics": metrics, "orthoquant": __version__, "torch": torch.__version__})
     return run
+
+
+def _finetune_windows(model: nn.Module, tokenizer, recipe: Recipe) -> torch.Tensor | None:
+    """QuIP#'s fine-tuning data (``finetune.source``), drawn as calibration windows are; None: fine-tune
+    on the calibration windows."""
+    ft, cal = recipe.finetune, recipe.calibration
+    if ft is None or not ft.active or not ft.source:
+        return None
+    seqlen = ft.seqlen or cal.seqlen
+    check_seqlen(model, seqlen)
+    return calibration_windows(tokenizer, ft.source, ft.nsamples or cal.nsamples, seqlen, ft.seed)
 
 
 def _fit_windows(model: nn.Module, tokenizer, recipe: Recipe) -> torch.Tensor | None:

@@ -89,6 +89,7 @@ class LayerwiseQuantizer:
     run: RunFolder | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     finetune: LayerFinetune | None = None
+    finetune_inputs: LayerInputs | None = None  # layer 0's inputs on finetune.source (None: the calibration's)
 
     def __post_init__(self) -> None:
         self.refine = RefineStage(self.recipe, self.spec, self.device)  # carries FP activations across layers
@@ -101,7 +102,7 @@ class LayerwiseQuantizer:
             if ft.e2e_epochs and self.source.streaming and self.run is None:
                 raise UserError("finetune.e2e_epochs > 0 on a streamed model reopens its layers from the run "
                                 "folder: give an output folder")
-            self.finetune = LayerFinetune(self.recipe, self.spec, self.device, inputs)
+            self.finetune = LayerFinetune(self.recipe, self.spec, self.device, self.finetune_inputs or inputs)
         first, solved_layers = inputs, []
         bar = tqdm(range(len(layers)), desc="layers", unit="layer")
         for i in bar:
@@ -139,7 +140,8 @@ class LayerwiseQuantizer:
         access = LayerAccess(len(layers), lambda i: self._reopen(layers, i, solved_layers[i]),
                              lambda i: self.source.release(layers[i]), solved_layers)
         e2e, self.metrics["finetune_e2e"] = finetune_end_to_end(
-            self.model, self.spec, access, first, self.finetune.fp_inputs, self.recipe.finetune, self.device)
+            self.model, self.spec, access, self.finetune_inputs or first, self.finetune.fp_inputs,
+            self.recipe.finetune, self.device)
         e2e.write_final()
         inputs = first
         for i, layer in enumerate(layers):

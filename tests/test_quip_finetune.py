@@ -169,3 +169,51 @@ def test_end_to_end_trains_lm_head_only_when_asked_and_stores_it(tune_head, tmp_
     model = quantize(tiny_model("llama"), r, tokens, out=tmp_path / "run")
     assert torch.equal(model.lm_head.weight, untuned) != tune_head  # (the final norm is folded into both)
     assert torch.equal(load_file(tmp_path / "run" / "rest.safetensors")["lm_head.weight"], model.lm_head.weight)
+
+
+def finetune_cli(model, calib, out, *sets):
+    args = ["quantize", str(model), "--recipe", "quip-e8p-2bit", "--calib", str(calib), "--nsamples", "6",
+            "--seqlen", "32", "--out", str(out), "--device", "cpu"]
+    for s in ("calibration.batch_size=3", "finetune.layer_epochs=1", "finetune.e2e_epochs=1", *sets):
+        args += ["--set", s]
+    return args
+
+
+def test_finetune_source_is_the_data_fine_tuning_trains_on(saved_model, text_file, tmp_path, monkeypatch):
+    """finetune.source/nsamples/seqlen: the in-layer FP stream and the end-to-end stage start from those
+    windows (here 9 of 24 tokens), while GPTQ's calibration keeps its own (6 of 32)."""
+    from orthoquant.cli import main
+    from orthoquant.finetune.layer import LayerFinetune
+    import orthoquant.runner as runner
+
+    other = tmp_path / "devset.txt"
+    other.write_text(" ".join(f"tune{i % 97}" for i in range(4000)))
+    seen = {}
+    init, e2e = LayerFinetune.__init__, runner.finetune_end_to_end
+
+    def record_init(self, recipe, spec, device, inputs):
+        seen["layer"] = [tuple(h.shape[:2]) for h in inputs.hidden]
+        init(self, recipe, spec, device, inputs)
+
+    def record_e2e(model, spec, layers, inputs, *rest):
+        seen["e2e"] = [tuple(h.shape[:2]) for h in inputs.hidden]
+        return e2e(model, spec, layers, inputs, *rest)
+
+    monkeypatch.setattr(LayerFinetune, "__init__", record_init)
+    monkeypatch.setattr(runner, "finetune_end_to_end", record_e2e)
+    sets = (f"finetune.source={other}", "finetune.nsamples=9", "finetune.seqlen=24")
+    assert main(finetune_cli(saved_model("llama"), text_file, tmp_path / "run", *sets)) == 0
+    assert seen["layer"] == seen["e2e"] == [(3, 24), (3, 24), (3, 24)]
+    seen.clear()
+    assert main(finetune_cli(saved_model("llama"), text_file, tmp_path / "run-calib")) == 0
+    assert seen["layer"] == seen["e2e"] == [(3, 32), (3, 32)]  # default: the calibration windows
+
+
+def test_a_finetune_source_too_short_is_exit_2_before_anything_is_written(saved_model, text_file, tmp_path, capsys):
+    from orthoquant.cli import main
+
+    short = tmp_path / "short.txt"
+    short.write_text("a few words only")
+    sets = (f"finetune.source={short}", "finetune.nsamples=9", "finetune.seqlen=24")
+    assert main(finetune_cli(saved_model("llama"), text_file, tmp_path / "run", *sets)) == 2
+    assert "short.txt" in capsys.readouterr().err and not (tmp_path / "run").exists()

@@ -73,7 +73,9 @@ class QuantSpec:
     :param clip_ratio: static clipping of the range (activations 0.9, KV 0.95 in QuaRot), in (0, 1].
     :param clip_search: MSE search for the clip of each group (weights; grid 100 down to 0.2, |e|^2.4).
     :param scale_rule: MXFP4 scale rule: ``spec`` (OCP MX, 2^(floor(log2 amax)-2)) or ``three_quarters``.
-    :param scale_dtype: dtype scales are rounded to when quantizing (the dtype they are exported in).
+    :param scale_dtype: dtype scales are rounded to when quantizing (the dtype they are exported in);
+        ``auto`` is resolved from the model's dtype when quantizing (:mod:`orthoquant.autoscale`: float16
+        for a float16 model, else bfloat16), and the run records the resolved value. Presets say ``auto``.
     :param static: one scale per tensor calibrated once on the calibration data and stored with the
         run, instead of each call's own range (KV cache only, as vLLM's FP8 KV cache: ``group_size=0``,
         symmetric ``fp8`` or ``int``).
@@ -96,7 +98,7 @@ class QuantSpec:
         _require(self.group_size >= -1, f"group_size={self.group_size}: use -1 (per row), 0 (tensor) or > 0")
         _require(0 < self.clip_ratio <= 1, f"clip_ratio={self.clip_ratio} must lie in (0, 1]")
         _one_of("scale_rule", self.scale_rule, ["spec", "three_quarters"])
-        _one_of("scale_dtype", self.scale_dtype, ["float32", "float16", "bfloat16"])
+        _one_of("scale_dtype", self.scale_dtype, ["float32", "float16", "bfloat16", "auto"])
         FORMATS.get(self.format).check(self)
         if self.static:
             _require(self.format in STATIC_FORMATS,

@@ -13,6 +13,7 @@ from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 
 from . import __version__
+from .autoscale import resolve_auto_scales
 from .config import Recipe
 from .data import calibration_windows
 from .errors import UserError
@@ -109,6 +110,7 @@ def quantize(model: nn.Module, recipe: Recipe, windows: torch.Tensor, out: Path 
     """
     device = torch.device(device)
     spec = spec_for(model.config)
+    recipe = resolve_auto_scales(recipe, next(model.parameters()).dtype)  # what the run records
     check_seqlen(model, windows.shape[1])
     check_request(model, spec, recipe, out, device)  # before the run folder exists: nothing to clean up
     if out is None:
@@ -123,6 +125,7 @@ def quantize(model: nn.Module, recipe: Recipe, windows: torch.Tensor, out: Path 
         metrics = run_quantization(model, spec, recipe, InMemorySource(), windows, device, run)
         model.config.save_pretrained(run.path)
         run.finish({"metrics": metrics, "orthoquant": __version__})
+        record_exports(run.path)
     return model
 
 
@@ -132,6 +135,7 @@ def quantize_pretrained(model_id: str, recipe: Recipe, out: Path | str, device: 
     run = RunFolder(out)
     run.refuse_if_busy()  # before loading and tokenizing: a second process fails at once
     model, tokenizer, spec, source, path = open_model(model_id, dtype, device)
+    recipe = resolve_auto_scales(recipe, next(model.parameters()).dtype)  # what the run records
     check_request(model, spec, recipe, out, device)  # before the run folder exists: nothing to clean up
     cal = recipe.calibration
     check_seqlen(model, cal.seqlen)
@@ -146,7 +150,15 @@ def quantize_pretrained(model_id: str, recipe: Recipe, out: Path | str, device: 
         tokenizer.save_pretrained(run.path)
         model.config.save_pretrained(run.path)
         run.finish({"metrics": metrics, "orthoquant": __version__, "torch": torch.__version__})
+        record_exports(run.path)
     return run
+
+
+def record_exports(run_dir: Path) -> None:
+    """Record in run.json which export formats and dtypes the finished run serves exactly."""
+    from .export.exportable import record_exports as record
+
+    record(run_dir)
 
 
 class RunSource(WeightSource):

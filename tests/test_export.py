@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from orthoquant import open_run, quantize
+from orthoquant.autoscale import resolve_auto_scales
 from orthoquant.cli import main
 from orthoquant.config import Recipe, load_recipe, preset_names
 from orthoquant.errors import UserError
@@ -170,7 +171,8 @@ def test_native_round_trip_is_bit_exact_for_every_preset(preset, tmp_path, token
     names = [p.name for p in tmp_path.joinpath("native").rglob("*") if p.is_file()]
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))]  # safetensors only
     manifest = json.loads((tmp_path / "native" / MANIFEST).read_text())
-    assert manifest["recipe"] == r.to_dict() and {"torch", "transformers", "orthoquant"} <= set(manifest["versions"])
+    resolved = resolve_auto_scales(r, torch.float32)  # the run records scale_dtype: auto resolved
+    assert manifest["recipe"] == resolved.to_dict() and {"torch", "transformers", "orthoquant"} <= set(manifest["versions"])
     assert set(manifest["files"]) == {p.relative_to(tmp_path / "native").as_posix()
                                       for p in (tmp_path / "native").rglob("*") if p.is_file() and p.name != MANIFEST}
 

@@ -29,6 +29,7 @@ from ..errors import UserError
 from . import compressed, gptq, native  # noqa: F401  (register the formats)
 from .base import DEFAULT_SHARD_BYTES, EXPORT_FORMATS, ExportFormat, ExportOptions, copy_side_files
 from .contents import RunContents
+from .exportable import recorded_summary
 from .verify import (FAILED_MANIFEST, MANIFEST, PROVISIONAL_MANIFEST, ExportCheckError, check_batches,
                      check_manifest, compare_logits, relative_tolerance, update_manifest, write_manifest)
 
@@ -77,7 +78,7 @@ def export_run(run_dir: Path | str, out: Path | str, format: str = "native", dty
     contents = RunContents(run_dir)
     options = ExportOptions(dtype or contents.stored_dtype(), calib,
                             max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES)
-    fmt.check(contents, options.dtype)
+    _check_servable(fmt, contents, options.dtype)
     out = _empty_folder(out)
     try:
         fields = fmt.write(contents, out, options)
@@ -100,6 +101,16 @@ def export_run(run_dir: Path | str, out: Path | str, format: str = "native", dty
     log.info("exported %s as %s into %s", contents.path, fmt.name, out)
     return {"format": fmt.name, "out": str(out), "dtype": manifest["dtype"], "sizes": manifest["sizes"],
             "checks": checks}
+
+
+def _check_servable(fmt: ExportFormat, contents: RunContents, dtype: torch.dtype) -> None:
+    """The format's check, before anything is written; a refusal also names what the run serves
+    (run.json's ``exports``, recorded when quantizing)."""
+    try:
+        fmt.check(contents, dtype)
+    except UserError as e:
+        summary = recorded_summary(contents)
+        raise UserError(f"{e} ({summary})" if summary else str(e)) from None
 
 
 def _verify(contents: RunContents, out: Path, fmt: ExportFormat, dtype: torch.dtype,

@@ -74,6 +74,8 @@ class ExportFormat:
     :param load: rebuild the quantized model (online transforms and fake-quant attached) from a checked export.
     :param exact: whether ``load`` reproduces the run's logits bit for bit (else within a tolerance).
     :param stock_checks: reloads through stock runtimes (transformers, gptqmodel), run after writing.
+    :param dtype_checked: whether ``check`` depends on the export dtype (compressed-tensors stores scales
+        in it; GPTQ always in float16, native as quantized), so the exportability record checks each dtype.
     """
 
     name: str
@@ -82,6 +84,7 @@ class ExportFormat:
     load: Loader
     exact: bool = True
     stock_checks: tuple[StockCheck, ...] = ()
+    dtype_checked: bool = False
 
 
 EXPORT_FORMATS: Registry[ExportFormat] = Registry("export format")

@@ -428,5 +428,6 @@ def decompression_dtype(contents: RunContents, names: list[str], dtype: torch.dt
     return max([dtype, *coarse], key=lambda d: torch.finfo(d).eps)
 
 
-COMPRESSED = ExportFormat(FORMAT_NAME, _check, _write, _load, exact=False, stock_checks=(_stock_transformers,))
+COMPRESSED = ExportFormat(FORMAT_NAME, _check, _write, _load, exact=False, stock_checks=(_stock_transformers,),
+                          dtype_checked=True)
 EXPORT_FORMATS.add(COMPRESSED.name, COMPRESSED)

@@ -77,8 +77,10 @@ class QuantSpec:
         ``auto`` is resolved from the model's dtype when quantizing (:mod:`orthoquant.autoscale`: float16
         for a float16 model, else bfloat16), and the run records the resolved value. Presets say ``auto``.
     :param static: one scale per tensor calibrated once on the calibration data and stored with the
-        run, instead of each call's own range (KV cache only, as vLLM's FP8 KV cache: ``group_size=0``,
-        symmetric ``fp8`` or ``int``).
+        run, instead of each call's own range: the KV cache as vLLM's FP8 KV cache (``group_size=0``,
+        symmetric ``fp8`` or ``int``), and NVFP4 activations, whose per-tensor global scale becomes
+        compressed-tensors' static ``input_global_scale`` (block scales stay per call), so results no
+        longer depend on the batch (:mod:`orthoquant.fakequant.static_inputs`).
     """
 
     format: str = "int"
@@ -100,7 +102,7 @@ class QuantSpec:
         _one_of("scale_rule", self.scale_rule, ["spec", "three_quarters"])
         _one_of("scale_dtype", self.scale_dtype, ["float32", "float16", "bfloat16", "auto"])
         FORMATS.get(self.format).check(self)
-        if self.static:
+        if self.static and self.format not in STATIC_INPUT_FORMATS:
             _require(self.format in STATIC_FORMATS,
                      f"static=True with format={self.format!r}: static scales exist for {list(STATIC_FORMATS)}")
             _require(self.group_size == 0, f"static=True with group_size={self.group_size}: a static scale is "
@@ -111,6 +113,8 @@ class QuantSpec:
 
 # Formats whose static (calibrated, per-tensor) scale is one number.
 STATIC_FORMATS = ("fp8", "int")
+# Input formats whose static part is the per-tensor global scale (block scales stay dynamic).
+STATIC_INPUT_FORMATS = ("nvfp4",)
 
 
 @dataclass(frozen=True)
@@ -307,9 +311,12 @@ class Recipe:
         _require(not any(w is not None and w.static for w in static_weights),
                  "weights.static=true: weight scales are always stored; static scales are for kv_cache")
         static_inputs = [self.activations] + [o.activations for o in self.overrides]
-        _require(not any(a is not None and a.static for a in static_inputs),
-                 "activations.static=true is not supported: orthoquant calibrates static scales for the KV "
-                 "cache only (kv_cache.static=true); activations are quantized per call")
+        _require(not any(a is not None and a.static and a.format not in STATIC_INPUT_FORMATS for a in static_inputs),
+                 f"activations.static=true is supported for {list(STATIC_INPUT_FORMATS)} activations (a static "
+                 "global scale) and kv_cache.static=true; other activations are quantized per call")
+        _require(self.kv_cache is None or not self.kv_cache.static or self.kv_cache.format in STATIC_FORMATS,
+                 f"kv_cache.static=true with format={getattr(self.kv_cache, 'format', None)!r}: static "
+                 f"scales exist for {list(STATIC_FORMATS)} in the KV cache")
 
     # --- per-module resolution ------------------------------------------------------------------
     def _override(self, module: str) -> Override | None:

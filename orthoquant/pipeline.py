@@ -18,7 +18,7 @@ from .config import Recipe
 from .data import calibration_windows
 from .errors import UserError
 from .fakequant.attention import use_orthoquant_attention
-from .fakequant.kvcache import prepare_kv_scales
+from .fakequant.install import prepare_layer_scales
 from .fingerprint import calibration_fingerprint, legacy_fingerprint, model_fingerprint, run_fingerprint
 from .fitting import fit_transforms
 from .formats import make_format
@@ -172,7 +172,7 @@ class RunSource(WeightSource):
 
     def materialize(self, module: nn.Module, prefix: str, device: torch.device) -> None:
         index = int(prefix[len(self.spec.layers) + 1:].rstrip("."))
-        prepare_kv_scales(module, self.spec, self.recipe)  # static KV scales are stored with the layer
+        prepare_layer_scales(module, prefix, self.spec, self.recipe)  # static scales are stored with the layer
         solved = load_module(self.run.layer_path(index), module, device)
         install_runtime(module, index, self.spec, self.recipe, self.plan, solved)
 

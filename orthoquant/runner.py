@@ -24,8 +24,7 @@ from .layerfile import SolvedLinear, Transforms, load_module, save_module
 from .runfolder import RunFolder
 from .solvers import SOLVERS, proxy_loss
 from .stats import collect_input_stats
-from .fakequant.install import calibrate_kv_scales, install_layer_quantizers
-from .fakequant.kvcache import prepare_kv_scales
+from .fakequant.install import calibrate_static_scales, install_layer_quantizers, prepare_layer_scales
 from .transforms.plan import TransformPlan
 
 log = logging.getLogger(__name__)
@@ -90,7 +89,7 @@ class LayerwiseQuantizer:
             self.source.materialize(layer, prefix, self.device)
             if self._finished_before(i):
                 bar.set_postfix_str(f"({i + 1}/{len(layers)}) resumed")
-                prepare_kv_scales(layer, self.spec, self.recipe)  # static KV scales are stored with the layer
+                prepare_layer_scales(layer, prefix, self.spec, self.recipe)  # static scales are stored with it
                 solved = load_module(self.run.layer_path(i), layer, self.device)
                 self.metrics[str(i)] = self.run.layer_metrics(i)
             else:
@@ -116,7 +115,7 @@ class LayerwiseQuantizer:
         self.plan.fuse_layer(layer, index)
         self.plan.attach_layer(layer, index)  # calibrate on what the layer will see at inference
         quantized, losses = self.solve_layer(layer, prefix, inputs)
-        calibrate_kv_scales(layer, prefix, self.spec, self.recipe,  # static KV scales, saved with the layer
+        calibrate_static_scales(layer, prefix, self.spec, self.recipe,  # static KV/input scales, saved with it
                             lambda: run_layer(layer, inputs, self.device, keep=False))
         self.metrics[str(index)] = {"seconds": time.perf_counter() - start, "linears": losses}
         if self.run is not None:

@@ -21,7 +21,7 @@ from torch import nn
 from ..config import Recipe
 from ..errors import UserError
 from ..fakequant.attention import use_orthoquant_attention
-from ..fakequant.kvcache import prepare_kv_scales
+from ..fakequant.install import prepare_layer_scales
 from ..models.checkpoint import open_checkpoint, read_entry
 from ..models.loading import build_skeleton
 from ..models.spec import spec_for
@@ -116,8 +116,8 @@ def dense_reload(folder: Path, manifest: dict[str, Any], device: torch.device, d
     model = build_skeleton(config, dtype)
     recipe = Recipe.from_dict(manifest["recipe"])
     arch = spec_for(model.config)
-    for layer in layers_of(model, arch):  # static KV scales are stored tensors of the attention
-        prepare_kv_scales(layer, arch, recipe)
+    for index, layer in enumerate(layers_of(model, arch)):  # static KV/input scales are stored tensors
+        prepare_layer_scales(layer, f"{arch.layers}.{index}.", arch, recipe)
     shapes = {n: tuple(m.weight.shape) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     state, expected = decode(folder, recipe, shapes), model.state_dict()
     missing = sorted(expected.keys() - state.keys())

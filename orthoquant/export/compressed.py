@@ -10,8 +10,9 @@ export holds about one shard, never the model. ``config.json`` gets the whole mo
 (FP4 ones pass through it), so they must already be exact in it (``weights.scale_dtype`` rounds them
 when quantizing).
 
-Static activation scales that CT needs but our dynamic quantizers do not have (NVFP4's
-``input_global_scale``) are calibrated at export, see :mod:`.calibrate`. The KV cache is exported
+NVFP4's static ``input_global_scale`` is the one the run calibrated and quantized with
+(``activations.static``, :mod:`orthoquant.fakequant.static_inputs`), written as stored; only runs with
+dynamic NVFP4 inputs (older presets) have it calibrated at export, see :mod:`.calibrate`. The KV cache is exported
 where vLLM serves it: FP8 with static per-tensor scales (``kv_cache.static``), which the run calibrated
 and quantized with (:mod:`orthoquant.fakequant.kvcache`). They are written as CT writes them,
 ``<attention>.k_scale`` / ``<attention>.v_scale`` (vLLM remaps them to its ``attn.k_scale``), with
@@ -30,6 +31,7 @@ from torch import nn
 from ..config import QuantSpec, Recipe
 from ..errors import UserError
 from ..fakequant.kvcache import SCALE_NAMES, kv_scales
+from ..fakequant.static_inputs import BUFFER as INPUT_SCALE, is_static_input
 from ..models.loading import build_skeleton
 from ..models.surgery import layers_of
 from .base import (EXPORT_FORMATS, ExportFormat, ExportOptions, ShardWriter, cast_floats, dense_reload,
@@ -171,12 +173,17 @@ class _PartCompressor:
         inputs = {key: scheme.input_activations for key, scheme in self.config.config_groups.items()}
         global_scaled = [n for n, key in self.group_of.items()  # NVFP4: a static tensor scale per input
                          if inputs[key] is not None and _value(inputs[key].dynamic) == "local"]
-        self.amax = static_input_amax(contents, global_scaled, options)
+        calibrated = [n for n in global_scaled if not is_static_input(contents.recipe.activations_for(n))]
+        self.amax = static_input_amax(contents, calibrated, options)  # the run stored the others' scales
         self.written_transforms: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
         self.done: set[str] = set()
 
-    def __call__(self, linears: list[QuantizedLinear]) -> dict[str, torch.Tensor]:
-        """CT tensors (full names) of these linears: codes, scales, NVFP4 global scales, transform weights."""
+    def __call__(self, linears: list[QuantizedLinear],
+                 input_scales: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """CT tensors (full names) of these linears: codes, scales, NVFP4 global scales, transform weights.
+
+        :param input_scales: linear name -> the run's stored static NVFP4 ``input_global_scale``.
+        """
         from compressed_tensors.compressors import ModelCompressor
         from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
         from compressed_tensors.transform import apply_transform_config
@@ -201,7 +208,9 @@ class _PartCompressor:
             module = tree.get_submodule(lin.name)
             set_weight_params(module, lin)
             if hasattr(module, "input_global_scale"):
-                module.input_global_scale.data = input_global_scale(self.amax[lin.name])
+                stored = input_scales.get(lin.name)
+                module.input_global_scale.data = (stored if stored is not None
+                                                  else input_global_scale(self.amax[lin.name]))
         ModelCompressor(quantization_config=part_config).compress_model(tree)
         for lin in linears:
             module = tree.get_submodule(lin.name)
@@ -239,10 +248,12 @@ def _write(contents: RunContents, out: Path, options: ExportOptions) -> dict[str
     compress = _PartCompressor(contents, options)
     writer = ShardWriter(out, options.max_shard_bytes)
     for part in contents.parts():  # one run file at a time: the model-level rest, then each layer
-        tensors = cast_floats(part.plain(), options.dtype)  # norms, embeddings, biases, KV scales
+        plain = part.plain()
+        input_scales = {k[: -len(INPUT_SCALE) - 1]: plain.pop(k) for k in list(plain) if k.endswith(f".{INPUT_SCALE}")}
+        tensors = cast_floats(plain, options.dtype)  # norms, embeddings, biases, KV scales
         linears = list(part.linears())
         if linears:
-            tensors.update(compress(linears))
+            tensors.update(compress(linears, input_scales))
         writer.add(tensors)
     shards = writer.finish()
     missing = set(compress.specs) - compress.done

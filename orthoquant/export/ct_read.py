@@ -63,7 +63,9 @@ def dense_state(folder: Path, recipe: Recipe, shapes: dict[str, tuple[int, int]]
     """
     tensors = read_tensors(folder)
     owners = {k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weight_scale")}
-    state = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[0] not in owners or k.endswith(".bias")}
+    # biases, and static input scales (a model whose recipe has them expects them; others ignore them)
+    state = {k: v for k, v in tensors.items()
+             if k.rsplit(".", 1)[0] not in owners or k.endswith((".bias", ".input_global_scale"))}
     for owner in owners:
         spec = recipe.weights_for(owner)
         if spec is None or owner not in shapes:

@@ -5,6 +5,7 @@ layer at a time into a run folder, :func:`quantize` works on a model already in 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -103,10 +104,11 @@ def _quantize_lm_head(model, spec, recipe, hidden, device) -> dict:
 
 
 def quantize(model: nn.Module, recipe: Recipe, windows: torch.Tensor, out: Path | str | None = None,
-             device: torch.device | str = "cpu") -> nn.Module:
+             device: torch.device | str = "cpu", tokenizer=None) -> nn.Module:
     """Quantize an in-memory model in place on calibration token windows (nsamples, seqlen).
 
-    With ``out`` the run folder is written (and resumed), as the CLI does.
+    With ``out`` the run folder is written (and resumed), as the CLI does; ``tokenizer`` is saved into it
+    (evaluation and exports need it).
     """
     device = torch.device(device)
     spec = spec_for(model.config)
@@ -123,6 +125,8 @@ def quantize(model: nn.Module, recipe: Recipe, windows: torch.Tensor, out: Path 
     with run.locked():
         run.start(fingerprint, recipe.to_yaml(), legacy={"model": name, "recipe": recipe.to_dict()})
         metrics = run_quantization(model, spec, recipe, InMemorySource(), windows, device, run)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(run.path)
         model.config.save_pretrained(run.path)
         run.finish({"metrics": metrics, "orthoquant": __version__})
         record_exports(run.path)
@@ -135,7 +139,7 @@ def quantize_pretrained(model_id: str, recipe: Recipe, out: Path | str, device: 
     run = RunFolder(out)
     run.refuse_if_busy()  # before loading and tokenizing: a second process fails at once
     model, tokenizer, spec, source, path = open_model(model_id, dtype, device)
-    recipe = resolve_auto_scales(recipe, next(model.parameters()).dtype)  # what the run records
+    recipe = absolute_calibration(resolve_auto_scales(recipe, next(model.parameters()).dtype))  # as recorded
     check_request(model, spec, recipe, out, device)  # before the run folder exists: nothing to clean up
     cal = recipe.calibration
     check_seqlen(model, cal.seqlen)
@@ -152,6 +156,16 @@ def quantize_pretrained(model_id: str, recipe: Recipe, out: Path | str, device: 
         run.finish({"metrics": metrics, "orthoquant": __version__, "torch": torch.__version__})
         record_exports(run.path)
     return run
+
+
+def absolute_calibration(recipe: Recipe) -> Recipe:
+    """The recipe with a local calibration file or folder named by its absolute path, so that the run's
+    recipe (and an export calibrating from it) finds it from any working directory."""
+    source = Path(recipe.calibration.source).expanduser()
+    if not source.exists():  # a source name (wikitext2, c4, pile)
+        return recipe
+    return dataclasses.replace(recipe, calibration=dataclasses.replace(recipe.calibration,
+                                                                       source=str(source.resolve())))
 
 
 def record_exports(run_dir: Path) -> None:

@@ -14,6 +14,7 @@ from orthoquant.cli import main
 from orthoquant.config import Recipe, load_recipe, preset_names
 from orthoquant.errors import UserError
 from orthoquant.export import export_run, load_quantized
+from orthoquant.export.command import format_report
 from orthoquant.export.verify import MANIFEST, CorruptExportError
 from orthoquant.models.tiny import tiny_model
 from orthoquant.runfolder import read_module
@@ -95,6 +96,9 @@ def test_online_hadamard_in_transform_config_needs_load_quantized(tmp_path, toke
     assert rel_diff(model, AutoModelForCausalLM.from_pretrained(tmp_path / "ct"), tokens) > 1e-2  # drops R4
     stock = report["checks"]["stock_transformers"]  # with CT's own transforms, as vLLM applies them
     assert stock["online_transforms_applied_with_ct"] and stock["max_rel_diff"] <= 1e-5
+    assert "re-applied" in stock["label"]  # what the printed line names: not a plain from_pretrained
+    printed = format_report(report)
+    assert "re-applied" in printed and "stock_transformers" not in printed
 
 
 def plain_nibbles(packed, cols):

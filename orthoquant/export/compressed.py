@@ -75,6 +75,25 @@ def _check(contents: RunContents, dtype: torch.dtype) -> None:
         refuse(f"{dropped[0]} quantizes its input but not its weight (no compressed-tensors scheme)")
 
 
+def split_fused_groups(contents: RunContents) -> list[str]:
+    """Linears that share an input and that vLLM fuses into one GEMM (q/k/v, gate/up) but that the recipe
+    quantizes with different schemes (or leaves some in full precision): vLLM runs a fused module with one
+    scheme, so such a checkpoint does not serve as quantized. One line per split group."""
+    split = []
+    for index in range(contents.n_layers):
+        for roles in contents.arch.input_groups():
+            names = [contents.layer_prefix(index) + contents.arch.path(r) for r in roles]
+            schemes = {n: _scheme_of(contents.recipe, n) for n in names}
+            if len(set(schemes.values())) > 1:
+                split.append(f"{', '.join(names)} are fused by vLLM but quantized with different schemes")
+    return split
+
+
+def _scheme_of(recipe: Recipe, name: str) -> str:
+    spec = recipe.weights_for(name)
+    return "full precision" if spec is None else scheme_key(weight_args(spec), input_args(recipe.activations_for(name)))
+
+
 def _check_linear(lin: QuantizedLinear, recipe: Recipe, dtype: torch.dtype) -> None:
     weight_args(lin.spec)
     input_args(recipe.activations_for(lin.name))
@@ -373,7 +392,9 @@ def _stock_transformers(folder: Path, contents: RunContents, reference: nn.Modul
         note = (note or "") + ("activations and KV cache run unquantized in stock transformers (vLLM quantizes "
                                "them); KV-cache scales compared in the checkpoint" if kv else
                                "activations run unquantized in stock transformers (vLLM quantizes them)")
-    return {"stock_transformers": {**logits, "logits_checked": checked, "weights": weights,
+    label = ("stock transformers + online transforms re-applied (plain from_pretrained drops them)" if transforms
+             else "stock transformers, plain from_pretrained")
+    return {"stock_transformers": {**logits, "label": label, "logits_checked": checked, "weights": weights,
                                    "kv_cache_scales": kv, "online_transforms_applied_with_ct": transforms,
                                    "tolerance": tol, "note": note}}
 
@@ -440,5 +461,5 @@ def decompression_dtype(contents: RunContents, names: list[str], dtype: torch.dt
 
 
 COMPRESSED = ExportFormat(FORMAT_NAME, _check, _write, _load, exact=False, stock_checks=(_stock_transformers,),
-                          dtype_checked=True)
+                          dtype_checked=True, decode=dense_state, overridable=split_fused_groups)
 EXPORT_FORMATS.add(COMPRESSED.name, COMPRESSED)

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """The exportability matrix: every preset, quantized at its default settings (``scale_dtype: auto``) on a
-tiny model (width 128, for group size 128) in each model dtype, and which export formats and ``--dtype`` values its run serves
-exactly, as recorded in run.json (:mod:`orthoquant.export.exportable`). Fitting presets fit for a few
-steps only: fitting changes no scale dtype or layout, so exportability is the same.
+tiny model (width 128, for group size 128) in each model dtype, and which export formats and ``--dtype``
+values its run serves exactly, as recorded in run.json (:mod:`orthoquant.export.exportable`). Fitting
+presets fit for a few steps only: fitting changes no scale dtype or layout, so exportability is the same.
 
-    python scripts/exportability.py [--dtypes bfloat16,float16,float32] [--out runs/exportability]
+    python scripts/exportability.py [--dtypes bfloat16,float16,float32] [--presets A,B] [--json FILE]
 """
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ def exports_of(preset: str, dtype: torch.dtype, folder: Path) -> dict:
     recipe = load_recipe(preset)
     recipe = recipe.with_overrides(QUICK + (QUICK_FIT if recipe.fitting is not None else []))
     windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
-    quantize(tiny_model("llama", vocab_size=256, dtype=dtype, hidden_size=128, intermediate_size=256), recipe, windows, out=folder)
+    model = tiny_model("llama", vocab_size=256, dtype=dtype, hidden_size=128, intermediate_size=256)
+    quantize(model, recipe, windows, out=folder)
     return json.loads((folder / "run.json").read_text())["exports"]
 
 

@@ -25,7 +25,8 @@ def windows(seed, n, seqlen=32):
 
 
 def nvfp4_run(tmp_path, static=True, preset="rtn-nvfp4"):
-    recipe = load_recipe(preset).with_overrides(["calibration.batch_size=4", f"activations.static={str(static).lower()}"])
+    recipe = load_recipe(preset).with_overrides(["calibration.batch_size=4",
+                                                 f"activations.static={str(static).lower()}"])
     model = quantize(tiny_model("llama", vocab_size=VOCAB), recipe, windows(0, 8), out=tmp_path / "run")
     return model, tmp_path / "run"
 

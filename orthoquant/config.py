@@ -77,10 +77,14 @@ class QuantSpec:
         (2·amax/(2^b-1), IST GPTQ and compressed-tensors; the positive max clips to (2^(b-1)-1)/(2^(b-1)-½));
         ``mxfp4``: ``spec`` (OCP MX, 2^(floor(log2 amax)-2)) or ``three_quarters``. The default ``spec``
         reads as the format's first rule (``quarot`` for int: a recipe without the key keeps its results).
-    :param scale_dtype: dtype scales are rounded to when quantizing (the dtype they are exported in).
+    :param scale_dtype: dtype scales are rounded to when quantizing (the dtype they are exported in);
+        ``auto`` is resolved from the model's dtype when quantizing (:mod:`orthoquant.autoscale`: float16
+        for a float16 model, else bfloat16), and the run records the resolved value. Presets say ``auto``.
     :param static: one scale per tensor calibrated once on the calibration data and stored with the
-        run, instead of each call's own range (KV cache only, as vLLM's FP8 KV cache: ``group_size=0``,
-        symmetric ``fp8`` or ``int``).
+        run, instead of each call's own range: the KV cache as vLLM's FP8 KV cache (``group_size=0``,
+        symmetric ``fp8`` or ``int``), and NVFP4 activations, whose per-tensor global scale becomes
+        compressed-tensors' static ``input_global_scale`` (block scales stay per call), so results no
+        longer depend on the batch (:mod:`orthoquant.fakequant.static_inputs`).
     :param per_head: one group per attention head: ``group_size`` resolves to the model's head_dim
         when the quantizer is installed (SpinQuant's and OSTQuant's o_proj input; activations only).
     """
@@ -108,12 +112,12 @@ class QuantSpec:
         _require(self.scale_rule in rules,
                  f"scale_rule={self.scale_rule!r} is not a {self.format} rule; choose one of {list(rules)} "
                  "(a preset's rule does not carry over when its format is changed)")
-        _one_of("scale_dtype", self.scale_dtype, ["float32", "float16", "bfloat16"])
+        _one_of("scale_dtype", self.scale_dtype, ["float32", "float16", "bfloat16", "auto"])
         FORMATS.get(self.format).check(self)
         _require(not self.per_head or self.group_size == -1,
                  f"per_head=true with group_size={self.group_size}: the group size is the model's head_dim; "
                  "leave group_size at -1")
-        if self.static:
+        if self.static and self.format not in STATIC_INPUT_FORMATS:
             _require(self.format in STATIC_FORMATS,
                      f"static=True with format={self.format!r}: static scales exist for {list(STATIC_FORMATS)}")
             _require(self.group_size == 0, f"static=True with group_size={self.group_size}: a static scale is "
@@ -129,6 +133,8 @@ class QuantSpec:
 
 # Formats whose static (calibrated, per-tensor) scale is one number.
 STATIC_FORMATS = ("fp8", "int")
+# Input formats whose static part is the per-tensor global scale (block scales stay dynamic).
+STATIC_INPUT_FORMATS = ("nvfp4",)
 
 
 @dataclass(frozen=True)
@@ -497,9 +503,12 @@ class Recipe:
         _require(not any(w is not None and w.static for w in static_weights),
                  "weights.static=true: weight scales are always stored; static scales are for kv_cache")
         static_inputs = [self.activations] + [o.activations for o in self.overrides]
-        _require(not any(a is not None and a.static for a in static_inputs),
-                 "activations.static=true is not supported: orthoquant calibrates static scales for the KV "
-                 "cache only (kv_cache.static=true); activations are quantized per call")
+        _require(not any(a is not None and a.static and a.format not in STATIC_INPUT_FORMATS for a in static_inputs),
+                 f"activations.static=true is supported for {list(STATIC_INPUT_FORMATS)} activations (a static "
+                 "global scale) and kv_cache.static=true; other activations are quantized per call")
+        _require(self.kv_cache is None or not self.kv_cache.static or self.kv_cache.format in STATIC_FORMATS,
+                 f"kv_cache.static=true with format={getattr(self.kv_cache, 'format', None)!r}: static "
+                 f"scales exist for {list(STATIC_FORMATS)} in the KV cache")
 
     # --- per-module resolution ------------------------------------------------------------------
     def _override(self, module: str) -> Override | None:

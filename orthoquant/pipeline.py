@@ -6,6 +6,7 @@ layer at a time into a run folder, :func:`quantize` works on a model already in 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -14,11 +15,12 @@ from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 
 from . import __version__
+from .autoscale import resolve_auto_scales
 from .config import Recipe
 from .data import calibration_windows, fitting_windows
 from .errors import UserError
 from .fakequant.attention import use_orthoquant_attention
-from .fakequant.kvcache import prepare_kv_scales
+from .fakequant.install import prepare_layer_scales
 from .fingerprint import calibration_fingerprint, legacy_fingerprint, model_fingerprint, run_fingerprint
 from .fitting import fit_transforms
 from .fitting.distributed import on_first_process
@@ -119,17 +121,19 @@ def _quantize_lm_head(model, spec, recipe, hidden, device) -> dict:
 
 def quantize(model: nn.Module, recipe: Recipe, windows: torch.Tensor, out: Path | str | None = None,
              device: torch.device | str = "cpu", fit_windows: torch.Tensor | None = None,
-             finetune_windows: torch.Tensor | None = None) -> nn.Module:
+             finetune_windows: torch.Tensor | None = None, tokenizer=None) -> nn.Module:
     """Quantize an in-memory model in place on calibration token windows (nsamples, seqlen).
 
-    With ``out`` the run folder is written (and resumed), as the CLI does. ``fit_windows``: what a
-    learned-transform fit trains on (None: the calibration windows; ``fitting.source`` is read only
-    by :func:`quantize_pretrained`, which has the tokenizer).
+    With ``out`` the run folder is written (and resumed), as the CLI does; ``tokenizer`` is saved into it
+    (evaluation and exports need it). ``fit_windows`` / ``finetune_windows``: what a learned-transform
+    fit / QuIP#'s fine-tuning trains on (None: the calibration windows; ``fitting.source`` and
+    ``finetune.source`` are read only by :func:`quantize_pretrained`, which has the tokenizer).
     """
     device = torch.device(device)
     spec = spec_for(model.config)
     to_layout_(model, spec)
     check_support(spec, model.config, recipe)
+    recipe = resolve_auto_scales(recipe, next(model.parameters()).dtype)  # what the run records
     check_seqlen(model, windows.shape[1])
     check_request(model, spec, recipe, out, device)  # before the run folder exists: nothing to clean up
     if out is None:
@@ -143,8 +147,11 @@ def quantize(model: nn.Module, recipe: Recipe, windows: torch.Tensor, out: Path 
         run.start(fingerprint, recipe.to_yaml(), legacy={"model": name, "recipe": recipe.to_dict()})
         metrics = run_quantization(model, spec, recipe, InMemorySource(), windows, device, run, fit_windows,
                                    finetune_windows)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(run.path)
         model.config.save_pretrained(run.path)
         run.finish({"metrics": metrics, "orthoquant": __version__})
+        record_exports(run.path)
     return model
 
 
@@ -156,6 +163,7 @@ def quantize_pretrained(model_id: str, recipe: Recipe, out: Path | str, device: 
         run.refuse_if_busy()  # before loading and tokenizing: a second process fails at once
     model, tokenizer, spec, source, path = open_model(model_id, dtype, device)
     check_support(spec, model.config, recipe)
+    recipe = absolute_calibration(resolve_auto_scales(recipe, next(model.parameters()).dtype))  # as recorded
     check_request(model, spec, recipe, out, device)  # before the run folder exists: nothing to clean up
     cal = recipe.calibration
     check_seqlen(model, cal.seqlen)
@@ -175,6 +183,7 @@ def quantize_pretrained(model_id: str, recipe: Recipe, out: Path | str, device: 
         tokenizer.save_pretrained(run.path)
         model.config.save_pretrained(run.path)
         run.finish({"metrics": metrics, "orthoquant": __version__, "torch": torch.__version__})
+        record_exports(run.path)
     return run
 
 
@@ -198,6 +207,23 @@ def _fit_windows(model: nn.Module, tokenizer, recipe: Recipe) -> torch.Tensor | 
     return fitting_windows(tokenizer, fit.source, fit.nsamples, fit.seqlen, fit.seed)
 
 
+def absolute_calibration(recipe: Recipe) -> Recipe:
+    """The recipe with a local calibration file or folder named by its absolute path, so that the run's
+    recipe (and an export calibrating from it) finds it from any working directory."""
+    source = Path(recipe.calibration.source).expanduser()
+    if not source.exists():  # a source name (wikitext2, c4, pile)
+        return recipe
+    return dataclasses.replace(recipe, calibration=dataclasses.replace(recipe.calibration,
+                                                                       source=str(source.resolve())))
+
+
+def record_exports(run_dir: Path) -> None:
+    """Record in run.json which export formats and dtypes the finished run serves exactly."""
+    from .export.exportable import record_exports as record
+
+    record(run_dir)
+
+
 class RunSource(WeightSource):
     """Weights of a finished run: decoder layers decoded from their codes, fake-quant re-attached."""
 
@@ -209,7 +235,7 @@ class RunSource(WeightSource):
 
     def materialize(self, module: nn.Module, prefix: str, device: torch.device) -> None:
         index = int(prefix[len(self.spec.layers) + 1:].rstrip("."))
-        prepare_kv_scales(module, self.spec, self.recipe)  # static KV scales are stored with the layer
+        prepare_layer_scales(module, prefix, self.spec, self.recipe)  # static scales are stored with the layer
         solved = load_module(self.run.layer_path(index), module, device)
         install_runtime(module, index, self.spec, self.recipe, self.plan, solved)
 

@@ -28,8 +28,7 @@ from .refine.stage import RefineStage
 from .runfolder import RunFolder
 from .solvers import SOLVERS, proxy_loss
 from .stats import collect_input_stats
-from .fakequant.install import calibrate_kv_scales, install_layer_quantizers
-from .fakequant.kvcache import prepare_kv_scales
+from .fakequant.install import calibrate_static_scales, install_layer_quantizers, prepare_layer_scales
 from .errors import UserError
 from .finetune.e2e import LayerAccess, finetune_end_to_end, update_stored
 from .finetune.layer import LayerFinetune
@@ -113,7 +112,7 @@ class LayerwiseQuantizer:
                 if self.refine.follows_fp_model:  # the FP activations still pass through the FP layer
                     self._prepare(layer, i)
                     self.refine.advance(layer, inputs)
-                prepare_kv_scales(layer, self.spec, self.recipe)  # static KV scales are stored with the layer
+                prepare_layer_scales(layer, prefix, self.spec, self.recipe)  # static scales are stored with it
                 if self.finetune is not None:  # its FP outputs continue the FP stream
                     self._prepare(layer, i)
                     self.finetune.begin(layer)
@@ -159,7 +158,7 @@ class LayerwiseQuantizer:
         if not self.source.streaming:
             self.source.materialize(layer, f"{self.spec.layers}.{index}.", self.device)
             return layer
-        prepare_kv_scales(layer, self.spec, self.recipe)
+        prepare_layer_scales(layer, f"{self.spec.layers}.{index}.", self.spec, self.recipe)
         load_module(self.run.layer_path(index), layer, self.device)
         install_runtime(layer, index, self.spec, self.recipe, self.plan, solved)
         return layer
@@ -191,7 +190,7 @@ class LayerwiseQuantizer:
             quantized, extra["refine"] = self.refine.finish(layer, prefix, index, quantized, snapshot, inputs)
         if self.finetune is not None and self.finetune.metrics:
             extra["finetune"] = self.finetune.metrics
-        calibrate_kv_scales(layer, prefix, self.spec, self.recipe,  # static KV scales, saved with the layer
+        calibrate_static_scales(layer, prefix, self.spec, self.recipe,  # static KV/input scales, saved with it
                             lambda: run_layer(layer, inputs, self.device, keep=False))
         self.metrics[str(index)] = {"seconds": time.perf_counter() - start, "linears": losses, **extra}
         if self.run is not None:

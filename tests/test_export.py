@@ -9,10 +9,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from orthoquant import open_run, quantize
+from orthoquant.autoscale import resolve_auto_scales
 from orthoquant.cli import main
 from orthoquant.config import Recipe, load_recipe, preset_names
 from orthoquant.errors import UserError
 from orthoquant.export import export_run, load_quantized
+from orthoquant.export.command import format_report
 from orthoquant.export.verify import MANIFEST, CorruptExportError
 from orthoquant.models.tiny import tiny_model
 from orthoquant.runfolder import read_module
@@ -94,6 +96,9 @@ def test_online_hadamard_in_transform_config_needs_load_quantized(tmp_path, toke
     assert rel_diff(model, AutoModelForCausalLM.from_pretrained(tmp_path / "ct"), tokens) > 1e-2  # drops R4
     stock = report["checks"]["stock_transformers"]  # with CT's own transforms, as vLLM applies them
     assert stock["online_transforms_applied_with_ct"] and stock["max_rel_diff"] <= 1e-5
+    assert "re-applied" in stock["label"]  # what the printed line names: not a plain from_pretrained
+    printed = format_report(report)
+    assert "re-applied" in printed and "stock_transformers" not in printed
 
 
 def plain_nibbles(packed, cols):
@@ -171,7 +176,8 @@ def test_native_round_trip_is_bit_exact_for_every_preset(preset, tmp_path, token
     names = [p.name for p in tmp_path.joinpath("native").rglob("*") if p.is_file()]
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))]  # safetensors only
     manifest = json.loads((tmp_path / "native" / MANIFEST).read_text())
-    assert manifest["recipe"] == r.to_dict() and {"torch", "transformers", "orthoquant"} <= set(manifest["versions"])
+    resolved = resolve_auto_scales(r, torch.float32)  # the run records scale_dtype: auto resolved
+    assert manifest["recipe"] == resolved.to_dict() and {"torch", "transformers", "orthoquant"} <= set(manifest["versions"])
     assert set(manifest["files"]) == {p.relative_to(tmp_path / "native").as_posix()
                                       for p in (tmp_path / "native").rglob("*") if p.is_file() and p.name != MANIFEST}
 

@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from orthoquant import load_recipe, quantize
+from orthoquant.autoscale import resolve_auto_scales
 from orthoquant.evaluate.ppl import perplexity
 from orthoquant.formats import make_format
 
@@ -37,7 +38,8 @@ def test_rtn_w8_is_within_one_percent_but_really_quantized(setup, fp):
     ids = setup[2][:2]
     with torch.no_grad():
         assert (model(ids).logits - fp_model(ids).logits).abs().max() > 1e-4  # not a no-op
-    fmt = make_format(load_recipe("rtn-w4a16", ["weights.bits=8", "weights.clip_search=false"]).weights)
+    recipe = load_recipe("rtn-w4a16", ["weights.bits=8", "weights.clip_search=false"])
+    fmt = make_format(resolve_auto_scales(recipe, torch.float32).weights)  # scale_dtype: auto, as quantized
     for layer in model.model.layers:
         w = layer.mlp.down_proj.weight.detach()
         assert torch.equal(fmt.quantize_dequantize(w), w)  # on the INT8 grid

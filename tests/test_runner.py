@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from orthoquant import open_run, quantize
+from orthoquant.autoscale import resolve_auto_scales
 from orthoquant.config import QuantSpec, Recipe, load_recipe
 from orthoquant.evaluate.ppl import perplexity, streamed_perplexity
 from orthoquant.formats import make_format
@@ -33,7 +34,7 @@ def test_quantized_weights_lie_on_the_grid_and_quantizers_are_attached(family):
     # without clip search the row max sits on the grid, so a second quantization is the identity
     r = recipe("rtn-w4a4kv4", "weights.clip_search=false")
     quantize(model, r, windows())
-    spec = r.weights
+    spec = resolve_auto_scales(r, torch.float32).weights  # scale_dtype: auto, as quantize resolved it
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name.endswith(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
             assert on_grid(module.weight.detach(), spec), name

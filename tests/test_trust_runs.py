@@ -227,14 +227,15 @@ def test_an_old_run_json_without_records_still_opens_and_is_complete(finished_ru
 # --- exports are verified or not loadable ----------------------------------------------------------
 def test_an_export_failing_verification_does_not_load(finished_run, tmp_path, monkeypatch, capsys):
     import orthoquant.export.api as api
+    from orthoquant.export.verify import ExportCheckError
 
     run, calib = finished_run
     out = tmp_path / "native"
 
     def broken(*args, **kwargs):
-        raise api.ExportCheckError("injected failure of the verification")
+        raise ExportCheckError("injected failure of the verification")
 
-    monkeypatch.setattr(api, "compare_logits", broken)
+    monkeypatch.setattr(api, "verify_streamed", broken)  # the comparison with the run
     assert main(["export", str(run), "--format", "native", "--out", str(out)]) == 2
     assert (out / FAILED_MANIFEST).is_file() and not (out / MANIFEST).exists()
     _refused_everywhere(out, calib, capsys)
@@ -246,7 +247,7 @@ def test_an_export_killed_during_verification_does_not_load(finished_run, tmp_pa
     kill_in_verification = (
         "import os, signal, sys\n"
         "import orthoquant.export.api as api\n"
-        "api.compare_logits = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "api.verify_streamed = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
         "from orthoquant.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n")
     proc = subprocess.run([sys.executable, "-c", kill_in_verification, "export", str(run), "--format", "native",

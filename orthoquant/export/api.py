@@ -1,9 +1,12 @@
 """Export a finished run to a checkpoint format, verify it, and load exports back.
 
-Every export is written into an empty folder, hashed into a provisional manifest, reloaded (hashes
-checked first) and compared with the run reopened by :func:`orthoquant.open_run` on a few token
-batches, plus each format's stock-runtime checks. Only when every check passed is the manifest
-written under the name loaders accept; a failed check renames the provisional one to
+Every export is written into an empty folder, hashed into a provisional manifest, checked against it,
+and compared with the run one decoder layer at a time (:mod:`.streamed`: weights, layer outputs on the
+same inputs, and logits on a few token windows, never a whole model in memory), plus, with
+``verify="full"``, each format's stock-runtime checks (those load whole models, as a user would).
+``verify="none"`` skips the comparison and says so in the manifest (``"verification": "none"``): loaders
+load such an export (its files are still hash-checked) and log a warning. Only when every check passed is
+the manifest written under the name loaders accept; a failed check renames the provisional one to
 ``orthoquant_config.failed.json``, and an export killed meanwhile keeps the provisional name, so
 neither folder ever loads as a good export.
 
@@ -24,13 +27,16 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..device import DTYPES
+from ..device import DTYPES, resolve_device
+from ..models.loading import build_skeleton
 from ..errors import UserError
 from . import compressed, gptq, native  # noqa: F401  (register the formats)
 from .base import DEFAULT_SHARD_BYTES, EXPORT_FORMATS, ExportFormat, ExportOptions, copy_side_files
 from .contents import RunContents
-from .verify import (FAILED_MANIFEST, MANIFEST, PROVISIONAL_MANIFEST, ExportCheckError, check_batches,
-                     check_manifest, compare_logits, relative_tolerance, update_manifest, write_manifest)
+from .exportable import check_format, recorded_summary
+from .streamed import VERIFY_MODES, verify_streamed
+from .verify import (FAILED_MANIFEST, MANIFEST, PROVISIONAL_MANIFEST, check_batches, check_manifest,
+                     update_manifest, write_manifest)
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -61,7 +67,8 @@ def _empty_folder(out: Path | str) -> Path:
 
 
 def export_run(run_dir: Path | str, out: Path | str, format: str = "native", dtype: torch.dtype | None = None,
-               calib: str | None = None, batches: int = 2, max_shard_bytes: int | None = None) -> dict[str, Any]:
+               calib: str | None = None, batches: int = 2, max_shard_bytes: int | None = None,
+               verify: str = "full", device: torch.device | str = "cpu", force: bool = False) -> dict[str, Any]:
     """Write the run in ``run_dir`` as a ``format`` checkpoint in ``out``, reload it and compare.
 
     :param format: a registered export format: ``native``, ``compressed-tensors`` or ``gptq``.
@@ -70,35 +77,42 @@ def export_run(run_dir: Path | str, out: Path | str, format: str = "native", dty
     :param batches: token batches (2 x 32 tokens each) the reload is compared on.
     :param max_shard_bytes: size cap of a safetensors shard of the stock formats (None: 5 GB); the
         writers stream the run one stored file at a time and hold about one shard.
+    :param verify: ``full`` (streamed layer-by-layer weights, layer outputs and logits against the run,
+        then the format's stock-runtime reloads), ``weights`` (streamed weights only) or ``none`` (the
+        manifest says ``"verification": "none"``; loaders load it with a warning).
+    :param device: where the streamed verification computes.
+    :param force: export even when the format's overridable checks object (they are then warnings).
     :returns: {"format", "out", "dtype", "sizes": bytes per parameter, "checks": reload results}.
     :raises UserError: the run cannot be held by ``format`` (nothing is written), or a check failed.
     """
     fmt = EXPORT_FORMATS.get(format)
+    if verify not in VERIFY_MODES:
+        raise UserError(f"--verify {verify!r} is not one of {list(VERIFY_MODES)}")
+    device = resolve_device(str(device))
     contents = RunContents(run_dir)
     options = ExportOptions(dtype or contents.stored_dtype(), calib,
                             max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES)
-    fmt.check(contents, options.dtype)
-    if (contents.arch.transposed and fmt.name != "native") or (not contents.arch.stock_layout and fmt.name == "gptq"):
-        raise UserError(f"{contents.config.architectures[0]} stores its linears as transposed Conv1D, fused (qkv_proj) "
-                        f"or with (1 + γ) norms, which the {fmt.name} writer does not lay out; export it with "
-                        "--format native" + ("" if contents.arch.transposed else " or compressed-tensors"))
+    _check_servable(fmt, contents, options.dtype)
+    _check_overridable(fmt, contents, force)
     out = _empty_folder(out)
     try:
         fields = fmt.write(contents, out, options)
         copy_side_files(contents, out)
         manifest = write_manifest(out, {"format": fmt.name, "format_version": FORMAT_VERSION,
                                         "recipe": contents.recipe.to_dict(), "dtype": _dtype_name(options.dtype),
-                                        "source_run": str(contents.path), "versions": _versions(), **fields},
+                                        "source_run": str(contents.path), "versions": _versions(),
+                                        "verification": verify, **fields},
                                   PROVISIONAL_MANIFEST)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
     try:
-        checks, reference = _verify(contents, out, fmt, options.dtype, batches)
+        checks = _verify(contents, out, fmt, options.dtype, batches, verify, device)
     except BaseException:
         (out / PROVISIONAL_MANIFEST).replace(out / FAILED_MANIFEST)
         raise
-    manifest.update(checks=checks, sizes=measure_sizes(out, manifest, contents, reference))
+    skeleton = build_skeleton(contents.config, options.dtype)  # on meta: parameter counts only
+    manifest.update(checks=checks, sizes=measure_sizes(out, manifest, contents, skeleton))
     update_manifest(out, manifest)  # only now does the folder load: every check above passed
     (out / PROVISIONAL_MANIFEST).unlink()
     log.info("exported %s as %s into %s", contents.path, fmt.name, out)
@@ -106,20 +120,43 @@ def export_run(run_dir: Path | str, out: Path | str, format: str = "native", dty
             "checks": checks}
 
 
-def _verify(contents: RunContents, out: Path, fmt: ExportFormat, dtype: torch.dtype,
-            n_batches: int) -> tuple[dict[str, Any], nn.Module]:
-    """Reload ``out`` and compare it with the run; returns the check results and the run's model."""
-    reference, *_ = contents.open_model(torch.device("cpu"), dtype)
-    batches = check_batches(contents.config, n_batches)
-    result = compare_logits(reference, _load_checked(out, PROVISIONAL_MANIFEST, torch.device("cpu"), dtype), batches)
-    tol = 0.0 if fmt.exact else relative_tolerance(dtype)
-    if result["max_rel_diff"] > tol or (fmt.exact and not result["bit_exact"]):
-        raise ExportCheckError(f"orthoquant.load_quantized({out}) differs from the run: relative logit "
-                               f"difference {result['max_rel_diff']:.3g} (allowed {tol:.3g})")
-    checks = {"load_quantized": result}
-    for stock_check in fmt.stock_checks:
-        checks.update(stock_check(out, contents, reference, batches, dtype))
-    return checks, reference
+def _check_servable(fmt: ExportFormat, contents: RunContents, dtype: torch.dtype) -> None:
+    """The format's check, before anything is written; a refusal also names what the run serves
+    (run.json's ``exports``, recorded when quantizing)."""
+    try:
+        check_format(fmt, contents, dtype)
+    except UserError as e:
+        summary = recorded_summary(contents)
+        raise UserError(f"{e} ({summary})" if summary else str(e)) from None
+
+
+def _check_overridable(fmt: ExportFormat, contents: RunContents, force: bool) -> None:
+    problems = fmt.overridable(contents) if fmt.overridable is not None else []
+    if problems and not force:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(f"{fmt.name}: {problems[0]}{more}; quantize them alike (one override for the group), "
+                        "or pass --force to export anyway")
+    for problem in problems:
+        log.warning("%s: %s (exported anyway: --force)", fmt.name, problem)
+
+
+def _verify(contents: RunContents, out: Path, fmt: ExportFormat, dtype: torch.dtype, n_batches: int,
+            mode: str, device: torch.device) -> dict[str, Any]:
+    """Compare ``out`` with the run as ``mode`` says (:mod:`.streamed`), then, for ``full``, reload it in
+    the format's stock runtimes; returns the check results."""
+    if mode == "none":
+        return {"verification": "none: not compared with the run (export --verify none)"}
+    manifest = check_manifest(out, PROVISIONAL_MANIFEST)  # hashes first, as loaders do
+    streamed = verify_streamed(contents, out, manifest, fmt, dtype, device, n_batches, mode)
+    headline = streamed.get("logits", streamed["weights"])
+    checks = {"load_quantized": {**headline, "note": f"streamed layer by layer on {device}"},
+              **{k if k.startswith("layer_") else f"layer_{k}": v for k, v in streamed.items() if k != "logits"}}
+    if mode == "full" and fmt.stock_checks:
+        reference, *_ = contents.open_model(torch.device("cpu"), dtype)  # stock runtimes load whole models
+        batches = check_batches(contents.config, n_batches)
+        for stock_check in fmt.stock_checks:
+            checks.update(stock_check(out, contents, reference, batches, dtype))
+    return checks
 
 
 # --- sizes, from the safetensors headers (no tensor is loaded) -----------------------------------
@@ -182,6 +219,8 @@ def load_quantized(path: Path | str, device: torch.device | str = "cpu", dtype: 
 def _load_checked(folder: Path, manifest_name: str, device: torch.device, dtype: torch.dtype | None) -> nn.Module:
     """Check ``folder`` against manifest ``manifest_name``, then load it with its format's loader."""
     manifest = check_manifest(folder, manifest_name)
+    if manifest.get("verification") == "none":
+        log.warning("%s was exported with --verify none: it was never compared with its run", folder)
     fmt = EXPORT_FORMATS.get(manifest.get("format", "?"))
     dtype = dtype or DTYPES[manifest["dtype"]]
     return fmt.load(folder, manifest, device, dtype).eval()

@@ -21,7 +21,7 @@ from torch import nn
 from ..config import Recipe
 from ..errors import UserError
 from ..fakequant.attention import use_orthoquant_attention
-from ..fakequant.kvcache import prepare_kv_scales
+from ..fakequant.install import prepare_layer_scales
 from ..models.checkpoint import open_checkpoint, read_entry
 from ..models.layout import from_stock
 from ..models.loading import build_skeleton, views_of
@@ -61,7 +61,8 @@ class ExportOptions:
 Checker = Callable[[RunContents, torch.dtype], None]
 Writer = Callable[[RunContents, Path, ExportOptions], dict[str, Any]]
 Loader = Callable[[Path, dict[str, Any], torch.device, torch.dtype], nn.Module]
-Decoder = Callable[[Path, Recipe, dict[str, tuple[int, int]]], dict[str, torch.Tensor]]
+# (folder, recipe, {linear: (out, in)}, keep) -> state dict; ``keep`` selects tensor names (one layer's)
+Decoder = Callable[..., dict[str, torch.Tensor]]
 # (export folder, run, reference model, token batches, dtype) -> named check results
 StockCheck = Callable[[Path, RunContents, nn.Module, list[torch.Tensor], torch.dtype], dict[str, Any]]
 
@@ -75,6 +76,12 @@ class ExportFormat:
     :param load: rebuild the quantized model (online transforms and fake-quant attached) from a checked export.
     :param exact: whether ``load`` reproduces the run's logits bit for bit (else within a tolerance).
     :param stock_checks: reloads through stock runtimes (transformers, gptqmodel), run after writing.
+    :param decode: the dense state dict of an export (stock formats), read one layer at a time by the
+        streamed verification; None: the export is a run folder (native).
+    :param overridable: problems that make the checkpoint serve worse than the run (e.g. a fused group
+        split across schemes), refused unless the user passes ``force`` (then logged as warnings).
+    :param dtype_checked: whether ``check`` depends on the export dtype (compressed-tensors stores scales
+        in it; GPTQ always in float16, native as quantized), so the exportability record checks each dtype.
     """
 
     name: str
@@ -83,6 +90,9 @@ class ExportFormat:
     load: Loader
     exact: bool = True
     stock_checks: tuple[StockCheck, ...] = ()
+    dtype_checked: bool = False
+    decode: Decoder | None = None
+    overridable: Callable[[RunContents], list[str]] | None = None
 
 
 EXPORT_FORMATS: Registry[ExportFormat] = Registry("export format")
@@ -106,16 +116,12 @@ def dense_reload(folder: Path, manifest: dict[str, Any], device: torch.device, d
 
     :param decode: (folder, recipe, {linear name: (out, in)}) -> full state dict, float32 weights.
     """
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(folder)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = build_skeleton(config, dtype)
+    model = export_skeleton(folder, dtype)
     recipe = Recipe.from_dict(manifest["recipe"])
     arch = spec_for(model.config)
-    for layer in layers_of(model, arch):  # static KV scales are stored tensors of the attention
-        prepare_kv_scales(layer, arch, recipe)
+    for index, layer in enumerate(layers_of(model, arch)):  # static KV/input scales are stored tensors
+        prepare_layer_scales(layer, f"{arch.layers}.{index}.", arch, recipe)
+    config = model.config
     stock = build_skeleton(config, dtype, layout=False)  # the checkpoint's own names and shapes
     shapes = {n: tuple(m.weight.shape) for root in (stock, model)  # MoE experts: stored per expert, as held
               for n, m in root.named_modules() if isinstance(m, nn.Linear)}
@@ -125,6 +131,16 @@ def dense_reload(folder: Path, manifest: dict[str, Any], device: torch.device, d
         raise UserError(f"{folder} lacks {missing[:3]} of its model class")
     model.load_state_dict({k: state[k].to(expected[k].dtype) for k in expected}, strict=True, assign=True)
     return attach_runtime(model, recipe).to(device)
+
+
+def export_skeleton(folder: Path, dtype: torch.dtype) -> nn.Module:
+    """The stock model class of an export on the meta device, its ``quantization_config`` dropped."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return build_skeleton(config, dtype)
 
 
 def save_hf_config(contents: RunContents, out: Path, dtype: torch.dtype, **extra: Any) -> None:
@@ -215,10 +231,11 @@ class ShardWriter:
         return names
 
 
-def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a (possibly sharded) safetensors checkpoint, its headers verified and its shard
-    names confined to ``folder`` (:func:`~orthoquant.models.checkpoint.open_checkpoint`)."""
-    return {key: read_entry(entry) for key, entry in open_checkpoint(folder).items()}
+def read_tensors(folder: Path, keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a (possibly sharded) safetensors checkpoint (``keep``: only the names it accepts, the
+    others are never read), its headers verified and its shard names confined to ``folder``
+    (:func:`~orthoquant.models.checkpoint.open_checkpoint`)."""
+    return {key: read_entry(entry) for key, entry in open_checkpoint(folder).items() if keep is None or keep(key)}
 
 
 def cast_floats(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -21,6 +21,13 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", help="text for static activation scales a format needs (NVFP4 in "
                                    "compressed-tensors); default: the recipe's calibration source")
     p.add_argument("--batches", type=int, default=2, help="token batches the reload is compared on")
+    p.add_argument("--verify", choices=("full", "weights", "none"), default="full",
+                   help="compare with the run layer by layer (one layer of each resident): full = weights, layer "
+                        "outputs and logits, then stock-runtime reloads; weights = weights only; none = skip "
+                        "(recorded in the manifest; loaders warn)")
+    p.add_argument("--force", action="store_true",
+                   help="export although a fused group (q/k/v, gate/up) is split across schemes (warns instead)")
+    p.add_argument("--device", default="cpu", help="where the verification computes (cpu, cuda, cuda:N)")
     p.add_argument("--max-shard-size", type=parse_size, metavar="SIZE",
                    help="size cap of a safetensors shard for compressed-tensors and gptq, e.g. 5GB or 500MB "
                         "(default 5GB); one decoder layer is never split")
@@ -33,7 +40,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     from .api import export_run
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    report = export_run(args.run, args.out, args.format, dtype, args.calib, args.batches, args.max_shard_size)
+    report = export_run(args.run, args.out, args.format, dtype, args.calib, args.batches, args.max_shard_size,
+                        verify=args.verify, device=args.device, force=args.force)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
@@ -67,7 +75,8 @@ def format_report(report: dict[str, Any]) -> str:
             diff = f"max relative logit difference {result['max_rel_diff']:.3g}"
             exact = "bit-exact" if result["bit_exact"] else diff
             note = f" ({result['note']})" if result.get("note") else ""
-            lines.append(f"  {name:20s} {exact}{note}")
+            label = result.get("label", name)  # what was loaded, and what orthoquant re-applied to it
+            lines.append(f"  {label:20s} {exact}{note}")
         else:
             lines.append(f"  {name:20s} {result}")
     return "\n".join(lines)

@@ -10,8 +10,9 @@ export holds about one shard, never the model. ``config.json`` gets the whole mo
 (FP4 ones pass through it), so they must already be exact in it (``weights.scale_dtype`` rounds them
 when quantizing).
 
-Static activation scales that CT needs but our dynamic quantizers do not have (NVFP4's
-``input_global_scale``) are calibrated at export, see :mod:`.calibrate`. The KV cache is exported
+NVFP4's static ``input_global_scale`` is the one the run calibrated and quantized with
+(``activations.static``, :mod:`orthoquant.fakequant.static_inputs`), written as stored; only runs with
+dynamic NVFP4 inputs (older presets) have it calibrated at export, see :mod:`.calibrate`. The KV cache is exported
 where vLLM serves it: FP8 with static per-tensor scales (``kv_cache.static``), which the run calibrated
 and quantized with (:mod:`orthoquant.fakequant.kvcache`). They are written as CT writes them,
 ``<attention>.k_scale`` / ``<attention>.v_scale`` (vLLM remaps them to its ``attn.k_scale``), with
@@ -30,6 +31,7 @@ from torch import nn
 from ..config import QuantSpec, Recipe
 from ..errors import UserError
 from ..fakequant.kvcache import SCALE_NAMES, kv_scales
+from ..fakequant.static_inputs import BUFFER as INPUT_SCALE, is_static_input
 from ..models.layout import to_layout_, to_stock
 from ..models.loading import build_skeleton, views_of
 from ..models.surgery import layers_of
@@ -72,6 +74,25 @@ def _check(contents: RunContents, dtype: torch.dtype) -> None:
                if n not in quantized and contents.recipe.activations_for(n) is not None]
     if dropped:
         refuse(f"{dropped[0]} quantizes its input but not its weight (no compressed-tensors scheme)")
+
+
+def split_fused_groups(contents: RunContents) -> list[str]:
+    """Linears that share an input and that vLLM fuses into one GEMM (q/k/v, gate/up) but that the recipe
+    quantizes with different schemes (or leaves some in full precision): vLLM runs a fused module with one
+    scheme, so such a checkpoint does not serve as quantized. One line per split group."""
+    split = []
+    for index in range(contents.n_layers):
+        for roles in contents.arch.input_groups():
+            names = [contents.layer_prefix(index) + contents.arch.path(r) for r in roles]
+            schemes = {n: _scheme_of(contents.recipe, n) for n in names}
+            if len(set(schemes.values())) > 1:
+                split.append(f"{', '.join(names)} are fused by vLLM but quantized with different schemes")
+    return split
+
+
+def _scheme_of(recipe: Recipe, name: str) -> str:
+    spec = recipe.weights_for(name)
+    return "full precision" if spec is None else scheme_key(weight_args(spec), input_args(recipe.activations_for(name)))
 
 
 def _check_linear(lin: QuantizedLinear, recipe: Recipe, dtype: torch.dtype) -> None:
@@ -172,12 +193,17 @@ class _PartCompressor:
         inputs = {key: scheme.input_activations for key, scheme in self.config.config_groups.items()}
         global_scaled = [n for n, key in self.group_of.items()  # NVFP4: a static tensor scale per input
                          if inputs[key] is not None and _value(inputs[key].dynamic) == "local"]
-        self.amax = static_input_amax(contents, global_scaled, options)
+        calibrated = [n for n in global_scaled if not is_static_input(contents.recipe.activations_for(n))]
+        self.amax = static_input_amax(contents, calibrated, options)  # the run stored the others' scales
         self.written_transforms: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
         self.done: set[str] = set()
 
-    def __call__(self, linears: list[QuantizedLinear]) -> dict[str, torch.Tensor]:
-        """CT tensors (full names) of these linears: codes, scales, NVFP4 global scales, transform weights."""
+    def __call__(self, linears: list[QuantizedLinear],
+                 input_scales: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """CT tensors (full names) of these linears: codes, scales, NVFP4 global scales, transform weights.
+
+        :param input_scales: linear name -> the run's stored static NVFP4 ``input_global_scale``.
+        """
         from compressed_tensors.compressors import ModelCompressor
         from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
         from compressed_tensors.transform import apply_transform_config
@@ -202,7 +228,9 @@ class _PartCompressor:
             module = tree.get_submodule(lin.name)
             set_weight_params(module, lin)
             if hasattr(module, "input_global_scale"):
-                module.input_global_scale.data = input_global_scale(self.amax[lin.name])
+                stored = input_scales.get(lin.name)
+                module.input_global_scale.data = (stored if stored is not None
+                                                  else input_global_scale(self.amax[lin.name]))
         ModelCompressor(quantization_config=part_config).compress_model(tree)
         for lin in linears:
             module = tree.get_submodule(lin.name)
@@ -241,10 +269,12 @@ def _write(contents: RunContents, out: Path, options: ExportOptions) -> dict[str
     writer = ShardWriter(out, options.max_shard_bytes)
     views = views_of(contents.config)  # fused parts merged, Gemma's γ without its 1
     for part in contents.parts():  # one run file at a time: the model-level rest, then each layer
-        tensors = cast_floats(part.plain(), options.dtype)  # norms, embeddings, biases, KV scales
+        plain = part.plain()
+        input_scales = {k[: -len(INPUT_SCALE) - 1]: plain.pop(k) for k in list(plain) if k.endswith(f".{INPUT_SCALE}")}
+        tensors = cast_floats(plain, options.dtype)  # norms, embeddings, biases, KV scales
         linears = list(part.linears())
         if linears:
-            tensors.update(compress(linears))
+            tensors.update(compress(linears, input_scales))
         writer.add(to_stock(tensors, views))
     shards = writer.finish()
     missing = set(compress.specs) - compress.done
@@ -365,7 +395,9 @@ def _stock_transformers(folder: Path, contents: RunContents, reference: nn.Modul
         note = (note or "") + ("activations and KV cache run unquantized in stock transformers (vLLM quantizes "
                                "them); KV-cache scales compared in the checkpoint" if kv else
                                "activations run unquantized in stock transformers (vLLM quantizes them)")
-    return {"stock_transformers": {**logits, "logits_checked": checked, "weights": weights,
+    label = ("stock transformers + online transforms re-applied (plain from_pretrained drops them)" if transforms
+             else "stock transformers, plain from_pretrained")
+    return {"stock_transformers": {**logits, "label": label, "logits_checked": checked, "weights": weights,
                                    "kv_cache_scales": kv, "online_transforms_applied_with_ct": transforms,
                                    "tolerance": tol, "note": note}}
 
@@ -431,5 +463,6 @@ def decompression_dtype(contents: RunContents, names: list[str], dtype: torch.dt
     return max([dtype, *coarse], key=lambda d: torch.finfo(d).eps)
 
 
-COMPRESSED = ExportFormat(FORMAT_NAME, _check, _write, _load, exact=False, stock_checks=(_stock_transformers,))
+COMPRESSED = ExportFormat(FORMAT_NAME, _check, _write, _load, exact=False, stock_checks=(_stock_transformers,),
+                          dtype_checked=True, decode=dense_state, overridable=split_fused_groups)
 EXPORT_FORMATS.add(COMPRESSED.name, COMPRESSED)

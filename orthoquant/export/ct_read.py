@@ -56,14 +56,18 @@ def decode_linear(stored: Stored, spec: QuantSpec, rows: int, cols: int) -> torc
     return make_format(spec).dequantize(q)
 
 
-def dense_state(folder: Path, recipe: Recipe, shapes: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+def dense_state(folder: Path, recipe: Recipe, shapes: dict[str, tuple[int, int]],
+                keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
     """The state dict of a CT export with every quantized linear decoded to float32.
 
     :param shapes: full linear name -> (out, in) of every Linear of the model skeleton.
+    :param keep: read only the tensors whose names it accepts (one decoder layer's).
     """
-    tensors = read_tensors(folder)
+    tensors = read_tensors(folder, keep)
     owners = {k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weight_scale")}
-    state = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[0] not in owners or k.endswith(".bias")}
+    # biases, and static input scales (a model whose recipe has them expects them; others ignore them)
+    state = {k: v for k, v in tensors.items()
+             if k.rsplit(".", 1)[0] not in owners or k.endswith((".bias", ".input_global_scale"))}
     for owner in owners:
         spec = recipe.weights_for(owner)
         if spec is None or owner not in shapes:

@@ -115,10 +115,11 @@ def _decode(tensors: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
     return (codes - zeros[g_idx].T) * scales[g_idx].T
 
 
-def load_state(folder: Path, recipe: Recipe | None = None, shapes=None) -> dict[str, torch.Tensor]:
-    """The dense state dict of a GPTQ export: every GPTQ linear decoded, other tensors as stored."""
+def load_state(folder: Path, recipe: Recipe | None = None, shapes=None, keep=None) -> dict[str, torch.Tensor]:
+    """The dense state dict of a GPTQ export: every GPTQ linear decoded, other tensors as stored
+    (``keep``: only the tensors whose names it accepts)."""
     bits = json.loads((folder / "config.json").read_text())["quantization_config"]["bits"]
-    state = read_tensors(folder)
+    state = read_tensors(folder, keep)
     owners = {k.rsplit(".", 1)[0] for k in state if k.endswith(".qweight")}
     for owner in owners:
         parts = {s: state.pop(f"{owner}.{s}") for s in ("qweight", "qzeros", "scales", "g_idx")}
@@ -154,5 +155,5 @@ def _stock_gptqmodel(folder: Path, contents: RunContents, reference: nn.Module, 
                           "note": "gptqmodel's CPU kernel rounds differently; a format error gives > 0.5"}}
 
 
-GPTQ = ExportFormat("gptq", _check, _write, _load, exact=True, stock_checks=(_stock_gptqmodel,))
+GPTQ = ExportFormat("gptq", _check, _write, _load, exact=True, stock_checks=(_stock_gptqmodel,), decode=load_state)
 EXPORT_FORMATS.add(GPTQ.name, GPTQ)

@@ -30,6 +30,7 @@ from torch import nn
 from ..device import DTYPES
 from ..errors import UserError
 from ..fakequant.kvcache import SCALE_NAMES
+from ..fakequant.static_inputs import BUFFER as INPUT_SCALE
 from ..hadamard import hadamard_digest
 from ..layerfile import SIDES, read_module
 from ..runfolder import write_json
@@ -56,6 +57,7 @@ def _layer_file(contents: RunContents, path: Path, out: Path, dtype: torch.dtype
     tensors, meta, metadata = read_module(path)
     keep = tuple(f"{p}.{side}." for p in meta for side in SIDES)  # solver transforms keep their dtype
     kv_scales = {f"{contents.arch.attention}.{name}" for name in SCALE_NAMES}  # static KV scales too
+    kv_scales |= {f"{path}.{INPUT_SCALE}" for path in meta}  # and static NVFP4 input scales
     result = {}
     for key, value in tensors.items():
         if key.endswith(".qscale"):

@@ -92,6 +92,9 @@ class QuantFormat(ABC):
         self.spec = spec
         self.bits = spec.bits
         self.group_size = spec.group_size
+        if spec.scale_dtype not in _SCALE_DTYPES:  # "auto" is resolved from the model when quantizing
+            raise ConfigError(f"scale_dtype={spec.scale_dtype!r} has no dtype yet: quantize resolves 'auto' from "
+                              "the model's dtype (orthoquant.autoscale.resolve_auto_scales)")
         self.scale_dtype = _SCALE_DTYPES[spec.scale_dtype]
 
     @classmethod

@@ -1,5 +1,7 @@
-"""Command line: ``orthoquant quantize | eval | recipes``. Argparse lives here only; every flag maps
-to a recipe field or an evaluation option. Bad input exits with code 2 and a one-line reason."""
+"""Command line: ``orthoquant quantize | eval | report | export | recipes``. Argparse lives here only;
+every flag maps to a recipe field or an evaluation option. Bad input exits with code 2 and a one-line
+reason. Kept import-light: a command's modules load only when it runs, so ``--help``, ``--version`` and
+``recipes`` start without torch or transformers."""
 from __future__ import annotations
 
 import argparse
@@ -116,47 +118,93 @@ def cmd_eval(args: argparse.Namespace) -> dict:
 
 
 def cmd_recipes(args: argparse.Namespace) -> None:
-    from .config import load_recipe, preset_names
+    """Name and description of each preset, read from its YAML without building the recipe (which
+    would import the formats and solvers it names, and torch with them)."""
+    from importlib import resources
 
+    from .config import parse_yaml, preset_names
+
+    folder = resources.files("orthoquant.recipes")
     for name in preset_names():
-        print(f"{name:28s} {load_recipe(name).description}")
+        raw = parse_yaml(folder.joinpath(f"{name}.yaml").read_text(encoding="utf-8"), f"preset {name}")
+        show(f"{name:28s} {raw.get('description', '')}")
 
 
 @dataclass(frozen=True)
 class Command:
-    """A subcommand: its help line, a function adding its flags, and the function running it."""
+    """A subcommand: its help line, a function adding its flags, and the function running it.
+
+    :param uses_torch: set up torch's threads before running (``recipes`` never imports torch).
+    """
 
     help: str
     add_args: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], Any]
+    uses_torch: bool = True
 
 
-COMMANDS: dict[str, Command] = {
-    "quantize": Command("quantize a model into a run folder", _quantize_args, cmd_quantize),
-    "eval": Command("perplexity / tasks of a run folder or a model", _eval_args, cmd_eval),
-    "recipes": Command("list the preset recipes", lambda p: None, cmd_recipes),
+@dataclass(frozen=True)
+class Plugin:
+    """A subcommand defined next to its feature: its ``--help`` line here, its :class:`Command` in
+    ``module`` (imported only when the command runs, so ``--help`` stays fast)."""
+
+    help: str
+    module: str
+    attr: str = "COMMAND"
+
+    def load(self) -> Command:
+        return getattr(importlib.import_module(self.module), self.attr)
+
+
+# In the order a user needs them; the help lines are what `orthoquant --help` shows.
+COMMANDS: dict[str, Command | Plugin] = {
+    "quantize": Command("quantize a model with a recipe into a run folder", _quantize_args, cmd_quantize),
+    "eval": Command("perplexity and lm-eval tasks of a run, an export or a model", _eval_args, cmd_eval),
+    "report": Plugin("compare evaluated runs: one table and charts", "orthoquant.evaluate.report"),
+    "export": Plugin("write a run as a checkpoint that stock runtimes load",
+                     "orthoquant.export.command"),
+    "recipes": Command("list the preset recipes, one line each", lambda p: None, cmd_recipes, uses_torch=False),
 }
-# Subcommands defined next to their feature: module path -> attribute holding a Command.
-PLUGINS = {"export": ("orthoquant.export.command", "COMMAND"), "report": ("orthoquant.evaluate.report", "COMMAND")}
+DESCRIPTION = ("Quantize Hugging Face causal language models (GPTQ, QuaRot, SpinQuant, OSTQuant, WUSH,\n"
+               "QuIP#), evaluate them, compare them, and export them for transformers and vLLM.")
+EPILOG = """examples:
+  orthoquant recipes
+  orthoquant quantize MODEL --recipe quarot-w4a4kv4 --calib wikitext2 --out runs/quarot
+  orthoquant eval runs/quarot --ppl wikitext2 --tasks piqa,arc_easy
+  orthoquant report runs/quarot runs/gptq --out runs/report
+  orthoquant export runs/quarot --format native --out quarot-native
+run `orthoquant COMMAND --help` for a command's options."""
+
+
+def load_command(name: str) -> Command:
+    entry = COMMANDS[name]
+    return entry.load() if isinstance(entry, Plugin) else entry
 
 
 def all_commands() -> dict[str, Command]:
-    commands = dict(COMMANDS)
-    for name, (module, attr) in PLUGINS.items():
-        try:
-            commands[name] = getattr(importlib.import_module(module), attr)
-        except ModuleNotFoundError as e:
-            if e.name != module:  # the feature exists but a dependency of it is missing: say so
-                raise
-    return commands
+    """Every command loaded (imports each plugin's module)."""
+    return {name: load_command(name) for name in COMMANDS}
 
 
-def build_parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="orthoquant", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, command in commands.items():
-        command.add_args(sub.add_parser(name, help=command.help))
+def command_name(argv: list[str]) -> str | None:
+    """The subcommand ``argv`` names: its first word that is not an option (the top-level options
+    take no values), or None."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    """The parser listing every command; only ``selected``'s flags are added (its module is imported)."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="orthoquant", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    parser.add_argument("--version", action="version", version=f"orthoquant {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, entry in COMMANDS.items():
+        command_parser = sub.add_parser(name, help=entry.help, description=entry.help)
+        if name == selected:
+            load_command(name).add_args(command_parser)
     return parser
 
 
@@ -217,11 +265,14 @@ def run_command(run: Callable[[argparse.Namespace], Any], args: argparse.Namespa
 def main(argv: list[str] | None = None) -> int:
     from .progress import setup_logging, setup_threads
 
-    commands = all_commands()
-    args = build_parser(commands).parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    name = command_name(argv)
+    args = build_parser(name if name in COMMANDS else None).parse_args(argv)
+    command = load_command(args.command)
     setup_logging(args.verbose)
-    setup_threads()
-    return run_command(commands[args.command].run, args)
+    if command.uses_torch:
+        setup_threads()
+    return run_command(command.run, args)
 
 
 if __name__ == "__main__":

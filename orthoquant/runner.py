@@ -80,23 +80,29 @@ class LayerwiseQuantizer:
     plan: TransformPlan
     run: RunFolder | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    _bar: Any = field(default=None, init=False, repr=False)
+
+    def _stage(self, stage: str) -> None:
+        """Name the stage the current layer is in on the progress bar (calibrate / solve / propagate)."""
+        if self._bar is not None:  # tqdm counts a layer done only when the next one starts
+            self._bar.set_postfix_str(f"layer {self._bar.n + 1}/{self._bar.total}: {stage}", refresh=True)
 
     def run_layers(self, inputs: LayerInputs) -> LayerInputs:
         """Quantize every layer; returns the inputs of the final norm (the last layer's outputs)."""
         layers = layers_of(self.model, self.spec)
-        bar = tqdm(range(len(layers)), desc="layers", unit="layer")
+        self._bar = bar = tqdm(range(len(layers)), desc="quantize", unit="layer")
         for i in bar:
             layer, prefix = layers[i], f"{self.spec.layers}.{i}."
             self.source.materialize(layer, prefix, self.device)
             if self._finished_before(i):
-                bar.set_postfix_str(f"({i + 1}/{len(layers)}) resumed")
+                self._stage("resumed")
                 prepare_kv_scales(layer, self.spec, self.recipe)  # static KV scales are stored with the layer
                 solved = load_module(self.run.layer_path(i), layer, self.device)
                 self.metrics[str(i)] = self.run.layer_metrics(i)
             else:
-                bar.set_postfix_str(f"({i + 1}/{len(layers)}) calibrating")
                 solved = self._quantize_layer(layer, i, prefix, inputs)
             install_runtime(layer, i, self.spec, self.recipe, self.plan, solved)
+            self._stage("propagate")
             inputs = LayerInputs(run_layer(layer, inputs, self.device), inputs.kwargs)
             self.source.release(layer)
         return inputs
@@ -116,6 +122,7 @@ class LayerwiseQuantizer:
         self.plan.fuse_layer(layer, index)
         self.plan.attach_layer(layer, index)  # calibrate on what the layer will see at inference
         quantized, losses = self.solve_layer(layer, prefix, inputs)
+        self._stage("calibrate KV scales")
         calibrate_kv_scales(layer, prefix, self.spec, self.recipe,  # static KV scales, saved with the layer
                             lambda: run_layer(layer, inputs, self.device, keep=False))
         self.metrics[str(index)] = {"seconds": time.perf_counter() - start, "linears": losses}
@@ -137,8 +144,10 @@ class LayerwiseQuantizer:
             if not todo:
                 continue
             watched = {owner[r]: linears[owner[r]] for r in todo}
+            self._stage("calibrate")
             with collect_input_stats(watched) as stats:
                 run_layer(layer, inputs, self.device, keep=False)
+            self._stage("solve " + ",".join(todo))
             for role in todo:
                 path = self.spec.path(role)
                 q_spec = self.recipe.weights_for(prefix + path)

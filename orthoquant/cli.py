@@ -47,18 +47,26 @@ def _eval_args(p: argparse.ArgumentParser, standalone: bool = True) -> None:
         p.add_argument("target", metavar="RUN|MODEL", help="run folder (quantized), exported checkpoint or model")
         p.add_argument("--seqlen", dest="eval_seqlen", type=int, help="window length (default min(2048, positions))")
         p.add_argument("--device", default=None)
-        p.add_argument("--dtype", default="auto")
+        p.add_argument("--dtype", default="auto", help="auto (the model's own dtype for a run folder; "
+                       "float32 on CPU otherwise) or float32, bfloat16, float16")
     else:
         p.add_argument("--eval-seqlen", dest="eval_seqlen", type=int, help="evaluation window length")
-    p.add_argument("--ppl", default="wikitext2", help="comma-separated sources; '' for none")
+    p.add_argument("--ppl", default=None, help="comma-separated perplexity sources ('' for none; default "
+                   "wikitext2, or none when --tasks is given, as lm_eval)")
     p.add_argument("--tasks", default="", help="comma-separated lm-eval tasks, groups, tags or suites "
                    "(quarot6, ostquant9); eval/tasks holds offline ones (oq_code_nextline, oq_code_ppl, oq_local)")
     p.add_argument("--json", type=Path, help="write the result here")
-    p.add_argument("--batch-size", "--batch_size", type=int, default=1)
+    p.add_argument("--batch-size", "--batch_size", type=_batch_size, default=1, metavar="auto|N",
+                   help="windows / requests per batch; auto: lm-eval picks its own, perplexity a safe one")
     p.add_argument("--max-windows", type=int, help="evaluate only the first N windows (quick checks)")
     p.add_argument("--stream", action="store_true", default=None, help="hold one layer at a time")
     p.add_argument("--num-fewshot", "--num_fewshot", type=int, help="few-shot examples (default: each task's)")
-    p.add_argument("--max-length", "--max_length", type=int, help="task context length (default: the seqlen)")
+    p.add_argument("--max-length", "--max_length", type=int,
+                   help="task context length (default: the model's max_position_embeddings, at most 8192)")
+    p.add_argument("--output-path", "--output_path", "-o", type=Path, metavar="PATH",
+                   help="write lm-eval's own results file there (and samples with --log-samples), as lm_eval does")
+    p.add_argument("--log-samples", "--log_samples", "-s", action="store_true",
+                   help="also write every task document's inputs and outputs (needs --output-path)")
     p.add_argument("--apply-chat-template", "--apply_chat_template", nargs="?", const=True, default=False,
                    metavar="TEMPLATE", help="format prompts with the tokenizer's chat template (optionally named)")
     p.add_argument("--fewshot-as-multiturn", "--fewshot_as_multiturn", nargs="?", const=True, default=None,
@@ -67,6 +75,16 @@ def _eval_args(p: argparse.ArgumentParser, standalone: bool = True) -> None:
     p.add_argument("--include-path", "--include_path", action="append", default=[], metavar="DIR",
                    help="folder of task YAMLs (repeatable); relative data paths in them resolve against it")
     p.add_argument("--limit", type=float, help="documents per task: a count, or a fraction when below 1")
+
+
+def _batch_size(text: str) -> int | str:
+    """``--batch-size``: ``auto`` or a count (checked for range with the other evaluation options)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is neither auto nor a whole number") from None
 
 
 def recipe_from_args(args: argparse.Namespace):
@@ -98,14 +116,15 @@ def show(text: str) -> None:
 def cmd_eval(args: argparse.Namespace) -> dict:
     from .device import resolve_device
     from .evaluate.lm_eval import TaskOptions
-    from .evaluate.run_eval import measure
+    from .evaluate.run_eval import choose_ppl_sources, measure
     from .validate import check_output_file
 
     if args.json:
         check_output_file(args.json, "--json")
-    sources = [s for s in args.ppl.split(",") if s]
-    evaluation = measure(args.target, sources, args.eval_seqlen, resolve_device(args.device), args.dtype,
-                         args.batch_size, args.stream, args.max_windows, TaskOptions.from_args(args))
+    tasks = TaskOptions.from_args(args)
+    evaluation = measure(args.target, choose_ppl_sources(args.ppl, tasks), args.eval_seqlen,
+                         resolve_device(args.device), args.dtype, args.batch_size, args.stream,
+                         args.max_windows, tasks)
     text = json.dumps(evaluation.result, indent=2)
     show(text)  # first: when a write below fails, the numbers are already shown
     if args.json:

@@ -25,7 +25,8 @@ def test_quantize_then_eval_writes_the_contract_json(saved_model, text_file, tmp
     assert main(["eval", str(tmp_path / "run"), "--ppl", str(text_file), "--seqlen", "32",
                  "--max-windows", "6", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert set(result) == {"ppl", "seqlen", "tasks", "recipe", "seconds"}
+    assert set(result) == {"ppl", "seqlen", "tasks", "recipe", "partial", "seconds"}
+    assert result["partial"] == {"max_windows": 6}
     assert result["seqlen"] == 32 and result["recipe"]["name"] == "rtn-w4a4kv4"
     q_ppl = result["ppl"]["calib.txt"]
     assert main(["eval", str(model), "--ppl", str(text_file), "--seqlen", "32", "--max-windows", "6",

@@ -113,13 +113,16 @@ def test_eval_cli_writes_tasks_and_results_files(saved_model, text_file, tmp_pat
     assert main(["eval", str(run), "--ppl", str(text_file), "--seqlen", "256", "--max-windows", "2",
                  "--tasks", "oq_code_nextline", "--limit", "4", "--batch-size", "4", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert set(result) == {"ppl", "seqlen", "tasks", "recipe", "seconds"}
+    assert set(result) == {"ppl", "seqlen", "tasks", "recipe", "partial", "seconds"}
+    assert result["partial"] == {"max_windows": 2, "limit": 4}
     task = result["tasks"]["oq_code_nextline"]
     assert task["metric"] == "acc_norm" and task["samples"] == 4 and 0 <= task["value"] <= 1
     assert main(["eval", str(run), "--ppl", "", "--tasks", "oq_code_ppl", "--limit", "1", "--max_length", "128"]) == 0
     saved = json.loads((run / "results.json").read_text())
-    assert set(saved["tasks"]) == {"oq_code_nextline", "oq_code_ppl"}  # the second call added to the first
-    assert saved["ppl"] == result["ppl"] and saved["seqlen"] == 256
+    assert saved["ppl"] == {} and saved["tasks"] == {}  # --max-windows and --limit: partial numbers only
+    partial = saved["partial"]
+    assert set(partial["tasks"]) == {"oq_code_nextline", "oq_code_ppl"}  # the second call added to the first
+    assert partial["ppl"] == result["ppl"] and partial["seqlen"] == 256 and partial["limit"] == 1
     assert saved["versions"]["lm_eval"] and saved["versions"]["torch"] == torch.__version__
     assert saved["seeds"]["calibration"] == 0 and set(saved["timings"]) >= {"load", "tasks", "total"}
     assert "| oq_code_ppl | byte_perplexity |" in (run / "results.md").read_text()

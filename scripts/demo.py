@@ -69,7 +69,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging()
     setup_threads()
-    model = build_demo_model()
+    model = build_demo_model()  # times 1 vs 2 training threads itself
+    torch.set_num_threads(1)  # the rows are small ops: a second thread on shared cores made them 10-40x slower
     start = time.perf_counter()
     corpus = cache_dir() / "demo-corpus"
     cases = chosen_cases(args.presets)

@@ -142,11 +142,11 @@ def _partial_markdown(partial: dict[str, Any] | None) -> list[str]:
     limits = ", ".join(f"{k} {partial[k]}" for k in ("max_windows", "limit") if partial.get(k) is not None)
     lines = [f"## Partial evaluation ({limits}): not comparable with whole results", ""]
     if partial["ppl"]:
-        lines += table(["source", f"ppl (seqlen {partial['seqlen']})"], [[s, fmt(v)] for s, v in partial["ppl"].items()])
-        lines += [""]
+        rows = [[s, fmt(v)] for s, v in partial["ppl"].items()]
+        lines += table(["source", f"ppl (seqlen {partial['seqlen']})"], rows) + [""]
     if partial["tasks"]:
-        lines += table(["task", "metric", "value", "docs"], [[t, str(v["metric"]), fmt(v["value"]), str(v.get("samples"))]
-                                                           for t, v in partial["tasks"].items()]) + [""]
+        rows = [[t, str(v["metric"]), fmt(v["value"]), str(v.get("samples"))] for t, v in partial["tasks"].items()]
+        lines += table(["task", "metric", "value", "docs"], rows) + [""]
     return lines
 
 

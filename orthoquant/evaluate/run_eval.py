@@ -69,7 +69,8 @@ def config_dtype(folder: Path) -> torch.dtype:
     """The dtype a model folder's ``config.json`` names (``dtype`` or ``torch_dtype``); float32 if none."""
     config = read_config_json(folder)
     name = config.get("dtype") or config.get("torch_dtype")
-    return getattr(torch, name) if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype) else torch.float32
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
 def _load_run(target: str, device: torch.device, dtype: str, stream: bool | None) -> Loaded:

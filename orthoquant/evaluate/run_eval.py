@@ -66,8 +66,9 @@ def _recipe_yaml(folder: Path) -> dict | None:
 
 
 def config_dtype(folder: Path) -> torch.dtype:
-    """The dtype a model folder's ``config.json`` names (``dtype`` or ``torch_dtype``); float32 if none."""
-    config = read_config_json(folder)
+    """The dtype a model folder's ``config.json`` names (``dtype`` or ``torch_dtype``); float32 if none
+    (a run folder without one is reported by :func:`open_run`, with what else it lacks)."""
+    config = read_config_json(folder) if (folder / "config.json").is_file() else {}
     name = config.get("dtype") or config.get("torch_dtype")
     dtype = getattr(torch, name, None) if isinstance(name, str) else None
     return dtype if isinstance(dtype, torch.dtype) else torch.float32

@@ -1,11 +1,34 @@
-"""orthoquant: post-training quantization of causal LMs with Hadamard, WUSH and learned transforms."""
+"""orthoquant: post-training quantization of causal LMs with Hadamard, WUSH and learned transforms.
+
+The public names load on first use (PEP 562 ``__getattr__``): ``import orthoquant`` and the command
+line's ``--help``, ``--version`` and ``recipes`` then start without importing torch or transformers.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-from .config import Recipe, load_recipe  # noqa: E402
-from .pipeline import open_run, quantize, quantize_pretrained  # noqa: E402
-from .export import load_quantized  # noqa: E402
-from .export import export_run  # noqa: E402
-from .data import calibration_windows  # noqa: E402
+# public name -> the module defining it (imported when the name is first used)
+_LAZY = {
+    "Recipe": "orthoquant.config", "load_recipe": "orthoquant.config",
+    "open_run": "orthoquant.pipeline", "quantize": "orthoquant.pipeline",
+    "quantize_pretrained": "orthoquant.pipeline", "load_quantized": "orthoquant.export",
+    "export_run": "orthoquant.export", "calibration_windows": "orthoquant.data",
+}
 
-__all__ = ["Recipe", "load_recipe", "quantize", "quantize_pretrained", "open_run", "load_quantized", "__version__"]
-__all__ += ["export_run", "calibration_windows"]
+__all__ = ["Recipe", "load_recipe", "quantize", "quantize_pretrained", "open_run", "load_quantized",
+           "export_run", "calibration_windows", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'orthoquant' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value  # cached: later lookups do not come back here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

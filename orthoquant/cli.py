@@ -1,5 +1,7 @@
-"""Command line: ``orthoquant quantize | eval | recipes``. Argparse lives here only; every flag maps
-to a recipe field or an evaluation option. Bad input exits with code 2 and a one-line reason."""
+"""Command line: ``orthoquant quantize | eval | report | export | recipes``. Argparse lives here only;
+every flag maps to a recipe field or an evaluation option. Bad input exits with code 2 and a one-line
+reason. Kept import-light: a command's modules load only when it runs, so ``--help``, ``--version`` and
+``recipes`` start without torch or transformers."""
 from __future__ import annotations
 
 import argparse
@@ -45,18 +47,26 @@ def _eval_args(p: argparse.ArgumentParser, standalone: bool = True) -> None:
         p.add_argument("target", metavar="RUN|MODEL", help="run folder (quantized), exported checkpoint or model")
         p.add_argument("--seqlen", dest="eval_seqlen", type=int, help="window length (default min(2048, positions))")
         p.add_argument("--device", default=None)
-        p.add_argument("--dtype", default="auto")
+        p.add_argument("--dtype", default="auto", help="auto (the model's own dtype for a run folder; "
+                       "float32 on CPU otherwise) or float32, bfloat16, float16")
     else:
         p.add_argument("--eval-seqlen", dest="eval_seqlen", type=int, help="evaluation window length")
-    p.add_argument("--ppl", default="wikitext2", help="comma-separated sources; '' for none")
+    p.add_argument("--ppl", default=None, help="comma-separated perplexity sources ('' for none; default "
+                   "wikitext2, or none when --tasks is given, as lm_eval)")
     p.add_argument("--tasks", default="", help="comma-separated lm-eval tasks, groups, tags or suites "
                    "(quarot6, ostquant9); eval/tasks holds offline ones (oq_code_nextline, oq_code_ppl, oq_local)")
     p.add_argument("--json", type=Path, help="write the result here")
-    p.add_argument("--batch-size", "--batch_size", type=int, default=1)
+    p.add_argument("--batch-size", "--batch_size", type=_batch_size, default=1, metavar="auto|N",
+                   help="windows / requests per batch; auto: lm-eval picks its own, perplexity a safe one")
     p.add_argument("--max-windows", type=int, help="evaluate only the first N windows (quick checks)")
     p.add_argument("--stream", action="store_true", default=None, help="hold one layer at a time")
     p.add_argument("--num-fewshot", "--num_fewshot", type=int, help="few-shot examples (default: each task's)")
-    p.add_argument("--max-length", "--max_length", type=int, help="task context length (default: the seqlen)")
+    p.add_argument("--max-length", "--max_length", type=int,
+                   help="task context length (default: the model's max_position_embeddings, at most 8192)")
+    p.add_argument("--output-path", "--output_path", "-o", type=Path, metavar="PATH",
+                   help="write lm-eval's own results file there (and samples with --log-samples), as lm_eval does")
+    p.add_argument("--log-samples", "--log_samples", "-s", action="store_true",
+                   help="also write every task document's inputs and outputs (needs --output-path)")
     p.add_argument("--apply-chat-template", "--apply_chat_template", nargs="?", const=True, default=False,
                    metavar="TEMPLATE", help="format prompts with the tokenizer's chat template (optionally named)")
     p.add_argument("--fewshot-as-multiturn", "--fewshot_as_multiturn", nargs="?", const=True, default=None,
@@ -65,6 +75,16 @@ def _eval_args(p: argparse.ArgumentParser, standalone: bool = True) -> None:
     p.add_argument("--include-path", "--include_path", action="append", default=[], metavar="DIR",
                    help="folder of task YAMLs (repeatable); relative data paths in them resolve against it")
     p.add_argument("--limit", type=float, help="documents per task: a count, or a fraction when below 1")
+
+
+def _batch_size(text: str) -> int | str:
+    """``--batch-size``: ``auto`` or a count (checked for range with the other evaluation options)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is neither auto nor a whole number") from None
 
 
 def recipe_from_args(args: argparse.Namespace):
@@ -102,14 +122,15 @@ def show(text: str) -> None:
 def cmd_eval(args: argparse.Namespace) -> dict:
     from .device import resolve_device
     from .evaluate.lm_eval import TaskOptions
-    from .evaluate.run_eval import measure
+    from .evaluate.run_eval import choose_ppl_sources, measure
     from .validate import check_output_file
 
     if args.json:
         check_output_file(args.json, "--json")
-    sources = [s for s in args.ppl.split(",") if s]
-    evaluation = measure(args.target, sources, args.eval_seqlen, resolve_device(args.device), args.dtype,
-                         args.batch_size, args.stream, args.max_windows, TaskOptions.from_args(args))
+    tasks = TaskOptions.from_args(args)
+    evaluation = measure(args.target, choose_ppl_sources(args.ppl, tasks), args.eval_seqlen,
+                         resolve_device(args.device), args.dtype, args.batch_size, args.stream,
+                         args.max_windows, tasks)
     text = json.dumps(evaluation.result, indent=2)
     show(text)  # first: when a write below fails, the numbers are already shown
     if args.json:
@@ -122,47 +143,93 @@ def cmd_eval(args: argparse.Namespace) -> dict:
 
 
 def cmd_recipes(args: argparse.Namespace) -> None:
-    from .config import load_recipe, preset_names
+    """Name and description of each preset, read from its YAML without building the recipe (which
+    would import the formats and solvers it names, and torch with them)."""
+    from importlib import resources
 
+    from .config import parse_yaml, preset_names
+
+    folder = resources.files("orthoquant.recipes")
     for name in preset_names():
-        print(f"{name:28s} {load_recipe(name).description}")
+        raw = parse_yaml(folder.joinpath(f"{name}.yaml").read_text(encoding="utf-8"), f"preset {name}")
+        show(f"{name:28s} {raw.get('description', '')}")
 
 
 @dataclass(frozen=True)
 class Command:
-    """A subcommand: its help line, a function adding its flags, and the function running it."""
+    """A subcommand: its help line, a function adding its flags, and the function running it.
+
+    :param uses_torch: set up torch's threads before running (``recipes`` never imports torch).
+    """
 
     help: str
     add_args: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], Any]
+    uses_torch: bool = True
 
 
-COMMANDS: dict[str, Command] = {
-    "quantize": Command("quantize a model into a run folder", _quantize_args, cmd_quantize),
-    "eval": Command("perplexity / tasks of a run folder or a model", _eval_args, cmd_eval),
-    "recipes": Command("list the preset recipes", lambda p: None, cmd_recipes),
+@dataclass(frozen=True)
+class Plugin:
+    """A subcommand defined next to its feature: its ``--help`` line here, its :class:`Command` in
+    ``module`` (imported only when the command runs, so ``--help`` stays fast)."""
+
+    help: str
+    module: str
+    attr: str = "COMMAND"
+
+    def load(self) -> Command:
+        return getattr(importlib.import_module(self.module), self.attr)
+
+
+# In the order a user needs them; the help lines are what `orthoquant --help` shows.
+COMMANDS: dict[str, Command | Plugin] = {
+    "quantize": Command("quantize a model with a recipe into a run folder", _quantize_args, cmd_quantize),
+    "eval": Command("perplexity and lm-eval tasks of a run, an export or a model", _eval_args, cmd_eval),
+    "report": Plugin("compare evaluated runs: one table and charts", "orthoquant.evaluate.report"),
+    "export": Plugin("write a run as a checkpoint that stock runtimes load",
+                     "orthoquant.export.command"),
+    "recipes": Command("list the preset recipes, one line each", lambda p: None, cmd_recipes, uses_torch=False),
 }
-# Subcommands defined next to their feature: module path -> attribute holding a Command.
-PLUGINS = {"export": ("orthoquant.export.command", "COMMAND"), "report": ("orthoquant.evaluate.report", "COMMAND")}
+DESCRIPTION = ("Quantize Hugging Face causal language models (GPTQ, QuaRot, SpinQuant, OSTQuant, WUSH,\n"
+               "QuIP#), evaluate them, compare them, and export them for transformers and vLLM.")
+EPILOG = """examples:
+  orthoquant recipes
+  orthoquant quantize MODEL --recipe quarot-w4a4kv4 --calib wikitext2 --out runs/quarot
+  orthoquant eval runs/quarot --ppl wikitext2 --tasks piqa,arc_easy
+  orthoquant report runs/quarot runs/gptq --out runs/report
+  orthoquant export runs/quarot --format native --out quarot-native
+run `orthoquant COMMAND --help` for a command's options."""
+
+
+def load_command(name: str) -> Command:
+    entry = COMMANDS[name]
+    return entry.load() if isinstance(entry, Plugin) else entry
 
 
 def all_commands() -> dict[str, Command]:
-    commands = dict(COMMANDS)
-    for name, (module, attr) in PLUGINS.items():
-        try:
-            commands[name] = getattr(importlib.import_module(module), attr)
-        except ModuleNotFoundError as e:
-            if e.name != module:  # the feature exists but a dependency of it is missing: say so
-                raise
-    return commands
+    """Every command loaded (imports each plugin's module)."""
+    return {name: load_command(name) for name in COMMANDS}
 
 
-def build_parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="orthoquant", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, command in commands.items():
-        command.add_args(sub.add_parser(name, help=command.help))
+def command_name(argv: list[str]) -> str | None:
+    """The subcommand ``argv`` names: its first word that is not an option (the top-level options
+    take no values), or None."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    """The parser listing every command; only ``selected``'s flags are added (its module is imported)."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="orthoquant", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    parser.add_argument("--version", action="version", version=f"orthoquant {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, entry in COMMANDS.items():
+        command_parser = sub.add_parser(name, help=entry.help, description=entry.help)
+        if name == selected:
+            load_command(name).add_args(command_parser)
     return parser
 
 
@@ -223,11 +290,14 @@ def run_command(run: Callable[[argparse.Namespace], Any], args: argparse.Namespa
 def main(argv: list[str] | None = None) -> int:
     from .progress import setup_logging, setup_threads
 
-    commands = all_commands()
-    args = build_parser(commands).parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    name = command_name(argv)
+    args = build_parser(name if name in COMMANDS else None).parse_args(argv)
+    command = load_command(args.command)
     setup_logging(args.verbose)
-    setup_threads()
-    return run_command(commands[args.command].run, args)
+    if command.uses_torch:
+        setup_threads()
+    return run_command(command.run, args)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,6 @@ from __future__ import annotations
 import logging
 import os
 
-import torch
-
 
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
@@ -18,4 +16,6 @@ def setup_threads() -> None:
     """Honour OMP_NUM_THREADS for torch too (oversubscribed cores make small ops 10-40x slower)."""
     n = os.environ.get("OMP_NUM_THREADS")
     if n and n.isdigit():
+        import torch  # here: commands that never use torch must not pay for importing it
+
         torch.set_num_threads(int(n))

@@ -89,9 +89,15 @@ class LayerwiseQuantizer:
     metrics: dict[str, Any] = field(default_factory=dict)
     finetune: LayerFinetune | None = None
     finetune_inputs: LayerInputs | None = None  # layer 0's inputs on finetune.source (None: the calibration's)
+    _bar: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.refine = RefineStage(self.recipe, self.spec, self.device)  # carries FP activations across layers
+
+    def _stage(self, stage: str) -> None:
+        """Name the stage the current layer is in on the progress bar (calibrate / solve / propagate)."""
+        if self._bar is not None:  # tqdm counts a layer done only when the next one starts
+            self._bar.set_postfix_str(f"layer {self._bar.n + 1}/{self._bar.total}: {stage}", refresh=True)
 
     def run_layers(self, inputs: LayerInputs) -> LayerInputs:
         """Quantize every layer; returns the inputs of the final norm (the last layer's outputs)."""
@@ -103,12 +109,12 @@ class LayerwiseQuantizer:
                                 "folder: give an output folder")
             self.finetune = LayerFinetune(self.recipe, self.spec, self.device, self.finetune_inputs or inputs)
         first, solved_layers = inputs, []
-        bar = tqdm(range(len(layers)), desc="layers", unit="layer")
+        self._bar = bar = tqdm(range(len(layers)), desc="quantize", unit="layer")
         for i in bar:
             layer, prefix = layers[i], f"{self.spec.layers}.{i}."
             self.source.materialize(layer, prefix, self.device)
             if self._finished_before(i):
-                bar.set_postfix_str(f"({i + 1}/{len(layers)}) resumed")
+                self._stage("resumed")
                 if self.refine.follows_fp_model:  # the FP activations still pass through the FP layer
                     self._prepare(layer, i)
                     self.refine.advance(layer, inputs)
@@ -119,10 +125,10 @@ class LayerwiseQuantizer:
                 solved = load_module(self.run.layer_path(i), layer, self.device)
                 self.metrics[str(i)] = self.run.layer_metrics(i)
             else:
-                bar.set_postfix_str(f"({i + 1}/{len(layers)}) calibrating")
                 solved = self._quantize_layer(layer, i, prefix, inputs)
             install_runtime(layer, i, self.spec, self.recipe, self.plan, solved)
             solved_layers.append(solved)
+            self._stage("propagate")
             clean = quantizers_off(layer) if self.recipe.solver.propagate == "fp" else nullcontext()
             with clean:  # what layer i+1 is calibrated on
                 inputs = inputs.with_hidden(run_layer(layer, inputs, self.device))
@@ -187,9 +193,11 @@ class LayerwiseQuantizer:
         quantized, losses = self.solve_layer(layer, prefix, inputs, index)
         extra = {}
         if snapshot is not None:
+            self._stage("refine")
             quantized, extra["refine"] = self.refine.finish(layer, prefix, index, quantized, snapshot, inputs)
         if self.finetune is not None and self.finetune.metrics:
             extra["finetune"] = self.finetune.metrics
+        self._stage("calibrate static scales")
         calibrate_static_scales(layer, prefix, self.spec, self.recipe,  # static KV/input scales, saved with it
                             lambda: run_layer(layer, inputs, self.device, keep=False))
         self.metrics[str(index)] = {"seconds": time.perf_counter() - start, "linears": losses, **extra}
@@ -220,8 +228,10 @@ class LayerwiseQuantizer:
             if not todo:
                 continue
             watched = {owner[r]: linears[owner[r]] for r in todo}
+            self._stage("calibrate")
             with collect_input_stats(watched) as stats, route_all(layer, self.recipe.calibration.moe_all_experts):
                 run_layer(layer, inputs, self.device, keep=False)
+            self._stage("solve " + ",".join(todo))
             for role in todo:
                 path, seen = self.spec.path(role), stats[owner[role]]
                 H = sparse_hessian(seen.H, seen.tokens, prefix + path)  # a rarely routed expert: damped, logged

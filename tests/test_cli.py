@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from orthoquant.cli import main
+from orthoquant import __version__
+from orthoquant.cli import COMMANDS, main
 
 
 def quantize_args(model, text_file, out, *extra):
@@ -16,13 +17,16 @@ def quantize_args(model, text_file, out, *extra):
 def test_quantize_then_eval_writes_the_contract_json(saved_model, text_file, tmp_path, capsys):
     model = saved_model("qwen2")
     assert main(quantize_args(model, text_file, tmp_path / "run")) == 0
+    progress = capsys.readouterr().err  # the layer bar names each stage as it happens
+    assert all(f"layer 2/2: {stage}" in progress for stage in ("calibrate", "solve", "propagate"))
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["status"] == "complete" and set(info["metrics"]) == {"0", "1"}
     out = tmp_path / "eval.json"
     assert main(["eval", str(tmp_path / "run"), "--ppl", str(text_file), "--seqlen", "32",
                  "--max-windows", "6", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert set(result) == {"ppl", "seqlen", "tasks", "recipe", "seconds"}
+    assert set(result) == {"ppl", "seqlen", "tasks", "recipe", "partial", "seconds"}
+    assert result["partial"] == {"max_windows": 6}
     assert result["seqlen"] == 32 and result["recipe"]["name"] == "rtn-w4a4kv4"
     q_ppl = result["ppl"]["calib.txt"]
     assert main(["eval", str(model), "--ppl", str(text_file), "--seqlen", "32", "--max-windows", "6",
@@ -83,3 +87,36 @@ def test_console_entry_lists_recipes():
     out = subprocess.run([sys.executable, "-m", "orthoquant.cli", "recipes"], capture_output=True, text=True,
                          check=True).stdout
     assert "rtn-w4a4kv4" in out and "fp16" in out
+
+
+def test_help_lists_every_command_on_one_line(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name, entry in COMMANDS.items():
+        assert any(line.split() == [name, *entry.help.split()] for line in lines), name
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"orthoquant {__version__}"
+
+
+# What a fresh interpreter imports for `--help`, `--version`, `recipes` and each command's parser
+# (building a command's parser may load its module, never torch).
+IMPORT_PROBE = """
+import json, sys
+from orthoquant.cli import COMMANDS, build_parser, main
+for argv in (["--help"], ["--version"]):
+    try:
+        main(argv)
+    except SystemExit:
+        pass
+main(["recipes"])
+build_parser()
+print(json.dumps([m for m in ("torch", "transformers") if m in sys.modules]))
+"""
+
+
+def test_help_version_and_recipes_import_neither_torch_nor_transformers():
+    out = subprocess.run([sys.executable, "-c", IMPORT_PROBE], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out.splitlines()[-1]) == []

@@ -138,3 +138,50 @@ def test_install_never_replaces_foreign_folders(tmp_path):
 
 def test_pick_threads_returns_a_usable_count():
     assert demo.pick_threads(TINY, steps=1) in (1, 2, 4)
+
+
+# ------------------------------------------------------------------ the demo table (issue 20.9)
+
+def _demo_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "demo.py"
+    spec = importlib.util.spec_from_file_location("demo_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_rows_are_one_per_method_family_at_separating_settings():
+    from orthoquant.config import load_recipe
+    from orthoquant.evaluate.preset_table import run_folder_name
+
+    cases = _demo_script().DEFAULT_CASES
+    recipes = {label: load_recipe(preset, sets) for label, preset, sets in cases}
+    families = {r.name.split("-")[0] for r in recipes.values()} | {r.solver.name for r in recipes.values()}
+    assert {"rtn", "gptq", "quarot", "spinquant", "ostquant", "wush", "quip"} <= families
+    assert len({run_folder_name(label) for label in recipes}) == len(cases)  # one run folder each
+    w4a4kv4 = [r for r in recipes.values() if r.kv_cache is not None]
+    assert len(w4a4kv4) == 5 and all(r.weights.bits == r.activations.bits == r.kv_cache.bits == 4 for r in w4a4kv4)
+    assert 0 < recipes["OSTQuant W4A4KV4 (24-step fit)"].fitting.steps <= 50  # a short fit
+    assert {r.weights.format for r in recipes.values() if r.activations is not None} >= {"mxfp4"}
+    assert sorted(r.weights.bits for r in recipes.values() if r.weights.bits == 2) == [2, 2]
+
+
+def test_demo_prints_rows_as_they_finish_then_writes_the_report(trained_model, tmp_path, monkeypatch, capsys):
+    script = _demo_script()
+    monkeypatch.setattr(script, "build_demo_model", lambda: trained_model)
+    monkeypatch.setattr(script, "cache_dir", lambda: tmp_path / "cache")
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "demo-corpus").symlink_to(trained_model.parent / "corpus")
+    out = tmp_path / "demo"
+    assert script.main(["--presets", "rtn-w4a16@weights.group_size=32,no-such-preset", "--nsamples", "4",
+                        "--seqlen", "64", "--max-windows", "8", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| recipe |") and lines[2].startswith("| FP (unquantized) |")
+    assert lines[3].startswith("| rtn-w4a16@weights.group_size=32 |")
+    assert sum(line == lines[3] for line in lines) == 2  # as soon as it finished, then in the final table
+    report = (out / "report" / "report.md").read_text()
+    assert "| FP |" in report and "| rtn-w4a16@weights.group_size:32 |" in report
+    assert (out / "report" / "ppl.png").is_file() and (out / "results.md").is_file()

@@ -113,13 +113,16 @@ def test_eval_cli_writes_tasks_and_results_files(saved_model, text_file, tmp_pat
     assert main(["eval", str(run), "--ppl", str(text_file), "--seqlen", "256", "--max-windows", "2",
                  "--tasks", "oq_code_nextline", "--limit", "4", "--batch-size", "4", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert set(result) == {"ppl", "seqlen", "tasks", "recipe", "seconds"}
+    assert set(result) == {"ppl", "seqlen", "tasks", "recipe", "partial", "seconds"}
+    assert result["partial"] == {"max_windows": 2, "limit": 4}
     task = result["tasks"]["oq_code_nextline"]
     assert task["metric"] == "acc_norm" and task["samples"] == 4 and 0 <= task["value"] <= 1
     assert main(["eval", str(run), "--ppl", "", "--tasks", "oq_code_ppl", "--limit", "1", "--max_length", "128"]) == 0
     saved = json.loads((run / "results.json").read_text())
-    assert set(saved["tasks"]) == {"oq_code_nextline", "oq_code_ppl"}  # the second call added to the first
-    assert saved["ppl"] == result["ppl"] and saved["seqlen"] == 256
+    assert saved["ppl"] == {} and saved["tasks"] == {}  # --max-windows and --limit: partial numbers only
+    partial = saved["partial"]
+    assert set(partial["tasks"]) == {"oq_code_nextline", "oq_code_ppl"}  # the second call added to the first
+    assert partial["ppl"] == result["ppl"] and partial["seqlen"] == 256 and partial["limit"] == 1
     assert saved["versions"]["lm_eval"] and saved["versions"]["torch"] == torch.__version__
     assert saved["seeds"]["calibration"] == 0 and set(saved["timings"]) >= {"load", "tasks", "total"}
     assert "| oq_code_ppl | byte_perplexity |" in (run / "results.md").read_text()
@@ -175,3 +178,116 @@ def test_an_exported_checkpoint_evaluates_as_its_run_and_is_left_untouched(saved
     assert ppl[out] == ppl[run]
     assert not (out / "results.json").exists()
     export.load_quantized(out)  # its manifest still matches every file
+
+
+# ---------------------------------------------------------------- lm-eval pass-through (issue 20.5)
+
+def test_perplexity_only_where_asked(saved_model, tmp_path):
+    from orthoquant.evaluate.run_eval import choose_ppl_sources
+
+    tasks = TaskOptions(("oq_code_nextline",))
+    assert choose_ppl_sources(None, None) == ["wikitext2"]  # `eval RUN` with no flags: as before
+    assert choose_ppl_sources(None, tasks) == [] and choose_ppl_sources("", None) == []
+    assert choose_ppl_sources("a.txt,b.txt", tasks) == ["a.txt", "b.txt"]
+    out = tmp_path / "e.json"  # offline: a wikitext2 perplexity nobody asked for would exit 2
+    assert main(["eval", str(saved_model("llama")), "--tasks", "oq_code_nextline", "--limit", "2",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["ppl"] == {} and set(result["tasks"]) == {"oq_code_nextline"}
+
+
+def test_batch_size_auto_gives_the_numbers_of_batch_one(saved_model, text_file, tmp_path, capsys):
+    from orthoquant.evaluate.run_eval import perplexity_batch
+
+    model = saved_model("llama")
+    ppl = {}
+    for batch in ("1", "auto"):
+        assert main(["eval", str(model), "--ppl", str(text_file), "--seqlen", "32", "--batch-size", batch,
+                     "--json", str(tmp_path / f"{batch}.json")]) == 0
+        ppl[batch] = json.loads((tmp_path / f"{batch}.json").read_text())["ppl"]["calib.txt"]
+    assert ppl["auto"] == pytest.approx(ppl["1"], rel=1e-9)
+    assert perplexity_batch("auto", tiny_model("llama"), 32, torch.device("cpu")) > 1
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", str(model), "--batch-size", "many"])
+    assert stop.value.code == 2 and "neither auto nor a whole number" in capsys.readouterr().err
+
+
+def test_a_run_folder_evaluates_in_its_models_dtype(tmp_path, monkeypatch):
+    from orthoquant.evaluate import run_eval
+
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
+    assert run_eval.config_dtype(tmp_path) == torch.bfloat16
+    seen = []
+    monkeypatch.setattr(run_eval, "open_run", lambda target, device, dtype, stream: seen.append(dtype) or (0, 1, 2, 3))
+    for asked in ("auto", "float32"):
+        run_eval._load_run(str(tmp_path), torch.device("cpu"), asked, False)
+    assert seen == [torch.bfloat16, torch.float32]
+
+
+def test_max_length_defaults_to_the_models_context():
+    from types import SimpleNamespace
+
+    from orthoquant.evaluate.lm_eval import MAX_LENGTH_CAP, default_max_length
+
+    assert default_max_length(SimpleNamespace(config=SimpleNamespace(max_position_embeddings=256))) == 256
+    assert default_max_length(SimpleNamespace(config=SimpleNamespace(max_position_embeddings=10**6))) == MAX_LENGTH_CAP
+    assert default_max_length(SimpleNamespace(config=SimpleNamespace())) == 2048
+
+
+def test_output_path_and_log_samples_write_lm_evals_own_files(fp_model, tokenizer, tmp_path, capsys):
+    options = TaskOptions(("oq_code_nextline",), limit=4, bootstrap_iters=0, output_path=str(tmp_path / "lm"),
+                          log_samples=True)
+    value = run_tasks(fp_model, tokenizer, options)["oq_code_nextline"]["value"]
+    results = list((tmp_path / "lm").rglob("results_*.json"))
+    samples = list((tmp_path / "lm").rglob("samples_oq_code_nextline_*.jsonl"))
+    assert len(results) == 1 and len(samples) == 1
+    assert json.loads(results[0].read_text())["results"]["oq_code_nextline"]["acc_norm,none"] == value
+    assert len(samples[0].read_text().splitlines()) == 4
+    with pytest.raises(UserError, match="--log-samples needs --output-path"):
+        TaskOptions(("oq_code_nextline",), log_samples=True)
+    assert main(["eval", "unused", "--tasks", "oq_code_nextline", "--log-samples"]) == 2
+    assert "--log-samples needs --output-path" in capsys.readouterr().err
+
+
+def test_chat_template_and_offline_hub_tasks_are_one_line_errors(fp_model, tokenizer, saved_model, monkeypatch,
+                                                                 capsys):
+    import lm_eval
+
+    from orthoquant.evaluate.lm_eval import check_chat_template
+
+    assert main(["eval", str(saved_model("llama")), "--tasks", "oq_code_nextline", "--apply-chat-template"]) == 2
+    assert "the tokenizer has no chat template" in capsys.readouterr().err
+    monkeypatch.setattr(tokenizer, "chat_template", "{{ messages }}")
+    check_chat_template(tokenizer, True)  # a tokenizer with a template passes
+
+    def unreachable(**kwargs):  # what `datasets` raises for a hub task that is not cached
+        raise ConnectionError("Couldn't reach 'allenai/ai2_arc' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", unreachable)
+    with pytest.raises(UserError, match="on the Hugging Face hub, which is offline"):
+        run_tasks(fp_model, tokenizer, TaskOptions(("oq_code_nextline",), limit=2))
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE")
+    with pytest.raises(ConnectionError):  # online, a network failure is not blamed on offline mode
+        run_tasks(fp_model, tokenizer, TaskOptions(("oq_code_nextline",), limit=2))
+
+
+def test_a_partial_evaluation_never_replaces_a_whole_one(tmp_path):
+    from orthoquant.evaluate.report import load_run
+    from orthoquant.evaluate.results import write_results
+
+    def result(ppl, partial):
+        return {"ppl": {"test.txt": ppl}, "seqlen": 64, "tasks": {}, "recipe": None, "partial": partial, "seconds": 1}
+
+    whole, quick = tmp_path / "whole", tmp_path / "quick"
+    whole.mkdir(), quick.mkdir()
+    write_results(whole, result(10.0, None), {})
+    record = write_results(whole, result(12.5, {"max_windows": 3}), {})
+    assert record["ppl"] == {"test.txt": 10.0}
+    assert record["partial"]["ppl"] == {"test.txt": 12.5} and record["partial"]["max_windows"] == 3
+    assert "Partial evaluation (max_windows 3)" in (whole / "results.md").read_text()
+    shown = load_run(str(whole))
+    assert shown.result["ppl"] == {"test.txt": 10.0} and shown.evaluation == "whole"
+    write_results(quick, result(12.5, {"max_windows": 3}), {})
+    shown = load_run(str(quick))
+    assert shown.result["ppl"] == {"test.txt": 12.5} and shown.evaluation == "partial (max_windows 3)"

@@ -22,6 +22,7 @@ import difflib
 import importlib.metadata
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +60,8 @@ class TaskOptions:
     :param include_paths: task folders besides ``eval/tasks`` of a source checkout.
     :param limit: documents per task (a count, or a fraction when below 1).
     :param bootstrap_iters: resamples for the stderr of non-mean metrics (0: none, stderr "N/A").
+    :param output_path: where lm-eval's own results file (and samples) go, as ``lm_eval --output_path``.
+    :param log_samples: also write every document's inputs and outputs there (``--log_samples``).
     """
 
     tasks: tuple[str, ...]
@@ -70,14 +73,22 @@ class TaskOptions:
     include_paths: tuple[str, ...] = ()
     limit: float | None = None
     bootstrap_iters: int = 1000
+    output_path: str | None = None
+    log_samples: bool = False
+
+    def __post_init__(self) -> None:
+        if self.log_samples and not self.output_path:  # lm-eval's own rule
+            raise UserError("--log-samples needs --output-path (the folder the samples are written to)")
 
     @classmethod
     def from_args(cls, args) -> "TaskOptions":
         """From the flags of ``orthoquant eval`` (``orthoquant.cli._eval_args``)."""
         limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+        output = getattr(args, "output_path", None)
         return cls(tuple(t for t in args.tasks.split(",") if t), args.num_fewshot, args.batch_size,
                    args.max_length, args.apply_chat_template, args.fewshot_as_multiturn,
-                   tuple(args.include_path), limit)
+                   tuple(args.include_path), limit, output_path=str(output) if output else None,
+                   log_samples=bool(getattr(args, "log_samples", False)))
 
     def task_folders(self) -> list[str]:
         return ([str(LOCAL_TASKS)] if LOCAL_TASKS.is_dir() else []) + list(self.include_paths)
@@ -120,21 +131,93 @@ def _task_manager(TaskManager, folders: list[str], names: list[str]):
     return manager
 
 
-def run_tasks(model, tokenizer, options: TaskOptions, max_length: int) -> dict[str, dict[str, Any]]:
-    """Evaluate ``options.tasks`` on ``model`` (in memory) with lm-eval; see :func:`summarize`."""
+# Context lengths above this are truncation limits no task needs, and rolling-perplexity tasks would
+# score windows of that many tokens at once; `--max-length` raises it.
+MAX_LENGTH_CAP = 8192
+
+
+def default_max_length(model) -> int:
+    """The model's own context (``max_position_embeddings``, as stock lm-eval reads it), capped at
+    :data:`MAX_LENGTH_CAP`; 2048 (lm-eval's fallback) when the config names none."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return min(positions, MAX_LENGTH_CAP) if isinstance(positions, int) and positions > 0 else 2048
+
+
+def check_chat_template(tokenizer, template: bool | str) -> None:
+    """``--apply-chat-template`` needs a tokenizer that has a chat template (the named one, if named)."""
+    if template is False:
+        return
+    templates = getattr(tokenizer, "chat_template", None)
+    if not templates:
+        raise UserError("--apply-chat-template: the tokenizer has no chat template (a base model's usually "
+                        "has none); drop the flag, or evaluate the instruction-tuned model")
+    if isinstance(template, str) and isinstance(templates, dict) and template not in templates:
+        raise UserError(f"--apply-chat-template {template}: the tokenizer's chat templates are {sorted(templates)}")
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def _offline_error(error: Exception, names: list[str]) -> UserError | None:
+    """A one-line error for a task whose dataset is on the hub while the hub is offline."""
+    if not _hub_offline():
+        return None
+    text = " ".join(str(error).split())
+    if "offline" not in text.lower() and not isinstance(error, ConnectionError):
+        return None
+    return UserError(f"--tasks {','.join(names)}: a task's dataset is on the Hugging Face hub, which is offline "
+                     f"(HF_HUB_OFFLINE) and not in the local cache; use local tasks (eval/tasks, --include-path) "
+                     f"or allow the hub ({type(error).__name__}: {text[:160]})")
+
+
+def _tracker(options: TaskOptions):
+    """lm-eval's ``EvaluationTracker`` writing where ``lm_eval --output_path`` would, or None."""
+    if not options.output_path:
+        return None
+    from lm_eval.loggers import EvaluationTracker
+
+    return EvaluationTracker(output_path=options.output_path)
+
+
+def _save(tracker, raw: dict[str, Any], log_samples: bool) -> None:
+    """Write lm-eval's results (and samples) files exactly as its command line does."""
+    samples = raw.pop("samples", None) if log_samples else None
+    tracker.save_results_aggregated(results=raw, samples=samples)
+    for task in raw["configs"] if samples else ():
+        tracker.save_results_samples(task_name=task, samples=samples[task])
+
+
+def run_tasks(model, tokenizer, options: TaskOptions, max_length: int | None = None) -> dict[str, dict[str, Any]]:
+    """Evaluate ``options.tasks`` on ``model`` (in memory) with lm-eval; see :func:`summarize`.
+
+    The context length is ``options.max_length``, else ``max_length``, else :func:`default_max_length`.
+    """
+    check_chat_template(tokenizer, options.apply_chat_template)
     lm_eval, HFLM, TaskManager = _import_lm_eval()
     names = expand_tasks(options.tasks)
     chat = options.apply_chat_template
     multiturn = bool(chat) if options.fewshot_as_multiturn is None else options.fewshot_as_multiturn
+    tracker = _tracker(options)
     with resolved_task_dirs(options.task_folders()) as folders:
         manager = _task_manager(TaskManager, folders, names)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=options.batch_size,
-                  max_length=options.max_length or max_length)
+                  max_length=options.max_length or max_length or default_max_length(model))
         log.info("lm-eval %s on %s (max_length %d)", lm_eval_version(), ", ".join(names), lm.max_length)
-        raw = lm_eval.simple_evaluate(
-            model=lm, tasks=names, task_manager=manager, num_fewshot=options.num_fewshot,
-            limit=options.limit, apply_chat_template=chat, fewshot_as_multiturn=multiturn,
-            log_samples=False, bootstrap_iters=options.bootstrap_iters, **SEEDS)
+        try:
+            raw = lm_eval.simple_evaluate(
+                model=lm, tasks=names, task_manager=manager, num_fewshot=options.num_fewshot,
+                limit=options.limit, apply_chat_template=chat, fewshot_as_multiturn=multiturn,
+                log_samples=options.log_samples, evaluation_tracker=tracker,
+                bootstrap_iters=options.bootstrap_iters, **SEEDS)
+        except Exception as e:
+            offline = _offline_error(e, names)
+            if offline is None:
+                raise
+            raise offline from None
+    if tracker is not None:
+        _save(tracker, raw, options.log_samples)
     return summarize(raw)
 
 

@@ -18,22 +18,31 @@ from ..models.spec import ArchSpec
 from ..models.surgery import get_module, layers_of
 
 
-def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token negative log-likelihood (float64) of ``ids`` (batch, seq) and the token count."""
+def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token negative log-likelihood of each window of ``ids`` (batch, seq), summed over its
+    tokens (float64, one value per window; each window predicts seq - 1 tokens)."""
     logits = logits[:, :-1].float()
     target = ids[:, 1:].to(logits.device)
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
-    return float(nll.double()), target.numel()
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+    return nll.view(target.shape).double().sum(dim=1).cpu()
+
+
+def ppl_of(window_losses: torch.Tensor) -> float:
+    """exp(mean NLL per token) from per-window mean losses (all windows have the same length)."""
+    return math.exp(float(window_losses.mean()))
 
 
 @torch.no_grad()
+def window_losses(model: nn.Module, windows: torch.Tensor, device: torch.device, batch_size: int = 1) -> torch.Tensor:
+    """Mean next-token NLL of each of ``windows`` (n, seqlen) under an in-memory model (float64, n)."""
+    sums = [window_nll(model(input_ids=ids.to(device), use_cache=False).logits, ids)
+            for ids in tqdm(windows.split(batch_size), desc="perplexity", unit="batch")]
+    return torch.cat(sums) / (windows.shape[1] - 1)
+
+
 def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, batch_size: int = 1) -> float:
     """exp(mean NLL) of an in-memory model over ``windows`` (n, seqlen)."""
-    total, count = 0.0, 0
-    for ids in tqdm(windows.split(batch_size), desc="perplexity", unit="batch"):
-        nll, n = window_nll(model(input_ids=ids.to(device), use_cache=False).logits, ids)
-        total, count = total + nll, count + n
-    return math.exp(total / count)
+    return ppl_of(window_losses(model, windows, device, batch_size))
 
 
 def soft_cap(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
@@ -43,9 +52,9 @@ def soft_cap(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def streamed_perplexity(model: nn.Module, spec: ArchSpec, source: WeightSource, windows: torch.Tensor,
-                        device: torch.device, batch_size: int = 1) -> float:
-    """The same number as :func:`perplexity`, holding only one decoder layer at a time.
+def streamed_window_losses(model: nn.Module, spec: ArchSpec, source: WeightSource, windows: torch.Tensor,
+                           device: torch.device, batch_size: int = 1) -> torch.Tensor:
+    """The same numbers as :func:`window_losses`, holding only one decoder layer at a time.
 
     The non-layer modules (embedding, final norm, lm_head) must already be materialised on ``device``.
     """
@@ -57,8 +66,12 @@ def streamed_perplexity(model: nn.Module, spec: ArchSpec, source: WeightSource, 
         inputs.hidden = run_layer(layers[i], inputs, device)
         source.release(layers[i])
     head = get_module(model, spec.lm_head)
-    total, count = 0.0, 0
-    for hidden, ids in zip(inputs.hidden, batches):
-        nll, n = window_nll(soft_cap(model, head(final_hidden(model, spec, hidden.to(device)))), ids)
-        total, count = total + nll, count + n
-    return math.exp(total / count)
+    sums = [window_nll(soft_cap(model, head(final_hidden(model, spec, hidden.to(device)))), ids)
+            for hidden, ids in zip(inputs.hidden, batches)]
+    return torch.cat(sums) / (windows.shape[1] - 1)
+
+
+def streamed_perplexity(model: nn.Module, spec: ArchSpec, source: WeightSource, windows: torch.Tensor,
+                        device: torch.device, batch_size: int = 1) -> float:
+    """The same number as :func:`perplexity`, holding only one decoder layer at a time."""
+    return ppl_of(streamed_window_losses(model, spec, source, windows, device, batch_size))

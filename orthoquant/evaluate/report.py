@@ -25,7 +25,7 @@ from ..cli import Command
 from ..errors import UserError
 from . import charts
 from .lm_eval import suite_averages
-from .results import RESULTS_JSON, fmt, table
+from .results import RESULTS_JSON, fmt, numbers_used, table
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class RunResult:
     label: str
     result: dict[str, Any]
     metrics: dict[str, Any] | None = None
+    evaluation: str = "whole"  # or "partial (max_windows N)": which numbers the report shows
 
     @property
     def recipe(self) -> str:
@@ -79,7 +80,8 @@ def load_run(spec: str) -> RunResult:
     run_json = folder / "run.json"
     metrics = json.loads(run_json.read_text()).get("metrics") if in_folder and run_json.is_file() else None
     name = folder.resolve().name if in_folder else path.stem
-    return RunResult(label or name, json.loads(results.read_text()), metrics)
+    result, evaluation = numbers_used(json.loads(results.read_text()))
+    return RunResult(label or name, result, metrics, evaluation)
 
 
 def _union(runs: list[RunResult], keys: Callable[[RunResult], list[str]]) -> list[str]:
@@ -132,13 +134,17 @@ def build_report(specs: list[str], out: Path | str) -> dict[str, Any]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cols = columns(runs)
-    rows = [[r.label, r.recipe] + [fmt(get(r)) for _, get in cols] for r in runs]
-    lines = ["# orthoquant report", ""] + table(["run", "recipe"] + [h for h, _ in cols], rows) + [""]
+    # which numbers a run shows is said as soon as one of them is partial (whole ones are the norm)
+    said = [("evaluation", lambda r: r.evaluation)] if any(r.evaluation != "whole" for r in runs) else []
+    rows = [[r.label, r.recipe] + [get(r) for _, get in said] + [fmt(get(r)) for _, get in cols] for r in runs]
+    lines = ["# orthoquant report", ""] + table(["run", "recipe"] + [h for h, _ in said] + [h for h, _ in cols], rows)
+    lines += [""]
     images = write_charts(runs, out)
     lines += [f"![{name[:-4]}]({name})" for name in images]
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     numbers = {r.label: {h: get(r) for h, get in cols} for r in runs}
-    report = {"runs": {r.label: r.recipe for r in runs}, "numbers": numbers, "charts": images}
+    report = {"runs": {r.label: r.recipe for r in runs}, "numbers": numbers, "charts": images,
+              "evaluation": {r.label: r.evaluation for r in runs}}
     (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     log.info("report in %s: %d runs, charts %s", out, len(runs), ", ".join(images) or "none")
     return report

@@ -2,6 +2,9 @@
 
 Evaluations accumulate: a later ``orthoquant eval RUN --tasks ...`` keeps the perplexities of an
 earlier ``--ppl`` call (unless it measures perplexity again at another seqlen) and adds its tasks.
+A partial evaluation (``--max-windows`` for perplexity, ``--limit`` for tasks) never replaces a whole
+one: its numbers accumulate under ``partial`` (with the settings that limited them), the top level
+keeps only whole numbers.
 """
 from __future__ import annotations
 
@@ -44,11 +47,53 @@ def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return {**new, "ppl": ppl, "seqlen": seqlen, "tasks": {**old.get("tasks", {}), **new["tasks"]}}
 
 
+def split_partial(result: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """``result`` as (its whole numbers, its partial ones with the settings that limited them, or None)."""
+    limits = result.get("partial") or {}
+    partial_ppl, partial_tasks = "max_windows" in limits, "limit" in limits
+    whole = {**result, "ppl": {} if partial_ppl else result["ppl"], "tasks": {} if partial_tasks else result["tasks"]}
+    if not limits:
+        return whole, None
+    part = {"ppl": result["ppl"] if partial_ppl else {}, "seqlen": result["seqlen"],
+            "tasks": result["tasks"] if partial_tasks else {}, **limits}
+    return whole, part
+
+
+def merge_result(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The record after ``new``: whole numbers merged at the top level, partial ones under ``partial``."""
+    whole, part = split_partial(new)
+    record = merge(old, whole)
+    # the older partial settings stay beside the newer ones (a --limit task and --max-windows perplexity)
+    record["partial"] = {**(old.get("partial") or {}), **merge(old.get("partial") or {}, part)} if part \
+        else old.get("partial")
+    return record
+
+
+def numbers_used(result: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The numbers a report shows for ``result`` (``results.json`` or the CLI's JSON) and which they
+    are: whole ones where measured, else the partial ones, said as ``"whole"`` or ``"partial (…)"``."""
+    partial = result.get("partial") or {}
+    limits = {k: partial[k] for k in ("max_windows", "limit") if partial.get(k) is not None}
+    if "ppl" not in partial:  # the CLI's JSON: the numbers themselves are whole or partial
+        used = {**result, "partial": None}
+        return used, f"partial ({_limits(limits)})" if limits else "whole"
+    taken = {part: not result.get(part) and bool(partial.get(part)) for part in ("ppl", "tasks")}
+    used = {**result, **{part: partial[part] for part, from_partial in taken.items() if from_partial}}
+    if taken["ppl"]:
+        used["seqlen"] = partial["seqlen"]
+    limits = {k: v for k, v in limits.items() if taken["ppl" if k == "max_windows" else "tasks"]}
+    return used, f"partial ({_limits(limits)})" if limits else "whole"
+
+
+def _limits(limits: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in limits.items())
+
+
 def write_results(folder: Path, result: dict[str, Any], timings: dict[str, Any]) -> dict[str, Any]:
     """Merge ``result`` (the CLI's JSON) into ``folder/results.json`` and rewrite ``results.md``."""
     path = folder / RESULTS_JSON
     old = _read(path)
-    record = merge(old, result)
+    record = merge_result(old, result)
     recipe = record.get("recipe") or {}
     record.update({
         "averages": suite_averages(record["tasks"]),
@@ -83,10 +128,26 @@ def render_markdown(name: str, record: dict[str, Any]) -> str:
                 for task, t in record["tasks"].items()]
         rows += [[f"**{suite} avg**", "", fmt(v), "", ""] for suite, v in record["averages"].items()]
         lines += table(["task", "metric", "value", "docs", "shots"], rows) + [""]
+    lines += _partial_markdown(record.get("partial"))
     lines += ["## Versions and time", ""]
     lines += table(["item", "value"], [[k, str(v)] for k, v in record["versions"].items()]
                    + [[f"seconds: {k}", _seconds(v)] for k, v in record["timings"].items()])
     return "\n".join(lines) + "\n"
+
+
+def _partial_markdown(partial: dict[str, Any] | None) -> list[str]:
+    """The partial numbers, apart and labelled with what limited them."""
+    if not partial:
+        return []
+    limits = ", ".join(f"{k} {partial[k]}" for k in ("max_windows", "limit") if partial.get(k) is not None)
+    lines = [f"## Partial evaluation ({limits}): not comparable with whole results", ""]
+    if partial["ppl"]:
+        rows = [[s, fmt(v)] for s, v in partial["ppl"].items()]
+        lines += table(["source", f"ppl (seqlen {partial['seqlen']})"], rows) + [""]
+    if partial["tasks"]:
+        rows = [[t, str(v["metric"]), fmt(v["value"]), str(v.get("samples"))] for t, v in partial["tasks"].items()]
+        lines += table(["task", "metric", "value", "docs"], rows) + [""]
+    return lines
 
 
 def _seconds(value: Any) -> str:

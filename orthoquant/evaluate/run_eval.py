@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,7 +34,7 @@ from ..models.surgery import get_module
 from ..pipeline import open_run, rest_paths
 from ..validate import check_eval_options
 from .lm_eval import TaskOptions, run_tasks
-from .ppl import perplexity, streamed_perplexity
+from .ppl import ppl_of, streamed_window_losses, window_losses
 from .results import write_results
 
 log = logging.getLogger(__name__)
@@ -65,9 +65,18 @@ def _recipe_yaml(folder: Path) -> dict | None:
     return parse_yaml(path.read_text(), str(path)) if path.is_file() else None
 
 
+def config_dtype(folder: Path) -> torch.dtype:
+    """The dtype a model folder's ``config.json`` names (``dtype`` or ``torch_dtype``); float32 if none
+    (a run folder without one is reported by :func:`open_run`, with what else it lacks)."""
+    config = read_config_json(folder) if (folder / "config.json").is_file() else {}
+    name = config.get("dtype") or config.get("torch_dtype")
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
 def _load_run(target: str, device: torch.device, dtype: str, stream: bool | None) -> Loaded:
-    # float32 unless asked: the fake-quant reference numbers are float32 ones
-    dt = torch.float32 if dtype == "auto" else resolve_dtype(dtype, device)
+    # the model's own dtype unless asked (a bfloat16 model evaluates in half float32's memory)
+    dt = config_dtype(Path(target)) if dtype == "auto" else resolve_dtype(dtype, device)
     model, tokenizer, spec, source = open_run(target, device, dt, stream=bool(stream))
     if tokenizer is None:
         raise UserError(f"run {target} has no tokenizer files")
@@ -145,15 +154,56 @@ def _seqlen(model: nn.Module, seqlen: int | None) -> int:
     return seqlen
 
 
-def _perplexity(loaded: Loaded, src: str, seqlen: int, device: torch.device, batch_size: int,
-                max_windows: int | None) -> float:
+# "auto" perplexity batches: the logits and their softmax (float32, seqlen x vocab each) of a batch
+# get this share of the free memory; a few windows per batch already keep a CPU busy.
+AUTO_BATCH_MEMORY_SHARE, AUTO_BATCH_MAX = 0.125, 64
+
+
+def _free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError):
+        return 2**30
+
+
+def perplexity_batch(batch_size: int | str, model: nn.Module, seqlen: int, device: torch.device) -> int:
+    """``batch_size``, or for ``"auto"`` the largest batch whose logits fit the memory share above."""
+    if batch_size != "auto":
+        return int(batch_size)
+    per_window = 2 * seqlen * int(model.config.vocab_size) * 4
+    batch = int(AUTO_BATCH_MEMORY_SHARE * _free_memory(device)) // per_window
+    return max(1, min(AUTO_BATCH_MAX, batch))
+
+
+def _window_losses(loaded: Loaded, src: str, seqlen: int, device: torch.device, batch_size: int,
+                   max_windows: int | None) -> torch.Tensor:
+    """Mean token NLL of each held-out window of ``src`` (see :mod:`orthoquant.evaluate.ppl`)."""
     windows = perplexity_windows(evaluation_tokens(loaded.tokenizer, src, seqlen), seqlen)[:max_windows]
     if loaded.source is None:
-        value = perplexity(loaded.model, windows, device, batch_size)
+        losses = window_losses(loaded.model, windows, device, batch_size)
     else:
-        value = streamed_perplexity(loaded.model, loaded.spec, loaded.source, windows, device, batch_size)
-    log.info("perplexity %s (seqlen %d, %d windows): %.4f", source_label(src), seqlen, len(windows), value)
-    return value
+        losses = streamed_window_losses(loaded.model, loaded.spec, loaded.source, windows, device, batch_size)
+    log.info("perplexity %s (seqlen %d, %d windows, batch %d): %.4f", source_label(src), seqlen, len(windows),
+             batch_size, ppl_of(losses))
+    return losses
+
+
+def choose_ppl_sources(ppl: str | None, tasks: TaskOptions | None) -> list[str]:
+    """The perplexity sources to measure: those ``--ppl`` names ('' for none); without ``--ppl``,
+    wikitext2 unless tasks were asked for (as stock lm_eval, which computes only the tasks)."""
+    if ppl is None:
+        return [] if tasks is not None and tasks.tasks else ["wikitext2"]
+    return [s for s in ppl.split(",") if s]
+
+
+def partial_settings(max_windows: int | None, tasks: TaskOptions | None, ppl_measured: bool) -> dict | None:
+    """What made an evaluation partial (``max_windows`` for perplexity, ``limit`` for tasks), or None."""
+    settings = {"max_windows": max_windows if ppl_measured else None,
+                "limit": tasks.limit if tasks is not None and tasks.tasks else None}
+    settings = {k: v for k, v in settings.items() if v is not None}
+    return settings or None
 
 
 @dataclass
@@ -164,6 +214,7 @@ class Evaluation:
     kind: str
     result: dict[str, Any]
     timings: dict[str, Any]
+    window_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # per source, for noise estimates
 
     def save(self) -> None:
         """``results.json/md`` into a run folder; nothing is written into other targets."""
@@ -172,12 +223,17 @@ class Evaluation:
 
 
 def measure(target: str, ppl_sources: list[str], seqlen: int | None, device: torch.device,
-            dtype: str = "auto", batch_size: int = 1, stream: bool | None = None,
+            dtype: str = "auto", batch_size: int | str = 1, stream: bool | None = None,
             max_windows: int | None = None, tasks: TaskOptions | None = None) -> Evaluation:
     """Perplexity of ``target`` on each source and its lm-eval ``tasks``, written nowhere yet (a caller
-    shows the numbers first, so a failing write cannot lose them); see :func:`evaluate`."""
+    shows the numbers first, so a failing write cannot lose them); see :func:`evaluate`.
+
+    ``batch_size`` ``"auto"``: lm-eval picks its own, perplexity :func:`perplexity_batch`. The result
+    says under ``partial`` what limited it (``--max-windows``, ``--limit``); None when it is whole.
+    """
     start = time.perf_counter()
-    check_eval_options(seqlen=seqlen, batch_size=batch_size, max_windows=max_windows)
+    check_eval_options(seqlen=seqlen, batch_size=None if batch_size == "auto" else batch_size,
+                       max_windows=max_windows)
     if tasks is not None:
         check_eval_options(num_fewshot=tasks.num_fewshot, max_length=tasks.max_length, limit=tasks.limit)
     if tasks is not None and tasks.tasks and stream:
@@ -186,25 +242,30 @@ def measure(target: str, ppl_sources: list[str], seqlen: int | None, device: tor
     loaded = LOADERS[kind](target, device, dtype, False if tasks is not None and tasks.tasks else stream)
     timings: dict[str, Any] = {"load": time.perf_counter() - start, "ppl": {}}
     seqlen = _seqlen(loaded.model, seqlen)
-    result: dict[str, Any] = {"ppl": {}, "seqlen": seqlen, "tasks": {}, "recipe": loaded.recipe}
+    result: dict[str, Any] = {"ppl": {}, "seqlen": seqlen, "tasks": {}, "recipe": loaded.recipe,
+                              "partial": partial_settings(max_windows, tasks, bool(ppl_sources))}
+    losses = {}
+    ppl_batch = perplexity_batch(batch_size, loaded.model, seqlen, device)
     for src in ppl_sources:
         t0 = time.perf_counter()
-        result["ppl"][source_label(src)] = _perplexity(loaded, src, seqlen, device, batch_size, max_windows)
+        losses[source_label(src)] = _window_losses(loaded, src, seqlen, device, ppl_batch, max_windows)
+        result["ppl"][source_label(src)] = ppl_of(losses[source_label(src)])
         timings["ppl"][source_label(src)] = time.perf_counter() - t0
     if tasks is not None and tasks.tasks:
         t0 = time.perf_counter()
-        result["tasks"] = run_tasks(loaded.model, loaded.tokenizer, tasks, seqlen)
+        result["tasks"] = run_tasks(loaded.model, loaded.tokenizer, tasks)
         timings["tasks"] = time.perf_counter() - t0
     result["seconds"] = timings["total"] = time.perf_counter() - start
-    return Evaluation(target, kind, result, timings)
+    return Evaluation(target, kind, result, timings, losses)
 
 
 def evaluate(target: str, ppl_sources: list[str], seqlen: int | None, device: torch.device,
-             dtype: str = "auto", batch_size: int = 1, stream: bool | None = None,
+             dtype: str = "auto", batch_size: int | str = 1, stream: bool | None = None,
              max_windows: int | None = None, tasks: TaskOptions | None = None) -> dict[str, Any]:
     """Perplexity of ``target`` on each source and its lm-eval ``tasks``; the CLI's JSON result
-    ``{"ppl": {source: float}, "seqlen": L, "tasks": {task: {...}}, "recipe": dict | None, "seconds": s}``.
-    A run folder also gets ``results.json/md``."""
+    ``{"ppl": {source: float}, "seqlen": L, "tasks": {task: {...}}, "recipe": dict | None,
+    "partial": {"max_windows": N, "limit": L} | None, "seconds": s}``. A run folder also gets
+    ``results.json/md`` (a partial evaluation there never replaces a whole one)."""
     evaluation = measure(target, ppl_sources, seqlen, device, dtype, batch_size, stream, max_windows, tasks)
     evaluation.save()
     return evaluation.result

@@ -8,6 +8,7 @@ from orthoquant.config import FitSpec, QuantSpec, Recipe, TransformSpec
 from orthoquant.fitting import deploy, prepare_session
 from orthoquant.fitting.step import LayerMajorStep
 from orthoquant.layerwise import capture_inputs
+from orthoquant.models.layout import to_layout_
 from orthoquant.models.loading import InMemorySource
 from orthoquant.models.spec import spec_for
 from orthoquant.models.surgery import fold_all_norms
@@ -56,6 +57,7 @@ def deployed(model, recipe, transforms):
 
 def reference(family, dtype=torch.float32, **overrides):
     model = tiny_model(family, dtype=dtype, **overrides)
+    to_layout_(model, spec_for(model.config))  # Phi-3's fused linears held as their parts (same function)
     with torch.no_grad():
         return model, model(IDS).logits
 

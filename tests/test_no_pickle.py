@@ -47,7 +47,7 @@ def fit_session(fit: FitSpec):
 
 
 def test_a_planted_pickle_fit_checkpoint_is_refused_and_never_runs(tmp_path):
-    fit = FitSpec(steps=2, batch_size=2, grad_accum=1, top_k=20, qsur_samples=0)
+    fit = FitSpec(steps=2, batch_size=2, grad_accum=1, top_k=20, qsur_samples=0, eval_samples=0)
     checkpoint, marker = tmp_path / CHECKPOINT, tmp_path / "pwned"
     plant(checkpoint, marker)
     windows = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(0))

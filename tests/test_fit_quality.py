@@ -87,11 +87,12 @@ def test_fitted_spinquant_is_closer_to_full_precision_than_its_initialisation(re
     assert kl_fitted < 0.99 * kl_init, results
 
 
-@pytest.mark.parametrize("fitted,ascent", [("fitted", "ascent"), ("spin_fitted", "spin_ascent")])
-def test_descending_the_loss_beats_climbing_it(results, fitted, ascent):
-    """The same fit with its loss negated (gradient ascent) ends further from full precision: the
-    test that fails if the fit's sign were wrong."""
-    assert results[fitted][1] < results[ascent][1], results
+@pytest.mark.parametrize("fitted,ascent,judged", [("fitted", "ascent", 1), ("spin_fitted", "spin_ascent", 0)])
+def test_descending_the_loss_beats_climbing_it(results, fitted, ascent, judged):
+    """The same fit with its loss negated (gradient ascent) ends worse on the fit's own objective: the
+    test that fails if the fit's sign were wrong. OSTQuant descends KL-Top (judged by the held-out KL),
+    SpinQuant next-token cross-entropy (judged by the held-out perplexity: its KL moves within noise)."""
+    assert results[fitted][judged] < results[ascent][judged], results
 
 
 def test_fitted_ostquant_is_closer_to_full_precision_than_quarot(results):

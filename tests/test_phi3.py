@@ -70,8 +70,8 @@ def test_solving_the_parts_with_one_hessian_is_solving_the_fused_weight(solver):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 64, generator=g) * torch.linspace(0.2, 3, 64)
     H, W = (x.T @ x).double() / 256, torch.randn(128, 64, generator=g)
-    r = load_recipe(f"{solver}-w4a16", ["weights.group_size=32", "solver.act_order=true"] if solver == "gptq"
-                    else ["weights.group_size=32"])
+    r = load_recipe(f"{solver}-w4a16", ["weights.group_size=32", "weights.scale_dtype=float32"]
+                    + (["solver.act_order=true"] if solver == "gptq" else []))
     solve = lambda w: SOLVERS.get(r.solver.name).solve(w, H, make_format(r.weights), r.solver).weight  # noqa: E731
     assert torch.equal(solve(W), torch.cat([solve(W[:64]), solve(W[64:96]), solve(W[96:])]))
 

@@ -25,7 +25,8 @@ from ..errors import UserError
 from ..fakequant.attention import use_orthoquant_attention
 from ..fakequant.install import prepare_layer_scales
 from ..layerwise import LayerInputs, capture_inputs, final_hidden, run_layer
-from ..models.loading import WeightSource
+from ..models.layout import from_stock
+from ..models.loading import WeightSource, build_skeleton, views_of
 from ..models.spec import spec_for
 from ..models.surgery import get_module, layers_of
 from ..runner import install_runtime
@@ -47,10 +48,15 @@ class DenseExportSource(WeightSource):
         self.folder, self.recipe, self.decode = folder, recipe, fmt.decode
         self.arch = spec_for(model.config)
         self.plan = TransformPlan(recipe.transforms, Dims.of(model.config), self.arch)
-        self.shapes = {n: tuple(m.weight.shape) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        # the checkpoint's own names and shapes (fused qkv_proj, stacked experts) beside the layout's
+        stock = build_skeleton(model.config, next(model.parameters()).dtype, layout=False)
+        self.shapes = {n: tuple(m.weight.shape) for root in (stock, model)
+                       for n, m in root.named_modules() if isinstance(m, nn.Linear)}
+        self.views = views_of(model.config)
 
     def _state(self, keep) -> dict[str, torch.Tensor]:
-        return self.decode(self.folder, self.recipe, self.shapes, keep)
+        """Decoded tensors under the layout's names (fused parts split, Gemma's norms with their 1)."""
+        return from_stock(self.decode(self.folder, self.recipe, self.shapes, keep), self.views)
 
     def materialize(self, module: nn.Module, prefix: str, device: torch.device) -> None:
         index = int(prefix[len(self.arch.layers) + 1:].rstrip("."))

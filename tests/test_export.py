@@ -84,7 +84,7 @@ def test_rotated_w4a16_compressed_tensors_loads_in_stock_transformers(family, dt
 def test_online_hadamard_in_transform_config_needs_load_quantized(tmp_path, tokenizer):
     transforms = ROTATED["transforms"] + [{"site": "down_input", "kind": "hadamard", "block_size": 32}]
     model, run = make_run(tmp_path, recipe_of({"transforms": transforms, "weights": W4G32}), tokenizer)
-    report = export_run(run, tmp_path / "ct", "compressed-tensors")
+    report = export_run(run, tmp_path / "ct", "compressed-tensors", verify="stock")
     config = json.loads((tmp_path / "ct" / "config.json").read_text())
     scheme = config["quantization_config"]["transform_config"]["config_groups"]["R4"]
     assert scheme["type"] == "hadamard" and scheme["head_dim"] == 32
@@ -127,7 +127,7 @@ def test_activation_schemes_in_compressed_tensors(preset, key, dtype, tmp_path, 
     if dtype == torch.bfloat16:  # INT8 codes times bf16 scales do not fit bf16: CT must not re-round them
         r = r.with_overrides(["weights.scale_dtype=bfloat16"])
     model, run = make_run(tmp_path, r, tokenizer)
-    report = export_run(run, tmp_path / "ct", "compressed-tensors", dtype, calib=str(text_file))
+    report = export_run(run, tmp_path / "ct", "compressed-tensors", dtype, calib=str(text_file), verify="stock")
     tokens = windows(len(tokenizer), seed=7, n=2, seqlen=32)
     reference = model if dtype == torch.float32 else open_run(run, torch.device("cpu"), dtype)[0]
     assert rel_diff(reference, load_quantized(tmp_path / "ct"), tokens) <= 1e-5  # our runtime re-attached
@@ -242,7 +242,7 @@ def test_gptq_reloads_with_gptqmodel(tmp_path, tokenizer):
         pytest.fail("gptqmodel is not installed: run `make install` (gptqmodel==7.6.0 --no-deps, see Makefile)")
     r = recipe_of({"weights": {**W4G32, "scale_dtype": "float16"}})
     model, run = make_run(tmp_path, r, tokenizer)
-    report = export_run(run, tmp_path / "gptq", "gptq")
+    report = export_run(run, tmp_path / "gptq", "gptq", verify="stock")
     assert report["checks"]["gptqmodel"]["max_rel_diff"] < 2e-2
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "gptq", device_map="cpu")
     assert rel_diff(model, stock, windows(len(tokenizer), seed=9, n=2, seqlen=32)) < 2e-2

@@ -100,7 +100,7 @@ def test_the_static_scales_are_what_the_run_quantizes_with(kv_run, tokenizer):
 
 def test_static_fp8_kv_cache_round_trips_through_compressed_tensors(kv_run, tmp_path, tokenizer):
     model, run = kv_run
-    report = export_run(run, tmp_path / "ct", "compressed-tensors")
+    report = export_run(run, tmp_path / "ct", "compressed-tensors", verify="stock")
     config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     assert config["kv_cache_scheme"] == {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor",
                                          "dynamic": False, "group_size": None}  # what vLLM validates
@@ -167,7 +167,7 @@ def test_static_scales_must_be_exact_in_the_export_dtype(tmp_path, tokenizer):
         export_run(run, tmp_path / "ct", "compressed-tensors", torch.bfloat16)
     r = recipe_of({"weights": {**W4G32, "scale_dtype": "bfloat16"}, "kv_cache": {**FP8_KV, "scale_dtype": "bfloat16"}})
     model, run = make_run(tmp_path / "bf16", r, tokenizer)
-    report = export_run(run, tmp_path / "ct", "compressed-tensors", torch.bfloat16)
+    report = export_run(run, tmp_path / "ct", "compressed-tensors", torch.bfloat16, verify="stock")
     with safe_open(str(tmp_path / "ct" / "model.safetensors"), "pt") as f:
         stored = f.get_tensor("model.layers.0.self_attn.k_scale")
     assert stored.dtype == torch.bfloat16 and torch.equal(stored.float(), kv_of(model, 0).k_scale)
@@ -222,7 +222,7 @@ def test_compressed_tensors_streams_one_run_file_at_a_time_into_shards(kv_run, t
     monkeypatch.setattr(ct, "_module_tree", lambda linears: trees.append([lin.name for lin in linears])
                         or tree(linears))
     monkeypatch.setattr(ct, "build_skeleton", lambda *a: skeletons.append(skeleton(*a)) or skeletons[-1])
-    report = export_run(run, tmp_path / "ct", "compressed-tensors", max_shard_bytes=1)
+    report = export_run(run, tmp_path / "ct", "compressed-tensors", max_shard_bytes=1, verify="stock")
     assert [sorted({n.split(".")[2] for n in names}) for names in trees] == [["0"], ["1"]]  # one layer per tree
     assert skeletons and all(p.is_meta for m in skeletons for p in m.parameters())  # names only, never filled
     index = json.loads((tmp_path / "ct" / INDEX).read_text())["weight_map"]

@@ -86,3 +86,23 @@ def test_cli_verify_weights_and_bad_values(run, tmp_path, capsys):
     assert not (tmp_path / "d").exists()
     with pytest.raises(UserError, match="--verify 'some'"):
         export_run(run, tmp_path / "s", "native", verify="some")
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_only_stock_verification_loads_whole_models(fmt, run, tmp_path, monkeypatch):
+    """The default (full) opens the run streamed only; --verify stock adds the stock runtimes' reloads,
+    which hold whole models (the run's and the stock one)."""
+    from orthoquant.export.contents import RunContents
+
+    streams, real = [], RunContents.open_model
+
+    def open_model(self, device, dtype, stream=False):
+        streams.append(stream)
+        return real(self, device, dtype, stream=stream)
+
+    monkeypatch.setattr(RunContents, "open_model", open_model)
+    full = export_run(run, tmp_path / "full", fmt)
+    assert all(streams) and not {"stock_transformers", "gptqmodel"} & set(full["checks"])
+    streams.clear()
+    stock = export_run(run, tmp_path / "stock", fmt, verify="stock")
+    assert False in streams and {"stock_transformers", "gptqmodel"} & set(stock["checks"])

@@ -88,7 +88,7 @@ def test_rtn_and_gptq_quantize_evaluate_and_export(family, saved_model, text_fil
 @pytest.mark.parametrize("family", ["opt", "phi"])
 def test_compressed_tensors_reloads_in_stock_transformers(family, saved_model, text_file, tmp_path, tokenizer):
     run = quantize_pretrained(str(saved_model(family)), recipe("gptq-w4a16", text_file), tmp_path / "run", CPU)
-    export_run(run.path, tmp_path / "ct", "compressed-tensors")
+    export_run(run.path, tmp_path / "ct", "compressed-tensors", verify="stock")
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
     model, *_ = open_run(run.path, CPU)
     tokens = windows(len(tokenizer))

@@ -142,16 +142,17 @@ def _check_overridable(fmt: ExportFormat, contents: RunContents, force: bool) ->
 
 def _verify(contents: RunContents, out: Path, fmt: ExportFormat, dtype: torch.dtype, n_batches: int,
             mode: str, device: torch.device) -> dict[str, Any]:
-    """Compare ``out`` with the run as ``mode`` says (:mod:`.streamed`), then, for ``full``, reload it in
-    the format's stock runtimes; returns the check results."""
+    """Compare ``out`` with the run as ``mode`` says (:mod:`.streamed`), then, for ``stock``, reload it in
+    the format's stock runtimes (whole models); returns the check results."""
     if mode == "none":
         return {"verification": "none: not compared with the run (export --verify none)"}
     manifest = check_manifest(out, PROVISIONAL_MANIFEST)  # hashes first, as loaders do
-    streamed = verify_streamed(contents, out, manifest, fmt, dtype, device, n_batches, mode)
+    streamed = verify_streamed(contents, out, manifest, fmt, dtype, device, n_batches,
+                               "full" if mode == "stock" else mode)
     headline = streamed.get("logits", streamed["weights"])
     checks = {"load_quantized": {**headline, "note": f"streamed layer by layer on {device}"},
               **{k if k.startswith("layer_") else f"layer_{k}": v for k, v in streamed.items() if k != "logits"}}
-    if mode == "full" and fmt.stock_checks:
+    if mode == "stock" and fmt.stock_checks:
         reference, *_ = contents.open_model(torch.device("cpu"), dtype)  # stock runtimes load whole models
         batches = check_batches(contents.config, n_batches)
         for stock_check in fmt.stock_checks:

@@ -21,10 +21,11 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", help="text for static activation scales a format needs (NVFP4 in "
                                    "compressed-tensors); default: the recipe's calibration source")
     p.add_argument("--batches", type=int, default=2, help="token batches the reload is compared on")
-    p.add_argument("--verify", choices=("full", "weights", "none"), default="full",
+    p.add_argument("--verify", choices=("full", "stock", "weights", "none"), default="full",
                    help="compare with the run layer by layer (one layer of each resident): full = weights, layer "
-                        "outputs and logits, then stock-runtime reloads; weights = weights only; none = skip "
-                        "(recorded in the manifest; loaders warn)")
+                        "outputs and logits; stock = full, then reload in the stock runtimes (transformers, "
+                        "gptqmodel: whole models in memory); weights = weights only; none = skip (recorded in "
+                        "the manifest; loaders warn)")
     p.add_argument("--force", action="store_true",
                    help="export although a fused group (q/k/v, gate/up) is split across schemes (warns instead)")
     p.add_argument("--device", default="cpu", help="where the verification computes (cpu, cuda, cuda:N)")

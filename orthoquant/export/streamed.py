@@ -8,6 +8,8 @@ export's own run source), with online transforms and fake-quantizers attached as
 - ``weights``: every tensor of each layer (and of the model-level rest) compared, no forward.
 - ``full``: also each layer's outputs on the same captured inputs (the run's hidden states), and the
   whole model's logits on a few token windows, each side propagating its own hidden states.
+- ``stock`` (:func:`orthoquant.export.api.export_run`): ``full``, then the format's stock runtimes reload the
+  whole export (they hold whole models: this one mode is not bounded by one layer).
 
 Exact formats must agree bit for bit; the others within :func:`~.verify.relative_tolerance`.
 """
@@ -36,7 +38,9 @@ from .base import ExportFormat, export_skeleton
 from .contents import RunContents
 from .verify import ExportCheckError, check_batches, relative_tolerance
 
-VERIFY_MODES = ("full", "weights", "none")
+# full: streamed weights, layer outputs and logits (peak: the run's plus about one layer); stock: full, then the
+# stock runtimes' own reload (transformers / gptqmodel load whole models); weights; none
+VERIFY_MODES = ("full", "stock", "weights", "none")
 
 
 class DenseExportSource(WeightSource):

@@ -1,4 +1,4 @@
-"""Regenerate the data of the offline tasks in ``eval/tasks/`` from the Python standard library.
+"""Regenerate the data of the offline tasks in ``orthoquant/evaluate/tasks/`` (package data) from the Python standard library.
 
 Usage: ``python eval/make_tasks.py``. The data comes from the demo corpus's held-out *test* files
 (``orthoquant.demo_data.split_of(path, seed=0) == "test"``), so the demo model never trained on it.
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from orthoquant.demo_data import split_documents  # noqa: E402
 
-TASKS = Path(__file__).resolve().parent / "tasks"
+TASKS = Path(__file__).resolve().parents[1] / "orthoquant" / "evaluate" / "tasks"
 SEED = 1234
 MC_DOCS, CONTEXT_LINES, N_CHOICES = 64, 6, 4
 PPL_DOCS, PPL_CHARS = 4, 1500

@@ -54,7 +54,7 @@ def _eval_args(p: argparse.ArgumentParser, standalone: bool = True) -> None:
     p.add_argument("--ppl", default=None, help="comma-separated perplexity sources ('' for none; default "
                    "wikitext2, or none when --tasks is given, as lm_eval)")
     p.add_argument("--tasks", default="", help="comma-separated lm-eval tasks, groups, tags or suites "
-                   "(quarot6, ostquant9); eval/tasks holds offline ones (oq_code_nextline, oq_code_ppl, oq_local)")
+                   "(quarot6, ostquant9); the package ships offline ones (oq_code_nextline, oq_code_ppl, oq_local)")
     p.add_argument("--json", type=Path, help="write the result here")
     p.add_argument("--batch-size", "--batch_size", type=_batch_size, default=1, metavar="auto|N",
                    help="windows / requests per batch; auto: lm-eval picks its own, perplexity a safe one")

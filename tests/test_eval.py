@@ -291,3 +291,20 @@ def test_a_partial_evaluation_never_replaces_a_whole_one(tmp_path):
     write_results(quick, result(12.5, {"max_windows": 3}), {})
     shown = load_run(str(quick))
     assert shown.result["ppl"] == {"test.txt": 12.5} and shown.evaluation == "partial (max_windows 3)"
+
+
+def test_the_offline_tasks_are_package_data():
+    """Every file of the offline tasks lives inside the package and is named by pyproject's package-data
+    patterns, so a wheel (not only a source checkout) carries them."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    import orthoquant
+
+    package = Path(orthoquant.__file__).parent
+    root = package.parent / "pyproject.toml"
+    patterns = tomllib.loads(root.read_text())["tool"]["setuptools"]["package-data"]["orthoquant"]
+    files = [p.relative_to(package).as_posix() for p in LOCAL_TASKS.rglob("*") if p.is_file()]
+    assert LOCAL_TASKS.is_relative_to(package) and len(files) >= 4
+    assert all(any(fnmatch.fnmatch(f, pat) for pat in patterns) for f in files), files

@@ -57,7 +57,7 @@ class TaskOptions:
     :param tasks: lm-eval task, group or tag names, or suite names (:data:`SUITES`).
     :param max_length: context length; ``None`` uses the perplexity seqlen.
     :param fewshot_as_multiturn: ``None``: on exactly when a chat template is applied (lm-eval's rule).
-    :param include_paths: task folders besides ``eval/tasks`` of a source checkout.
+    :param include_paths: task folders besides the package's offline tasks (``evaluate/tasks``).
     :param limit: documents per task (a count, or a fraction when below 1).
     :param bootstrap_iters: resamples for the stderr of non-mean metrics (0: none, stderr "N/A").
     :param output_path: where lm-eval's own results file (and samples) go, as ``lm_eval --output_path``.
@@ -168,7 +168,7 @@ def _offline_error(error: Exception, names: list[str]) -> UserError | None:
     if "offline" not in text.lower() and not isinstance(error, ConnectionError):
         return None
     return UserError(f"--tasks {','.join(names)}: a task's dataset is on the Hugging Face hub, which is offline "
-                     f"(HF_HUB_OFFLINE) and not in the local cache; use local tasks (eval/tasks, --include-path) "
+                     f"(HF_HUB_OFFLINE) and not in the local cache; use local tasks (oq_local, --include-path) "
                      f"or allow the hub ({type(error).__name__}: {text[:160]})")
 
 

@@ -24,8 +24,8 @@ from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
-# A source checkout ships the offline tasks here; pip installs pass their folders with --include-path.
-LOCAL_TASKS = Path(__file__).resolve().parents[2] / "eval" / "tasks"
+# The offline tasks ship inside the package (package data), so pip installs have them too.
+LOCAL_TASKS = Path(__file__).resolve().parent / "tasks"
 
 
 @dataclass

@@ -325,3 +325,15 @@ def test_nvfp4_tensor_scale_is_stored_as_an_exact_inverse():
     assert all(torch.equal(g, 1 / ((448.0 * 6.0) / a)) for g, a in zip(scales, amaxes))
     naive = [amax / (448.0 * 6.0) for amax in amaxes]  # a scale not fitted as a reciprocal can miss
     assert any(not torch.equal(1 / (1 / g), g) for g in naive)
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_export_shows_one_bar_of_its_own_over_the_run_files(fmt, tmp_path, tokenizer, capsys):
+    """One bar named after the export, a step per run file (the rest, then each layer); compressed-tensors'
+    own bars (two per layer) are not shown."""
+    _, run = make_run(tmp_path, recipe_of({"weights": {**W4G32, "scale_dtype": "float16"}}), tokenizer)
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", fmt, "--out", str(tmp_path / fmt), "--verify", "weights"]) == 0
+    err = capsys.readouterr().err
+    assert f"export {fmt}: 100%" in err and "3/3" in err  # rest + 2 layers
+    assert "Compressing model" not in err and "Applying quantization config" not in err

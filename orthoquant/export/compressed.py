@@ -21,6 +21,8 @@ dynamic: false}. Dynamic, grouped or non-FP8 KV caches are refused.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from pathlib import Path
 from typing import Any
@@ -215,7 +217,8 @@ class _PartCompressor:
         # division rounds (INT8 codes near 127 come back off by one), so compress first, cast after.
         tree = _module_tree(linears)
         if self.transforms is not None:  # before quantization: CT hooks the input transform ahead of the quantizer
-            apply_transform_config(tree, self.transforms)
+            with contextlib.redirect_stderr(io.StringIO()):
+                apply_transform_config(tree, self.transforms)
         members: dict[str, list[str]] = {}
         for lin in linears:
             members.setdefault(self.group_of[lin.name], []).append(lin.name)
@@ -223,7 +226,8 @@ class _PartCompressor:
             config_groups={key: self.config.config_groups[key].model_copy(update={"targets": names}, deep=True)
                            for key, names in members.items()},
             quantization_status=self.config.quantization_status)
-        apply_quantization_config(tree, part_config)
+        with contextlib.redirect_stderr(io.StringIO()):  # CT's own progress bars, two per layer: ours says it
+            apply_quantization_config(tree, part_config)
         for lin in linears:
             module = tree.get_submodule(lin.name)
             set_weight_params(module, lin)
@@ -231,7 +235,8 @@ class _PartCompressor:
                 stored = input_scales.get(lin.name)
                 module.input_global_scale.data = (stored if stored is not None
                                                   else input_global_scale(self.amax[lin.name]))
-        ModelCompressor(quantization_config=part_config).compress_model(tree)
+        with contextlib.redirect_stderr(io.StringIO()):
+            ModelCompressor(quantization_config=part_config).compress_model(tree)
         for lin in linears:
             module = tree.get_submodule(lin.name)
             store_codes(module, lin, _value(module.quantization_scheme.format))
@@ -268,7 +273,7 @@ def _write(contents: RunContents, out: Path, options: ExportOptions) -> dict[str
     compress = _PartCompressor(contents, options)
     writer = ShardWriter(out, options.max_shard_bytes)
     views = views_of(contents.config)  # fused parts merged, Gemma's γ without its 1
-    for part in contents.parts():  # one run file at a time: the model-level rest, then each layer
+    for part in contents.parts(progress=f"export {FORMAT_NAME}"):  # one run file at a time: rest, then each layer
         plain = part.plain()
         input_scales = {k[: -len(INPUT_SCALE) - 1]: plain.pop(k) for k in list(plain) if k.endswith(f".{INPUT_SCALE}")}
         tensors = cast_floats(plain, options.dtype)  # norms, embeddings, biases, KV scales

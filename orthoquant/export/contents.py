@@ -137,9 +137,14 @@ class RunContents:
                 raise UserError(f"run {self.path} is missing {path.relative_to(self.path)}")
         return files
 
-    def parts(self) -> Iterator[RunPart]:
-        """Each stored file, read when reached."""
-        for prefix, path in self.files():
+    def parts(self, progress: str | None = None) -> Iterator[RunPart]:
+        """Each stored file, read when reached; with ``progress``, one bar (of that name) over the files."""
+        files = list(self.files())
+        if progress is not None:
+            from tqdm import tqdm
+
+            files = tqdm(files, desc=progress, unit="file")
+        for prefix, path in files:
             tensors, meta, metadata = read_module(path)
             yield RunPart(prefix, path, tensors, meta, metadata)
 

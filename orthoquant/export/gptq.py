@@ -92,7 +92,7 @@ def gptq_tensors(lin: QuantizedLinear) -> dict[str, torch.Tensor]:
 
 def _write(contents: RunContents, out: Path, options: ExportOptions) -> dict[str, Any]:
     writer, spec, desc_act = ShardWriter(out, options.max_shard_bytes), None, False
-    for part in contents.parts():
+    for part in contents.parts(progress="export gptq"):
         tensors = cast_floats(part.plain(), options.dtype)
         for lin in part.linears():
             spec, desc_act = lin.spec, desc_act or lin.g_idx is not None

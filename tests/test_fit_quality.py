@@ -6,13 +6,14 @@ The step count is cut to 30 (global batch 8) to fit the test budget; the o_proj 
 model's head_dim (16) as the preset's 128 is on Llama."""
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from orthoquant import load_recipe, quantize
 from orthoquant.evaluate.ppl import perplexity
 from orthoquant.fitting import loop
 from orthoquant.fitting.losses import LOSSES, Objective
+
+from helpers import kl_to
 
 CPU = torch.device("cpu")
 FIT = ["fitting.grad_accum=2", "fitting.top_k=100", "fitting.qsur_samples=0",
@@ -32,17 +33,6 @@ def quantized(setup, preset, *sets):
     if preset is not None:
         quantize(model, load_recipe(preset, ["calibration.batch_size=8", *sets]), calib)
     return model
-
-
-@torch.no_grad()
-def kl_to(model, reference, windows) -> float:
-    """Mean per-token KL(reference ‖ model) over ``windows``."""
-    total = 0.0
-    for ids in windows.split(40):
-        p = F.log_softmax(reference(ids).logits, -1)
-        q = F.log_softmax(model(ids).logits, -1)
-        total += (p.exp() * (p - q)).sum().item()
-    return total / windows[:, :].numel()
 
 
 class Ascent:

@@ -19,7 +19,8 @@ from orthoquant.models.spec import spec_for
 from orthoquant.models.surgery import layers_of
 from orthoquant.models.tiny import tiny_model
 from orthoquant.pipeline import quantize, quantize_pretrained
-from orthoquant.runner import LayerwiseQuantizer
+
+from helpers import assert_same_run_files, interrupt_then_resume
 
 CPU = torch.device("cpu")
 FAMILIES = ("gemma2", "gemma3")
@@ -122,29 +123,13 @@ def test_gptq_beats_rtn_and_native_export_round_trips(family, saved_model, text_
     assert len(losses["gptq"]) == 7 and all(losses["gptq"][k] < losses["rtn"][k] for k in losses["rtn"]), losses
 
 
-class Interrupt(Exception):
-    pass
-
-
 def test_resume_equals_uninterrupted(saved_model, text_file, tmp_path, monkeypatch):
     folder = saved_model("gemma3", num_hidden_layers=3,
                          layer_types=["sliding_attention", "full_attention", "sliding_attention"])
     r = recipe(rotated("gptq", kv_cache={"format": "int", "bits": 8}), text_file)
     quantize_pretrained(str(folder), r, tmp_path / "full", CPU)
-    original = LayerwiseQuantizer._quantize_layer
-
-    def stop_at_two(self, layer, index, prefix, inputs):
-        if index == 2:
-            raise Interrupt
-        return original(self, layer, index, prefix, inputs)
-
-    monkeypatch.setattr(LayerwiseQuantizer, "_quantize_layer", stop_at_two)
-    with pytest.raises(Interrupt):
-        quantize_pretrained(str(folder), r, tmp_path / "resumed", CPU)
-    monkeypatch.setattr(LayerwiseQuantizer, "_quantize_layer", original)
-    quantize_pretrained(str(folder), r, tmp_path / "resumed", CPU)
-    for name in [f"layers/{i:05d}.safetensors" for i in range(3)] + ["rest.safetensors"]:
-        assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
+    interrupt_then_resume(lambda: quantize_pretrained(str(folder), r, tmp_path / "resumed", CPU), monkeypatch)
+    assert_same_run_files(tmp_path / "full", tmp_path / "resumed", 3)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -16,7 +16,8 @@ from orthoquant.models.spec import spec_for
 from orthoquant.models.surgery import layers_of, linears_of
 from orthoquant.models.tiny import GENERIC_FAMILIES, tiny_model
 from orthoquant.pipeline import quantize_pretrained
-from orthoquant.runner import LayerwiseQuantizer
+
+from helpers import assert_same_run_files, interrupt_then_resume
 
 CPU = torch.device("cpu")
 
@@ -123,27 +124,9 @@ def test_eval_command_reads_a_generic_run(saved_model, text_file, tmp_path):
     assert out.is_file()
 
 
-class Interrupt(Exception):
-    pass
-
-
 def test_resume_equals_uninterrupted(saved_model, text_file, tmp_path, monkeypatch):
     folder, r = saved_model("gpt2", n_layer=3), recipe("gptq-w4a16", text_file)
     quantize_pretrained(str(folder), r, tmp_path / "full", CPU)
-    original = LayerwiseQuantizer._quantize_layer
-
-    def stop_at_two(self, layer, index, prefix, inputs):
-        if index == 2:
-            raise Interrupt
-        return original(self, layer, index, prefix, inputs)
-
-    monkeypatch.setattr(LayerwiseQuantizer, "_quantize_layer", stop_at_two)
-    with pytest.raises(Interrupt):
-        quantize_pretrained(str(folder), r, tmp_path / "resumed", CPU)
-    monkeypatch.setattr(LayerwiseQuantizer, "_quantize_layer", original)
-    quantize_pretrained(str(folder), r, tmp_path / "resumed", CPU)
-    for i in range(3):
-        name = f"layers/{i:05d}.safetensors"
-        assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
-    assert (tmp_path / "full/rest.safetensors").read_bytes() == (tmp_path / "resumed/rest.safetensors").read_bytes()
+    interrupt_then_resume(lambda: quantize_pretrained(str(folder), r, tmp_path / "resumed", CPU), monkeypatch)
+    assert_same_run_files(tmp_path / "full", tmp_path / "resumed", 3)
 

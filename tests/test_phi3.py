@@ -15,8 +15,9 @@ from orthoquant.models.fused import FusedLinear, split_fused_
 from orthoquant.models.spec import spec_for
 from orthoquant.models.tiny import tiny_model
 from orthoquant.pipeline import quantize, quantize_pretrained
-from orthoquant.runner import LayerwiseQuantizer
 from orthoquant.solvers import SOLVERS
+
+from helpers import assert_same_run_files, interrupt_then_resume
 
 CPU = torch.device("cpu")
 SITES = ("residual", "attn_value", "o_input", "down_input", "qk")
@@ -100,27 +101,11 @@ def test_gptq_beats_rtn_and_native_export_round_trips(saved_model, text_file, tm
     assert all(losses["gptq"][k] < losses["rtn"][k] for k in losses["rtn"]), losses
 
 
-class Interrupt(Exception):
-    pass
-
-
 def test_resume_equals_uninterrupted(saved_model, text_file, tmp_path, monkeypatch):
     folder, r = saved_model("phi3", num_hidden_layers=3), recipe("quarot-w4a4kv4", text_file)
     quantize_pretrained(str(folder), r, tmp_path / "full", CPU)
-    original = LayerwiseQuantizer._quantize_layer
-
-    def stop_at_two(self, layer, index, prefix, inputs):
-        if index == 2:
-            raise Interrupt
-        return original(self, layer, index, prefix, inputs)
-
-    monkeypatch.setattr(LayerwiseQuantizer, "_quantize_layer", stop_at_two)
-    with pytest.raises(Interrupt):
-        quantize_pretrained(str(folder), r, tmp_path / "resumed", CPU)
-    monkeypatch.setattr(LayerwiseQuantizer, "_quantize_layer", original)
-    quantize_pretrained(str(folder), r, tmp_path / "resumed", CPU)
-    for name in [f"layers/{i:05d}.safetensors" for i in range(3)] + ["rest.safetensors"]:
-        assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
+    interrupt_then_resume(lambda: quantize_pretrained(str(folder), r, tmp_path / "resumed", CPU), monkeypatch)
+    assert_same_run_files(tmp_path / "full", tmp_path / "resumed", 3)
 
 
 def test_w4a16_compressed_tensors_reloads_in_stock_transformers(saved_model, text_file, tmp_path, tokenizer):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from orthoquant import load_recipe, quantize
@@ -16,23 +15,14 @@ from orthoquant.export import export_run, load_quantized
 from orthoquant.layerfile import read_module
 from orthoquant.runfolder import RunFolder
 
+from helpers import assert_same_run_files, interrupt_then_resume, kl_to
+
 BASE = ["calibration.batch_size=8", "solver.true_sequential=true"]  # the same group order with and without
 CASES = {
     "off": ["finetune.layer_epochs=0", "finetune.e2e_epochs=0"],
     "layer": ["finetune.layer_epochs=5", "finetune.e2e_epochs=0"],
     "layer+e2e": ["finetune.layer_epochs=5", "finetune.e2e_epochs=2"],
 }
-
-
-@torch.no_grad()
-def kl_to(model, reference, windows) -> float:
-    """Mean per-token KL(reference ‖ model)."""
-    total = 0.0
-    for ids in windows.split(40):
-        p = F.log_softmax(reference(ids).logits, -1)
-        q = F.log_softmax(model(ids).logits, -1)
-        total += (p.exp() * (p - q)).sum().item()
-    return total / windows.numel()
 
 
 @torch.no_grad()
@@ -126,34 +116,17 @@ def test_finetune_settings_are_checked(sets, field):
         load_recipe("quip-e8p-2bit", sets)
 
 
-class Interrupt(Exception):
-    pass
-
-
 def test_resume_with_finetuning_equals_uninterrupted(tmp_path, monkeypatch):
     """A resumed layer's FP outputs are recomputed from its FP weights, so the FP stream, the tuning of
     later layers and the end-to-end stage (over resumed and fresh layers alike) are the same."""
     from orthoquant.models.tiny import tiny_model
-    from orthoquant.runner import LayerwiseQuantizer
 
     r = load_recipe("quip-e8p-2bit", ["calibration.batch_size=4", "finetune.layer_epochs=2", "finetune.e2e_epochs=1"])
     tokens = torch.randint(0, 101, (8, 24), generator=torch.Generator().manual_seed(0))
     quantize(tiny_model("llama", num_hidden_layers=3), r, tokens, out=tmp_path / "full")
-    original = LayerwiseQuantizer._quantize_layer
-
-    def stop_at_two(self, layer, index, prefix, inputs):
-        if index == 2:
-            raise Interrupt
-        return original(self, layer, index, prefix, inputs)
-
-    monkeypatch.setattr(LayerwiseQuantizer, "_quantize_layer", stop_at_two)
-    with pytest.raises(Interrupt):
-        quantize(tiny_model("llama", num_hidden_layers=3), r, tokens, out=tmp_path / "resumed")
-    monkeypatch.setattr(LayerwiseQuantizer, "_quantize_layer", original)
-    quantize(tiny_model("llama", num_hidden_layers=3), r, tokens, out=tmp_path / "resumed")
-    for i in range(3):
-        name = f"{i:05d}.safetensors"
-        assert (tmp_path / "full/layers" / name).read_bytes() == (tmp_path / "resumed/layers" / name).read_bytes()
+    interrupt_then_resume(lambda: quantize(tiny_model("llama", num_hidden_layers=3), r, tokens,
+                                           out=tmp_path / "resumed"), monkeypatch)
+    assert_same_run_files(tmp_path / "full", tmp_path / "resumed", 3, rest=False)
 
 
 @pytest.mark.parametrize("tune_head", [False, True])

@@ -9,7 +9,8 @@ from orthoquant.config import QuantSpec, Recipe, load_recipe
 from orthoquant.evaluate.ppl import perplexity, streamed_perplexity
 from orthoquant.formats import make_format
 from orthoquant.models.tiny import FAMILIES, tiny_model
-from orthoquant.runner import LayerwiseQuantizer
+
+from helpers import assert_same_run_files, interrupt_then_resume
 
 CPU = torch.device("cpu")
 
@@ -65,37 +66,25 @@ def test_activation_quantizer_changes_outputs_only_where_targeted():
                        base.model.layers[1].mlp.down_proj.weight)  # weights untouched
 
 
-class Interrupt(Exception):
-    pass
-
-
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     # GPTQ depends on each layer's calibration inputs, so a resume that propagates differently shows
     r = recipe("rtn-w4a4kv4", "solver.name=gptq")
     full = quantize(tiny_model("qwen2", num_hidden_layers=4), r, windows(), out=tmp_path / "full")
 
-    original = LayerwiseQuantizer._quantize_layer
+    def two_layers_stored():
+        stored = sorted(p.name for p in (tmp_path / "resumed" / "layers").iterdir())
+        assert stored == ["00000.safetensors", "00001.safetensors"]
 
-    def stop_after_two(self, layer, index, prefix, inputs):
-        if index == 2:
-            raise Interrupt
-        return original(self, layer, index, prefix, inputs)
-
-    monkeypatch.setattr(LayerwiseQuantizer, "_quantize_layer", stop_after_two)
-    with pytest.raises(Interrupt):
-        quantize(tiny_model("qwen2", num_hidden_layers=4), r, windows(), out=tmp_path / "resumed")
-    assert sorted(p.name for p in (tmp_path / "resumed" / "layers").iterdir()) == ["00000.safetensors", "00001.safetensors"]
-    monkeypatch.setattr(LayerwiseQuantizer, "_quantize_layer", original)
-    resumed = quantize(tiny_model("qwen2", num_hidden_layers=4), r, windows(), out=tmp_path / "resumed")
+    resumed = interrupt_then_resume(
+        lambda: quantize(tiny_model("qwen2", num_hidden_layers=4), r, windows(), out=tmp_path / "resumed"),
+        monkeypatch, check_interrupted=two_layers_stored)
     with torch.no_grad():  # quantizer hooks are not in the state dict: compare the function too
         assert torch.equal(full(windows(seed=3)).logits, resumed(windows(seed=3)).logits)
     a, b = full.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    for i in range(4):
-        name = f"{i:05d}.safetensors"
-        assert (tmp_path / "full/layers" / name).read_bytes() == (tmp_path / "resumed/layers" / name).read_bytes()
+    assert_same_run_files(tmp_path / "full", tmp_path / "resumed", 4)
 
 
 def test_run_folder_reloads_bit_exactly_and_streams_the_same_numbers(tmp_path):

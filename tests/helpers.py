@@ -1,0 +1,56 @@
+"""Helpers shared by test files (fixtures stay in conftest.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from orthoquant.runner import LayerwiseQuantizer
+
+
+class Interrupt(Exception):
+    """Stands for a crash in the middle of a run."""
+
+
+def interrupt_then_resume(quantize_once: Callable[[], object], monkeypatch, at: int = 2,
+                          check_interrupted: Callable[[], None] | None = None):
+    """Run ``quantize_once()`` until layer ``at`` starts (it then raises, as a crash would), then run it
+    again to the end; returns the second call's result.
+
+    :param check_interrupted: called between the two runs (e.g. to look at what the first one left).
+    """
+    original = LayerwiseQuantizer._quantize_layer
+
+    def stop(self, layer, index, prefix, inputs):
+        if index == at:
+            raise Interrupt
+        return original(self, layer, index, prefix, inputs)
+
+    monkeypatch.setattr(LayerwiseQuantizer, "_quantize_layer", stop)
+    with pytest.raises(Interrupt):
+        quantize_once()
+    monkeypatch.setattr(LayerwiseQuantizer, "_quantize_layer", original)
+    if check_interrupted is not None:
+        check_interrupted()
+    return quantize_once()
+
+
+def assert_same_run_files(a: Path, b: Path, n_layers: int, rest: bool = True) -> None:
+    """The two run folders hold byte-identical layer files (and model-level rest)."""
+    names = [f"layers/{i:05d}.safetensors" for i in range(n_layers)] + (["rest.safetensors"] if rest else [])
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+@torch.no_grad()
+def kl_to(model, reference, windows: torch.Tensor) -> float:
+    """Mean per-token KL(reference ‖ model) over ``windows`` (n, seqlen), in batches of 40."""
+    total = 0.0
+    for ids in windows.split(40):
+        p = F.log_softmax(reference(ids).logits, -1)
+        q = F.log_softmax(model(ids).logits, -1)
+        total += (p.exp() * (p - q)).sum().item()
+    return total / windows.numel()

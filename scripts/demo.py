@@ -65,6 +65,16 @@ def chosen_cases(presets: str | None) -> list[tuple[str, str, list[str]]]:
     return [c for c in cases if c[1] in available]
 
 
+def held_out_text(corpus: Path, out: Path) -> Path:
+    """Both held-out splits (test, then valid: files the model never trained on) as one text: ~1750
+    windows of 256 tokens, so that the gaps between neighbouring rows exceed their paired noise."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "held_out.txt"
+    path.write_text((corpus / "test.txt").read_text(encoding="utf-8") + "\n\n" +
+                    (corpus / "valid.txt").read_text(encoding="utf-8"), encoding="utf-8")
+    return path
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging()
@@ -82,7 +92,8 @@ def main(argv=None) -> int:
         printed.append(row)
         print(table_row(row, printed[0]), flush=True)
 
-    rows = preset_perplexities(str(model), cases, str(corpus / "train.txt"), str(corpus / "test.txt"), args.out,
+    held_out = held_out_text(corpus, args.out)
+    rows = preset_perplexities(str(model), cases, str(corpus / "train.txt"), str(held_out), args.out,
                                nsamples=args.nsamples, seqlen=args.seqlen, max_windows=args.max_windows,
                                device=torch.device("cpu"), on_row=show)
     print("\n" + write_preset_table(rows, args.seqlen, args.out))

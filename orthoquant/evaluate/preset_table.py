@@ -77,11 +77,6 @@ def quantize_case(model: str, preset: str, sets: list[str], calib: str, out: Pat
     return quantize_pretrained(model, load_recipe(preset, overrides), out, device).path
 
 
-# Windows per forward when scoring: every preset's quantizers are per token, per group or static (NVFP4), so
-# the numbers are batch 1's (tests/test_eval.py), at about a third of the time.
-EVAL_BATCH = 8
-
-
 def preset_perplexities(model: str, cases: list[Case], calib: str, held_out: str, out_dir: Path, *,
                         nsamples: int, seqlen: int, max_windows: int | None = None,
                         device: torch.device = torch.device("cpu"),
@@ -95,7 +90,7 @@ def preset_perplexities(model: str, cases: list[Case], calib: str, held_out: str
     label = Path(held_out).name
 
     def score(name: str, target: str, seconds: float) -> tuple[PresetRow, dict]:
-        evaluation = measure(target, [held_out], seqlen, device, batch_size=EVAL_BATCH, max_windows=max_windows)
+        evaluation = measure(target, [held_out], seqlen, device, max_windows=max_windows)
         evaluation.save()
         row = PresetRow(name, evaluation.result["ppl"][label], seconds, evaluation.window_losses[label])
         if on_row is not None:

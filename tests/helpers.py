@@ -54,3 +54,8 @@ def kl_to(model, reference, windows: torch.Tensor) -> float:
         q = F.log_softmax(model(ids).logits, -1)
         total += (p.exp() * (p - q)).sum().item()
     return total / windows.numel()
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a − b| / max |a|: the logit error the family tests bound."""
+    return float((a - b).abs().max() / a.abs().max())

@@ -20,7 +20,7 @@ from orthoquant.models.surgery import layers_of
 from orthoquant.models.tiny import tiny_model
 from orthoquant.pipeline import quantize, quantize_pretrained
 
-from helpers import assert_same_run_files, interrupt_then_resume
+from helpers import assert_same_run_files, interrupt_then_resume, relative
 
 CPU = torch.device("cpu")
 FAMILIES = ("gemma2", "gemma3")
@@ -42,10 +42,6 @@ def recipe(base, text_file):
 
 def rotated(solver, **extra):
     return {"transforms": ROTATED, "weights": {"format": "int", "bits": 4}, "solver": {"name": solver}, **extra}
-
-
-def relative(a, b):
-    return float((a - b).abs().max() / a.abs().max())
 
 
 @torch.no_grad()

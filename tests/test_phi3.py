@@ -17,7 +17,7 @@ from orthoquant.models.tiny import tiny_model
 from orthoquant.pipeline import quantize, quantize_pretrained
 from orthoquant.solvers import SOLVERS
 
-from helpers import assert_same_run_files, interrupt_then_resume
+from helpers import assert_same_run_files, interrupt_then_resume, relative
 
 CPU = torch.device("cpu")
 SITES = ("residual", "attn_value", "o_input", "down_input", "qk")
@@ -29,10 +29,6 @@ TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
 def recipe(name, text_file, *sets):
     return load_recipe(name, [f"calibration.source={text_file}", "calibration.nsamples=8",
                               "calibration.seqlen=32", "calibration.batch_size=4", *sets])
-
-
-def relative(a, b):
-    return float((a - b).abs().max() / a.abs().max())
 
 
 @torch.no_grad()

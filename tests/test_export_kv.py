@@ -14,7 +14,7 @@ from orthoquant import open_run, quantize
 from orthoquant.config import QuantSpec, Recipe
 from orthoquant.errors import ConfigError, UserError
 from orthoquant.export import export_run, load_quantized
-from orthoquant.export.base import INDEX, ShardWriter, read_tensors
+from orthoquant.export.shards import INDEX, ShardWriter, read_tensors
 from orthoquant.models.tiny import tiny_model
 from orthoquant.runfolder import read_module
 

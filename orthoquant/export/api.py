@@ -31,9 +31,10 @@ from ..device import DTYPES, resolve_device
 from ..models.loading import build_skeleton
 from ..errors import UserError
 from . import compressed, gptq, native  # noqa: F401  (register the formats)
-from .base import DEFAULT_SHARD_BYTES, EXPORT_FORMATS, ExportFormat, ExportOptions, copy_side_files
+from .base import EXPORT_FORMATS, ExportFormat, ExportOptions, copy_side_files
 from .contents import RunContents
 from .exportable import check_format, recorded_summary
+from .shards import DEFAULT_SHARD_BYTES
 from .streamed import VERIFY_MODES, verify_streamed
 from .verify import (FAILED_MANIFEST, MANIFEST, PROVISIONAL_MANIFEST, check_batches, check_manifest,
                      update_manifest, write_manifest)

@@ -3,7 +3,7 @@
 The writer streams the run, one stored file (a decoder layer, then the model-level rest) at a time:
 it builds just that file's quantized linears holding the run's dequantized weights, lets the
 compressed-tensors library attach its schemes and compress them, checks that its codes are ours and
-keeps ours, and hands them with the file's other tensors to a :class:`~.base.ShardWriter`, so an
+keeps ours, and hands them with the file's other tensors to a :class:`~.shards.ShardWriter`, so an
 export holds about one shard, never the model. ``config.json`` gets the whole model's
 ``quantization_config`` (plus ``transform_config`` for the vLLM subset of online transforms, see
 :mod:`.ct_transforms`). Scales are stored as quantized: CT keeps INT/FP8 scales in the model dtype
@@ -37,15 +37,15 @@ from ..fakequant.static_inputs import BUFFER as INPUT_SCALE, is_static_input
 from ..models.layout import to_layout_, to_stock
 from ..models.loading import build_skeleton, views_of
 from ..models.surgery import layers_of
-from .base import (EXPORT_FORMATS, ExportFormat, ExportOptions, ShardWriter, cast_floats, dense_reload,
-                   quiet_transformers, read_tensors, save_hf_config)
+from .base import EXPORT_FORMATS, ExportFormat, ExportOptions, dense_reload, save_hf_config
 from .calibrate import input_global_scale, static_input_amax
 from .contents import QuantizedLinear, RunContents, RunPart, exact_in, require_scales_in
 from .ct_read import dense_state
 from .ct_schemes import (CT_DECOMPRESS_DTYPE, input_args, kv_cache_args, refuse, scheme_key, set_weight_params,
                          store_codes, weight_args)
 from .ct_transforms import apply_online, online_transform_config
-from .verify import ExportCheckError, compare_logits, compare_weights, relative_tolerance
+from .shards import ShardWriter, cast_floats, read_tensors
+from .verify import ExportCheckError, compare_logits, compare_weights, quiet_transformers, relative_tolerance
 
 log = logging.getLogger(__name__)
 FORMAT_NAME = "compressed-tensors"

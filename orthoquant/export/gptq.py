@@ -9,7 +9,7 @@ Per linear ``L`` with weight (out O, in I), group size GS (I for per-channel), b
     W[o, i] = scales[g_idx[i], o] · (q[i, o] − (qzeros[g_idx[i], o] + 1))
 
 Our symmetric codes are unsigned with zero 2^(b−1), exactly GPTQ's. Shards are written one run file at
-a time (:class:`~.base.ShardWriter`). Loading for transformers needs gptqmodel; orthoquant's own
+a time (:class:`~.shards.ShardWriter`). Loading for transformers needs gptqmodel; orthoquant's own
 loader decodes the tensors above (exact).
 """
 from __future__ import annotations
@@ -25,10 +25,10 @@ from torch import nn
 from ..config import Recipe
 from ..errors import UserError
 from ..formats.packing import pack_codes, unpack_codes
-from .base import (EXPORT_FORMATS, ExportFormat, ExportOptions, ShardWriter, cast_floats, dense_reload,
-                   quiet_transformers, read_tensors, save_hf_config)
+from .base import EXPORT_FORMATS, ExportFormat, ExportOptions, dense_reload, save_hf_config
 from .contents import QuantizedLinear, RunContents, require_scales_in
-from .verify import ExportCheckError, compare_logits
+from .shards import ShardWriter, cast_floats, read_tensors
+from .verify import ExportCheckError, compare_logits, quiet_transformers
 
 log = logging.getLogger(__name__)
 BITS = (2, 3, 4, 8)

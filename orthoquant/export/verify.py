@@ -5,13 +5,16 @@
   or stray weight file is an error naming the file, never a wrong model. Names are confined to the
   export folder and symbolic links are refused. The manifest gets its final name only after the
   export was verified; until then it is ``orthoquant_config.unverified.json``, which loaders refuse.
-- :func:`compare_logits` runs a reference and a reloaded model on the same token batches.
+- :func:`compare_logits` runs a reference and a reloaded model on the same token batches;
+  :func:`quiet_transformers` silences stock runtimes' load reports while the format's checks reload an export.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import warnings
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -161,6 +164,21 @@ def compare_weights(reference: nn.Module, candidate: nn.Module, names: list[str]
         exact = exact and torch.equal(a, b)
         worst = max(worst, float((a - b).abs().max()) / max(float(a.abs().max()), 1e-30))
     return {"max_rel_diff": worst, "bit_exact": exact, "modules": len(names)}
+
+
+@contextmanager
+def quiet_transformers():
+    """Silence transformers' load reports (unexpected CT keys such as input_global_scale) and warnings."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def relative_tolerance(dtype: torch.dtype) -> float:

@@ -315,7 +315,7 @@ def test_nvfp4_tensor_scale_is_stored_as_an_exact_inverse():
     """CT stores 448·6/amax and readers invert it: the stored value must invert to the run's scale exactly
     (a 1-ulp weight change flips 4-bit activation roundings; the demo model's export missed by 1e-3)."""
     from orthoquant.config import QuantSpec
-    from orthoquant.export.ct_schemes import stored_inverse
+    from orthoquant.export.compressed_tensors.schemes import stored_inverse
     from orthoquant.formats import make_format
 
     fmt = make_format(QuantSpec(format="nvfp4", bits=4, group_size=16))

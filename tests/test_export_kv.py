@@ -30,7 +30,7 @@ def kv_of(model, index):
 
 def stock_quantizes_kv(model) -> bool:
     """False where stock transformers dropped ``kv_cache_scheme`` (>= 5.25 with compressed-tensors 0.20.1:
-    see ``orthoquant.export.compressed``); the lock pins versions where it does not."""
+    see ``orthoquant.export.compressed_tensors.stock``); the lock pins versions where it does not."""
     return hasattr(kv_of(model, 0), "k_scale")
 
 
@@ -215,7 +215,7 @@ def test_shard_writer_caps_shards_and_never_splits_a_group(tmp_path):
 
 
 def test_compressed_tensors_streams_one_run_file_at_a_time_into_shards(kv_run, tmp_path, tokenizer, monkeypatch):
-    import orthoquant.export.compressed as ct
+    import orthoquant.export.compressed_tensors.writer as ct
 
     model, run = kv_run
     trees, skeletons, tree, skeleton = [], [], ct._module_tree, ct.build_skeleton

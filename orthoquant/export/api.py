@@ -30,7 +30,7 @@ from .. import __version__
 from ..device import DTYPES, resolve_device
 from ..models.loading import build_skeleton
 from ..errors import UserError
-from . import compressed, gptq, native  # noqa: F401  (register the formats)
+from . import compressed_tensors, gptq, native  # noqa: F401  (register the formats)
 from .base import EXPORT_FORMATS, ExportFormat, ExportOptions, copy_side_files
 from .contents import RunContents
 from .exportable import check_format, recorded_summary

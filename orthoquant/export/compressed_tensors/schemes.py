@@ -21,11 +21,11 @@ from typing import Any, Callable
 
 import torch
 
-from ..config import QuantSpec
-from ..errors import UserError
-from ..formats.fp4 import e2m1_decode
-from ..formats.packing import pack_codes, pack_nibbles, unpack_nibbles
-from .contents import QuantizedLinear
+from ...config import QuantSpec
+from ...errors import UserError
+from ...formats.fp4 import e2m1_decode
+from ...formats.packing import pack_codes, pack_nibbles, unpack_nibbles
+from ..contents import QuantizedLinear
 
 NATIVE_HINT = "use --format native (loaded with orthoquant.load_quantized)"
 

@@ -14,10 +14,10 @@ from typing import Callable
 
 import torch
 
-from ..config import QuantSpec, Recipe
-from ..formats import QParams, QuantizedTensor, make_format
-from ..formats.packing import unpack_codes, unpack_nibbles
-from .shards import read_tensors
+from ...config import QuantSpec, Recipe
+from ...formats import QParams, QuantizedTensor, make_format
+from ...formats.packing import unpack_codes, unpack_nibbles
+from ..shards import read_tensors
 
 Stored = dict[str, torch.Tensor]  # one linear's CT tensors, names relative to it (weight_packed, ...)
 # Tensor names CT stores in place of a quantized linear's weight.

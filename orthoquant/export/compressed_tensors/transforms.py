@@ -21,10 +21,10 @@ from pathlib import Path
 
 from torch import nn
 
-from ..hadamard import is_pow2
-from ..transforms.sites import SITES
-from .contents import RunContents
-from .ct_schemes import refuse
+from ...hadamard import is_pow2
+from ...transforms.sites import SITES
+from ..contents import RunContents
+from .schemes import refuse
 
 # site -> (CT scheme name, role of the linear whose input it transforms)
 CT_INPUT_SITES = {"down_input": ("R4", "down")}

@@ -3,16 +3,16 @@
 The writer streams the run, one stored file (a decoder layer, then the model-level rest) at a time:
 it builds just that file's quantized linears holding the run's dequantized weights, lets the
 compressed-tensors library attach its schemes and compress them, checks that its codes are ours and
-keeps ours, and hands them with the file's other tensors to a :class:`~.shards.ShardWriter`, so an
+keeps ours, and hands them with the file's other tensors to a :class:`~orthoquant.export.shards.ShardWriter`, so an
 export holds about one shard, never the model. ``config.json`` gets the whole model's
 ``quantization_config`` (plus ``transform_config`` for the vLLM subset of online transforms, see
-:mod:`.ct_transforms`). Scales are stored as quantized: CT keeps INT/FP8 scales in the model dtype
+:mod:`.transforms`). Scales are stored as quantized: CT keeps INT/FP8 scales in the model dtype
 (FP4 ones pass through it), so they must already be exact in it (``weights.scale_dtype`` rounds them
 when quantizing).
 
 NVFP4's static ``input_global_scale`` is the one the run calibrated and quantized with
 (``activations.static``, :mod:`orthoquant.fakequant.static_inputs`), written as stored; only runs with
-dynamic NVFP4 inputs (older presets) have it calibrated at export, see :mod:`.calibrate`. The KV cache is exported
+dynamic NVFP4 inputs (older presets) have it calibrated at export, see :mod:`.static_scales`. The KV cache is exported
 where vLLM serves it: FP8 with static per-tensor scales (``kv_cache.static``), which the run calibrated
 and quantized with (:mod:`orthoquant.fakequant.kvcache`). They are written as CT writes them,
 ``<attention>.k_scale`` / ``<attention>.v_scale`` (vLLM remaps them to its ``attn.k_scale``), with
@@ -30,22 +30,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import QuantSpec, Recipe
-from ..errors import UserError
-from ..fakequant.kvcache import SCALE_NAMES, kv_scales
-from ..fakequant.static_inputs import BUFFER as INPUT_SCALE, is_static_input
-from ..models.layout import to_layout_, to_stock
-from ..models.loading import build_skeleton, views_of
-from ..models.surgery import layers_of
-from .base import EXPORT_FORMATS, ExportFormat, ExportOptions, dense_reload, save_hf_config
-from .calibrate import input_global_scale, static_input_amax
-from .contents import QuantizedLinear, RunContents, RunPart, exact_in, require_scales_in
-from .ct_read import dense_state
-from .ct_schemes import (CT_DECOMPRESS_DTYPE, input_args, kv_cache_args, refuse, scheme_key, set_weight_params,
-                         store_codes, weight_args)
-from .ct_transforms import apply_online, online_transform_config
-from .shards import ShardWriter, cast_floats, read_tensors
-from .verify import ExportCheckError, compare_logits, compare_weights, quiet_transformers, relative_tolerance
+from ...config import QuantSpec, Recipe
+from ...errors import UserError
+from ...fakequant.kvcache import SCALE_NAMES, kv_scales
+from ...fakequant.static_inputs import BUFFER as INPUT_SCALE, is_static_input
+from ...models.layout import to_layout_, to_stock
+from ...models.loading import build_skeleton, views_of
+from ...models.surgery import layers_of
+from ..base import EXPORT_FORMATS, ExportFormat, ExportOptions, dense_reload, save_hf_config
+from ..contents import QuantizedLinear, RunContents, RunPart, exact_in, require_scales_in
+from ..shards import ShardWriter, cast_floats, read_tensors
+from ..verify import ExportCheckError, compare_logits, compare_weights, quiet_transformers, relative_tolerance
+from .read import dense_state
+from .schemes import (CT_DECOMPRESS_DTYPE, input_args, kv_cache_args, refuse, scheme_key, set_weight_params,
+                      store_codes, weight_args)
+from .static_scales import input_global_scale, static_input_amax
+from .transforms import apply_online, online_transform_config
 
 log = logging.getLogger(__name__)
 FORMAT_NAME = "compressed-tensors"
@@ -338,7 +338,7 @@ def _write_readme(out: Path, contents: RunContents, online: list[str]) -> None:
 
 
 def _load(folder: Path, manifest: dict[str, Any], device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Weights decoded by :mod:`.ct_read` (not CT's bf16 decompression); online transforms from the
+    """Weights decoded by :mod:`.read` (not CT's bf16 decompression); online transforms from the
     recipe, which stock transformers would drop."""
     return dense_reload(folder, manifest, device, dtype, dense_state)
 

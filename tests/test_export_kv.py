@@ -215,7 +215,7 @@ def test_shard_writer_caps_shards_and_never_splits_a_group(tmp_path):
 
 
 def test_compressed_tensors_streams_one_run_file_at_a_time_into_shards(kv_run, tmp_path, tokenizer, monkeypatch):
-    import orthoquant.export.compressed_tensors.writer as ct
+    import orthoquant.export.compressed_tensors.compress as ct
 
     model, run = kv_run
     trees, skeletons, tree, skeleton = [], [], ct._module_tree, ct.build_skeleton

@@ -10,13 +10,15 @@ Table :data:`DECODERS`: our format -> (codes from the stored tensors, scale para
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from ...config import QuantSpec, Recipe
 from ...formats import QParams, QuantizedTensor, make_format
 from ...formats.packing import unpack_codes, unpack_nibbles
+from ..base import dense_reload
 from ..shards import read_tensors
 
 Stored = dict[str, torch.Tensor]  # one linear's CT tensors, names relative to it (weight_packed, ...)
@@ -75,3 +77,9 @@ def dense_state(folder: Path, recipe: Recipe, shapes: dict[str, tuple[int, int]]
         stored = {name: tensors[f"{owner}.{name}"] for name in (*CT_NAMES, "weight") if f"{owner}.{name}" in tensors}
         state[f"{owner}.weight"] = decode_linear(stored, spec, *shapes[owner])
     return state
+
+
+def load(folder: Path, manifest: dict[str, Any], device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Weights decoded by :func:`dense_state` (not CT's bf16 decompression); online transforms from the
+    recipe, which stock transformers would drop."""
+    return dense_reload(folder, manifest, device, dtype, dense_state)

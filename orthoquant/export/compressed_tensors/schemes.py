@@ -27,6 +27,7 @@ from ...formats.fp4 import e2m1_decode
 from ...formats.packing import pack_codes, pack_nibbles, unpack_nibbles
 from ..contents import QuantizedLinear
 
+FORMAT_NAME = "compressed-tensors"
 NATIVE_HINT = "use --format native (loaded with orthoquant.load_quantized)"
 
 
@@ -129,6 +130,11 @@ def kv_cache_args(spec: QuantSpec | None) -> dict[str, Any] | None:
         refuse(f"dynamic KV-cache quantization (group_size={spec.group_size}, scales from each call's keys and "
                f"values): vLLM takes static per-tensor FP8 k/v scales ({hint})")
     return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": False}
+
+
+def enum_value(enum_or_str) -> str:
+    """CT formats are enums in some places and plain strings in others."""
+    return getattr(enum_or_str, "value", enum_or_str)
 
 
 def scheme_key(weights: dict[str, Any], inputs: dict[str, Any] | None) -> str:

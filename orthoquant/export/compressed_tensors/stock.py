@@ -3,6 +3,7 @@ transforms vLLM applies and transformers drops), its weights, logits and KV-cach
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,19 @@ from .schemes import CT_DECOMPRESS_DTYPE
 from .transforms import apply_online
 
 
+@dataclass(frozen=True)
+class _Reload:
+    """The export loaded by stock transformers and its logits against the run's."""
+
+    model: nn.Module
+    logits: dict[str, Any]
+    transforms: bool  # online transforms re-applied with CT (transformers drops them)
+    simulated: bool  # CT's quantized forward quantized the activations and the KV cache
+    note: str | None = None  # why CT's quantized forward was not used
+
+
 def stock_transformers(folder: Path, contents: RunContents, reference: nn.Module, batches: list[torch.Tensor],
-                        dtype: torch.dtype) -> dict[str, Any]:
+                       dtype: torch.dtype) -> dict[str, Any]:
     """Reload with stock transformers (+ compressed-tensors) and compare weights and logits.
 
     Weight-only checkpoints load the default way a user would (decompressed on the first forward).
@@ -33,55 +45,75 @@ def stock_transformers(folder: Path, contents: RunContents, reference: nn.Module
     ``dequantize=True`` path is used; activations (and a KV cache, whose scales are then compared in the
     checkpoint) run unquantized, and the logits are reported, not checked.
     """
-    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
-
-    def load(**kwargs) -> nn.Module:
-        with quiet_transformers():
-            return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).eval()
-
     names = list(planned_linears(contents))
     tol = relative_tolerance(decompression_dtype(contents, names, dtype))
     fake_quant = contents.recipe.activations is not None or contents.recipe.kv_cache is not None
-    model, simulated, note = None, False, None
-    if contents.recipe.kv_cache is not None:
-        try:
-            model = load()
-            if not _attached_kv_scales(model, contents):
-                note = _KV_NOT_ATTACHED.format(**_versions())
-                model = None
-            else:
-                transforms = apply_online(model, folder)
-                logits = compare_logits(reference, model, batches)  # the first forward decompresses the weights
-                simulated = True
-        except (RuntimeError, NotImplementedError, ValueError) as e:  # CT's quantized forward on CPU
-            note = f"CT's quantized forward failed ({str(e).splitlines()[0][:120]}); "
-            model = None
-    if model is None:
-        kwargs = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if fake_quant else {}
-        model = load(**kwargs)
-        transforms = apply_online(model, folder)  # what vLLM does; transformers drops them
-        logits = compare_logits(reference, model, batches)
-    to_layout_(model, contents.arch)  # stock modules (fused, (1 + γ)) as the run holds them; decompressed by now
-    weights = compare_weights(reference, model, names)
-    kv = _compare_kv_scales(contents, reference, model if simulated else None, folder)
-    mismatch = _simulation_mismatch(contents, dtype) if simulated else None
-    checked = not fake_quant or (simulated and mismatch is None)
+    reload = _reload(folder, contents, reference, batches, dtype, fake_quant)
+    to_layout_(reload.model, contents.arch)  # stock modules (fused, (1 + γ)) as the run holds them, decompressed
+    weights, logits = compare_weights(reference, reload.model, names), reload.logits
+    kv = _compare_kv_scales(contents, reference, reload.model if reload.simulated else None, folder)
+    mismatch = _simulation_mismatch(contents, dtype) if reload.simulated else None
+    checked = not fake_quant or (reload.simulated and mismatch is None)
     if weights["max_rel_diff"] > tol or (checked and logits["max_rel_diff"] > tol) or (kv and not kv["bit_exact"]):
         raise ExportCheckError(f"stock transformers reload of {folder} differs from the run: "
                                f"logits {logits['max_rel_diff']:.3g}, weights {weights['max_rel_diff']:.3g} "
                                f"(tolerance {tol:.3g})" + (f", KV-cache scales {kv}" if kv else ""))
-    if simulated:
-        note = "activations and KV cache quantized by compressed-tensors' own forward, as vLLM does" + (
-            f"; logits not checked: {mismatch}" if mismatch else "")
-    elif fake_quant:
-        note = (note or "") + ("activations and KV cache run unquantized in stock transformers (vLLM quantizes "
-                               "them); KV-cache scales compared in the checkpoint" if kv else
-                               "activations run unquantized in stock transformers (vLLM quantizes them)")
-    label = ("stock transformers + online transforms re-applied (plain from_pretrained drops them)" if transforms
-             else "stock transformers, plain from_pretrained")
+    label = ("stock transformers + online transforms re-applied (plain from_pretrained drops them)"
+             if reload.transforms else "stock transformers, plain from_pretrained")
     return {"stock_transformers": {**logits, "label": label, "logits_checked": checked, "weights": weights,
-                                   "kv_cache_scales": kv, "online_transforms_applied_with_ct": transforms,
-                                   "tolerance": tol, "note": note}}
+                                   "kv_cache_scales": kv, "online_transforms_applied_with_ct": reload.transforms,
+                                   "tolerance": tol, "note": _note(reload, fake_quant, mismatch, kv)}}
+
+
+def _load(folder: Path, dtype: torch.dtype, **kwargs: Any) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with quiet_transformers():
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).eval()
+
+
+def _reload(folder: Path, contents: RunContents, reference: nn.Module, batches: list[torch.Tensor],
+            dtype: torch.dtype, fake_quant: bool) -> _Reload:
+    """CT's quantized forward where the run has a KV cache and it works, else the model transformers
+    decompresses (``dequantize=True`` when the run quantizes activations or the KV cache)."""
+    from transformers import CompressedTensorsConfig
+
+    note = None
+    if contents.recipe.kv_cache is not None:
+        simulated = _simulated_reload(folder, contents, reference, batches, dtype)
+        if isinstance(simulated, _Reload):
+            return simulated
+        note = simulated
+    kwargs = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if fake_quant else {}
+    model = _load(folder, dtype, **kwargs)
+    transforms = apply_online(model, folder)  # what vLLM does; transformers drops them
+    return _Reload(model, compare_logits(reference, model, batches), transforms, simulated=False, note=note)
+
+
+def _simulated_reload(folder: Path, contents: RunContents, reference: nn.Module, batches: list[torch.Tensor],
+                      dtype: torch.dtype) -> _Reload | str:
+    """The default load, whose CT forward quantizes the KV cache and activations; or why it could not run."""
+    try:
+        model = _load(folder, dtype)
+        if not _attached_kv_scales(model, contents):
+            return _KV_NOT_ATTACHED.format(**_versions())
+        transforms = apply_online(model, folder)
+        logits = compare_logits(reference, model, batches)  # the first forward decompresses the weights
+        return _Reload(model, logits, transforms, simulated=True)
+    except (RuntimeError, NotImplementedError, ValueError) as e:  # CT's quantized forward on CPU
+        return f"CT's quantized forward failed ({str(e).splitlines()[0][:120]}); "
+
+
+def _note(reload: _Reload, fake_quant: bool, mismatch: str | None, kv: dict[str, Any] | None) -> str | None:
+    """What the stock check could not compare, and why."""
+    if reload.simulated:
+        return "activations and KV cache quantized by compressed-tensors' own forward, as vLLM does" + (
+            f"; logits not checked: {mismatch}" if mismatch else "")
+    if fake_quant:
+        return (reload.note or "") + ("activations and KV cache run unquantized in stock transformers (vLLM "
+                                      "quantizes them); KV-cache scales compared in the checkpoint" if kv else
+                                      "activations run unquantized in stock transformers (vLLM quantizes them)")
+    return reload.note
 
 
 # compressed-tensors recognises an attention module by a `past_key_value(s)` argument of its forward;

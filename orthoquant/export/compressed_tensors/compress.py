@@ -24,6 +24,15 @@ from .static_scales import input_global_scale, static_input_amax
 from .transforms import online_transform_config
 
 
+def _scheme_groups(contents: RunContents) -> list[tuple[dict, dict | None, list[str]]]:
+    """(weight args, input args, linear names) of each distinct scheme of the planned linears, in order."""
+    groups: dict[str, tuple[dict, dict | None, list[str]]] = {}
+    for name, spec in planned_linears(contents).items():
+        w, a = weight_args(spec), input_args(contents.recipe.activations_for(name))
+        groups.setdefault(scheme_key(w, a), (w, a, []))[2].append(name)
+    return list(groups.values())
+
+
 def _quantization_config(contents: RunContents):
     """The whole model's CT config (one group per distinct (weights, inputs) scheme, its CT format set;
     every other Linear of the model ignored; the KV-cache scheme) and each quantized linear's group."""
@@ -32,16 +41,12 @@ def _quantization_config(contents: RunContents):
     from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
                                                  QuantizationStatus)
 
-    specs = planned_linears(contents)
-    groups: dict[str, tuple[dict, dict | None, list[str]]] = {}
-    for name, spec in specs.items():
-        w, a = weight_args(spec), input_args(contents.recipe.activations_for(name))
-        groups.setdefault(scheme_key(w, a), (w, a, []))[2].append(name)
+    specs, groups = planned_linears(contents), _scheme_groups(contents)
     skeleton = build_skeleton(contents.config, torch.float32)  # meta: names only
     others = [n for n, m in skeleton.named_modules() if isinstance(m, nn.Linear) and n not in specs]
     single = len(groups) == 1
     config_groups, group_of = {}, {}
-    for i, (w, a, names) in enumerate(groups.values()):
+    for i, (w, a, names) in enumerate(groups):
         scheme = QuantizationScheme(targets=["Linear"] if single else names, weights=QuantizationArgs(**w),
                                     input_activations=QuantizationArgs(**a) if a is not None else None)
         scheme.format = infer_module_format(nn.Linear, scheme)
@@ -54,6 +59,11 @@ def _quantization_config(contents: RunContents):
                                 format=formats.pop() if len(formats) == 1 else CompressionFormat.mixed_precision.value,
                                 quantization_status=QuantizationStatus.FROZEN)
     return config, group_of
+
+
+def _no_progress_bars():
+    """A context that swallows stderr, where the compressed-tensors library draws its progress bars."""
+    return contextlib.redirect_stderr(io.StringIO())
 
 
 def _module_tree(linears: list[QuantizedLinear]) -> nn.Module:
@@ -96,35 +106,18 @@ class PartCompressor:
         :param input_scales: linear name -> the run's stored static NVFP4 ``input_global_scale``.
         """
         from compressed_tensors.compressors import ModelCompressor
-        from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+        from compressed_tensors.quantization import apply_quantization_config
         from compressed_tensors.transform import apply_transform_config
 
-        for lin in linears:
-            if self.specs.get(lin.name) != lin.spec:
-                raise RuntimeError(f"{lin.name} is stored with {lin.spec}, its recipe says {self.specs.get(lin.name)}")
+        self._require_planned(linears)
         # CT re-quantizes our dequantized weights to find the codes: in float32 that is exact, in bf16 its
         # division rounds (INT8 codes near 127 come back off by one), so compress first, cast after.
-        tree = _module_tree(linears)
-        if self.transforms is not None:  # before quantization: CT hooks the input transform ahead of the quantizer
-            with contextlib.redirect_stderr(io.StringIO()):
+        tree, part_config = _module_tree(linears), self._part_config(linears)
+        with _no_progress_bars():  # CT's own, two per layer: ours says it
+            if self.transforms is not None:  # before quantization: CT hooks the input transform ahead of the quantizer
                 apply_transform_config(tree, self.transforms)
-        members: dict[str, list[str]] = {}
-        for lin in linears:
-            members.setdefault(self.group_of[lin.name], []).append(lin.name)
-        part_config = QuantizationConfig(
-            config_groups={key: self.config.config_groups[key].model_copy(update={"targets": names}, deep=True)
-                           for key, names in members.items()},
-            quantization_status=self.config.quantization_status)
-        with contextlib.redirect_stderr(io.StringIO()):  # CT's own progress bars, two per layer: ours says it
             apply_quantization_config(tree, part_config)
-        for lin in linears:
-            module = tree.get_submodule(lin.name)
-            set_weight_params(module, lin)
-            if hasattr(module, "input_global_scale"):
-                stored = input_scales.get(lin.name)
-                module.input_global_scale.data = (stored if stored is not None
-                                                  else input_global_scale(self.amax[lin.name]))
-        with contextlib.redirect_stderr(io.StringIO()):
+            self._set_params(tree, linears, input_scales)
             ModelCompressor(quantization_config=part_config).compress_model(tree)
         for lin in linears:
             module = tree.get_submodule(lin.name)
@@ -132,6 +125,35 @@ class PartCompressor:
         self.done.update(lin.name for lin in linears)
         _cast_for_save(tree, self.dtype)
         return self._untied(tree.state_dict())
+
+    def _require_planned(self, linears: list[QuantizedLinear]) -> None:
+        for lin in linears:
+            if self.specs.get(lin.name) != lin.spec:
+                raise RuntimeError(f"{lin.name} is stored with {lin.spec}, its recipe says {self.specs.get(lin.name)}")
+
+    def _part_config(self, linears: list[QuantizedLinear]):
+        """The model's config narrowed to these linears: their groups, each targeting its members by name."""
+        from compressed_tensors.quantization import QuantizationConfig
+
+        members: dict[str, list[str]] = {}
+        for lin in linears:
+            members.setdefault(self.group_of[lin.name], []).append(lin.name)
+        return QuantizationConfig(
+            config_groups={key: self.config.config_groups[key].model_copy(update={"targets": names}, deep=True)
+                           for key, names in members.items()},
+            quantization_status=self.config.quantization_status)
+
+    def _set_params(self, tree: nn.Module, linears: list[QuantizedLinear],
+                    input_scales: dict[str, torch.Tensor]) -> None:
+        """Our scales into the parameters CT attached, and each NVFP4 input's static tensor scale: the run's
+        stored one, else the one calibrated at export."""
+        for lin in linears:
+            module = tree.get_submodule(lin.name)
+            set_weight_params(module, lin)
+            if hasattr(module, "input_global_scale"):
+                stored = input_scales.get(lin.name)
+                module.input_global_scale.data = (stored if stored is not None
+                                                  else input_global_scale(self.amax[lin.name]))
 
     def _untied(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Drop repeats of shared transform weights: CT ties them and transformers saves them once (under

@@ -24,21 +24,7 @@ def write(contents: RunContents, out: Path, options: ExportOptions) -> dict[str,
     from compressed_tensors.quantization import QuantizationStatus
     from transformers import GenerationConfig
 
-    compress = PartCompressor(contents, options)
-    writer = ShardWriter(out, options.max_shard_bytes)
-    views = views_of(contents.config)  # fused parts merged, Gemma's γ without its 1
-    for part in contents.parts(progress=f"export {FORMAT_NAME}"):  # one run file at a time: rest, then each layer
-        plain = part.plain()
-        input_scales = {k[: -len(INPUT_SCALE) - 1]: plain.pop(k) for k in list(plain) if k.endswith(f".{INPUT_SCALE}")}
-        tensors = cast_floats(plain, options.dtype)  # norms, embeddings, biases, KV scales
-        linears = list(part.linears())
-        if linears:
-            tensors.update(compress(linears, input_scales))
-        writer.add(to_stock(tensors, views))
-    shards = writer.finish()
-    missing = set(compress.specs) - compress.done
-    if missing:
-        raise RuntimeError(f"the run lacks the quantized linears {sorted(missing)[:3]} its recipe names")
+    compress, shards = _write_shards(contents, out, options)
     online = sorted(compress.transforms.config_groups) if compress.transforms is not None else []
     GenerationConfig.from_model_config(contents.config).save_pretrained(out)  # as save_pretrained writes it
     save_hf_config(contents, out, options.dtype,
@@ -51,6 +37,27 @@ def write(contents: RunContents, out: Path, options: ExportOptions) -> dict[str,
     return {"compressed_tensors": {"format": enum_value(compress.config.format), "online_transforms": online,
                                    "kv_cache_scheme": kv.model_dump() if kv is not None else None,
                                    "shards": shards}}
+
+
+def _write_shards(contents: RunContents, out: Path, options: ExportOptions) -> tuple[PartCompressor, list[str]]:
+    """Every tensor of the checkpoint, one run file at a time (the model-level rest, then each layer), in
+    stock names; returns the compressor (its config, transforms and the linears it wrote) and the shard names."""
+    compress = PartCompressor(contents, options)
+    writer = ShardWriter(out, options.max_shard_bytes)
+    views = views_of(contents.config)  # fused parts merged, Gemma's γ without its 1
+    for part in contents.parts(progress=f"export {FORMAT_NAME}"):
+        plain = part.plain()
+        input_scales = {k[: -len(INPUT_SCALE) - 1]: plain.pop(k) for k in list(plain) if k.endswith(f".{INPUT_SCALE}")}
+        tensors = cast_floats(plain, options.dtype)  # norms, embeddings, biases, KV scales
+        linears = list(part.linears())
+        if linears:
+            tensors.update(compress(linears, input_scales))
+        writer.add(to_stock(tensors, views))
+    shards = writer.finish()
+    missing = set(compress.specs) - compress.done
+    if missing:
+        raise RuntimeError(f"the run lacks the quantized linears {sorted(missing)[:3]} its recipe names")
+    return compress, shards
 
 
 def _write_readme(out: Path, contents: RunContents, online: list[str]) -> None:

@@ -128,6 +128,38 @@ def test_static_fp8_kv_cache_round_trips_through_compressed_tensors(kv_run, tmp_
     assert "--kv-cache-dtype fp8" in (tmp_path / "ct" / "README.md").read_text()
 
 
+def _fail_first_forward(real):
+    calls = []
+
+    def compare(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            raise RuntimeError("no CPU kernel for this scheme\nsecond line")
+        return real(*args)
+    return compare
+
+
+@pytest.mark.parametrize("fallback, reason", [
+    ("not_attached", "did not attach the KV-cache scales"),
+    ("forward_fails", "CT's quantized forward failed (no CPU kernel for this scheme); ")])
+def test_without_cts_quantized_forward_the_stock_check_reports_why_and_compares_the_stored_kv_scales(
+        fallback, reason, kv_run, tmp_path, monkeypatch):
+    """The stock check's fallbacks, which the locked versions never take by themselves (transformers >= 5.25
+    leaves the KV-cache scales unattached; CT's CPU forward lacks some kernels): the export loads decompressed,
+    its logits are reported but not checked, and the KV-cache scales are compared in the checkpoint."""
+    from orthoquant.export.compressed_tensors import stock
+
+    if fallback == "not_attached":
+        monkeypatch.setattr(stock, "_attached_kv_scales", lambda model, contents: False)
+    else:
+        monkeypatch.setattr(stock, "compare_logits", _fail_first_forward(stock.compare_logits))
+    _, run = kv_run
+    check = export_run(run, tmp_path / "ct", "compressed-tensors", verify="stock")["checks"]["stock_transformers"]
+    assert check["kv_cache_scales"] == {"bit_exact": True, "scales": 4, "source": "checkpoint"}
+    assert not check["logits_checked"] and check["label"] == "stock transformers, plain from_pretrained"
+    assert reason in check["note"] and check["note"].endswith("KV-cache scales compared in the checkpoint")
+
+
 def test_native_export_keeps_the_static_scales_in_their_dtype(tmp_path, tokenizer):
     r = recipe_of("rtn-w8a8-fp8-kv8").with_overrides(["weights.scale_dtype=bfloat16"])  # KV scales: float32
     model, run = make_run(tmp_path, r, tokenizer)

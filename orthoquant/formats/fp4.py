@@ -15,7 +15,7 @@ negative input that rounds to zero keeps its sign (code 8, −0). A value decode
   in [3.5, 4) instead of clipping from [7, 8). Exports do not need that rule: a checkpoint stores our
   E8M0 scales (any power of two is valid) and our codes, which decode exactly; only compressed-tensors'
   own simulation of dynamic MXFP4 *activations* differs, and the export check reports those logits as
-  not checked (``export/compressed.py``).
+  not checked (``export/compressed_tensors/stock.py``).
 - ``nvfp4`` (group 16): ``global_scale = amax_tensor / (448·6)`` in FP32 and
   ``scale = e4m3(amax_block / (6·global_scale))``; compressed-tensors stores ``1 / global_scale``.
 """

@@ -32,7 +32,7 @@ from .transforms.plan import TransformPlan
 from .transforms.sites import Dims
 
 # Fills a layer (or a whole model) with its stored weights; returns the solver's online transforms, if any.
-Fill = Callable[[nn.Module], "Transforms | None"]
+Fill = Callable[[nn.Module], Transforms | None]
 
 
 def attach_solved(module: nn.Module, transforms: Transforms) -> None:

@@ -99,10 +99,10 @@ class RunContents:
     """
 
     def __init__(self, run_dir: Path | str, manifest_checked: bool = False) -> None:
-        run = RunFolder(run_dir)
-        if run.is_export and not manifest_checked:  # an export is trusted through its manifest
-            check_manifest(run.path)
-        self.opened = OpenedRun.open(run_dir, manifest_checked=run.is_export)
+        export = RunFolder(run_dir).is_export
+        if export and not manifest_checked:  # an export's files are trusted through its manifest
+            check_manifest(run_dir)
+        self.opened = OpenedRun.open(run_dir, manifest_checked=export)
         self.run, self.recipe, self.config = self.opened.run, self.opened.recipe, self.opened.config
         self.arch: ArchSpec = self.opened.arch
         self.plan: TransformPlan = self.opened.plan

@@ -28,7 +28,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from .cache import cache_dir
 from .demo_data import (build_corpus, encode_long, split_documents, split_of, stdlib_files, stdlib_root,
                         train_tokenizer)
+from .data import perplexity_windows
 from .errors import DataError, UserError
+from .evaluate import ppl
 
 __all__ = [
     "DEMO", "TEST", "DemoSize", "build_corpus", "build_demo_model", "build_test_model", "cache_dir",
@@ -186,19 +188,12 @@ def train_model(size: DemoSize, train_text: str, tokenizer, seed: int = 0, out_d
     return model
 
 
-@torch.no_grad()
 def perplexity(model, tokenizer, text: str, seqlen: int = 256, max_windows: int | None = None,
                batch: int = 8) -> float:
-    """Perplexity of ``text`` cut into non-overlapping ``seqlen`` windows (the tail is dropped)."""
-    ids = encode_long(tokenizer, text)
-    n = len(ids) // seqlen if max_windows is None else min(max_windows, len(ids) // seqlen)
-    if n < 1:
-        raise DataError(f"text gives {len(ids)} tokens, fewer than one {seqlen}-token window")
-    windows = ids[: n * seqlen].view(n, seqlen)
-    total = 0.0
-    for x in windows.split(batch):
-        total += model(input_ids=x, labels=x).loss.item() * len(x)  # mean over seqlen-1 targets each
-    return math.exp(total / n)
+    """Perplexity of ``text`` cut into non-overlapping ``seqlen`` windows (the tail is dropped), as
+    ``orthoquant eval`` measures it (:func:`orthoquant.evaluate.ppl.perplexity`)."""
+    windows = perplexity_windows(encode_long(tokenizer, text)[None], seqlen)[:max_windows]
+    return ppl.perplexity(model, windows, next(model.parameters()).device, batch)
 
 
 # ------------------------------------------------------------------------------------------ build

@@ -117,7 +117,7 @@ def decoded_state(path: Path) -> tuple[dict[str, torch.Tensor], Transforms]:
 
 def load_module(path: Path, module: nn.Module, device: torch.device | str = "cpu") -> Transforms:
     """Fill ``module`` (possibly on meta) from a file written by :func:`save_module`; returns the
-    solver's online transforms, to be attached with :func:`orthoquant.runner.attach_solved`."""
+    solver's online transforms, to be attached with :func:`orthoquant.runtime.attach_solved`."""
     state, transforms = decoded_state(path)
     expected = set(module.state_dict())
     missing, unexpected = expected - set(state), set(state) - expected

@@ -11,32 +11,31 @@ import logging
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 
 from . import __version__
 from .autoscale import resolve_auto_scales
 from .config import Recipe
 from .data import calibration_windows, fitting_windows
-from .errors import UserError
+from .export.exportable import record_exports
 from .fakequant.attention import use_orthoquant_attention
-from .fakequant.install import prepare_layer_scales
 from .fingerprint import calibration_fingerprint, legacy_fingerprint, model_fingerprint, run_fingerprint
 from .fitting import fit_transforms
 from .fitting.distributed import on_first_process
 from .fitting.residency import world
 from .formats import make_format
 from .layerwise import capture_inputs, final_hidden
-from .models.loading import InMemorySource, WeightSource, build_skeleton, open_model
+from .models.loading import InMemorySource, WeightSource, open_model
 from .models.layout import to_layout_
 from .models.support import check_support
 from .models.spec import ArchSpec, spec_for
-from .models.surgery import fold_final_norm, get_module, layers_of, untie_embeddings
-from .layerfile import SolvedLinear, decoded_state, load_module, save_module
+from .models.surgery import fold_final_norm, get_module, untie_embeddings
+from .layerfile import SolvedLinear, save_module
 from .runfolder import RunFolder
-from .runner import LayerwiseQuantizer, attach_solved, install_runtime, solved_transforms
+from .runner import LayerwiseQuantizer
+from .runtime import (RunSource, Runtime, attach_solved, check_seqlen, open_run,  # noqa: F401  (users' paths)
+                      rest_paths, solved_transforms)
 from .transforms.plan import TransformPlan
-from .transforms.sites import Dims
 from .validate import check_request
 from .solvers import SOLVERS
 from .stats import InputStats
@@ -44,13 +43,9 @@ from .stats import InputStats
 log = logging.getLogger(__name__)
 
 
-def rest_paths(spec: ArchSpec) -> tuple[str, ...]:
-    """The model-level modules outside the decoder layers (a generic spec lists them all)."""
-    return spec.rest or (spec.embed, spec.final_norm, spec.lm_head, spec.rotary)
-
-
 def make_plan(model: nn.Module, spec: ArchSpec, recipe: Recipe) -> TransformPlan:
-    return TransformPlan(recipe.transforms, Dims.of(model.config), spec)
+    """The recipe's transforms for ``model`` (a fit adds its learned ones to it)."""
+    return Runtime.of(model.config, recipe, spec).plan
 
 
 def prepare_model(model: nn.Module, spec: ArchSpec, source: WeightSource, device: torch.device,
@@ -64,12 +59,6 @@ def prepare_model(model: nn.Module, spec: ArchSpec, source: WeightSource, device
         fold_final_norm(model, spec)
     plan.fuse_rest(model)
     use_orthoquant_attention(model)
-
-
-def check_seqlen(model: nn.Module, seqlen: int) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and seqlen > limit:
-        raise UserError(f"seqlen {seqlen} exceeds the model's max_position_embeddings {limit}")
 
 
 def run_quantization(model: nn.Module, spec: ArchSpec, recipe: Recipe, source: WeightSource,
@@ -215,66 +204,3 @@ def absolute_calibration(recipe: Recipe) -> Recipe:
         return recipe
     return dataclasses.replace(recipe, calibration=dataclasses.replace(recipe.calibration,
                                                                        source=str(source.resolve())))
-
-
-def record_exports(run_dir: Path) -> None:
-    """Record in run.json which export formats and dtypes the finished run serves exactly."""
-    from .export.exportable import record_exports as record
-
-    record(run_dir)
-
-
-class RunSource(WeightSource):
-    """Weights of a finished run: decoder layers decoded from their codes, fake-quant re-attached."""
-
-    streaming = True
-
-    def __init__(self, run: RunFolder, spec: ArchSpec, recipe: Recipe, dtype: torch.dtype,
-                 plan: TransformPlan) -> None:
-        self.run, self.spec, self.recipe, self.dtype, self.plan = run, spec, recipe, dtype, plan
-
-    def materialize(self, module: nn.Module, prefix: str, device: torch.device) -> None:
-        index = int(prefix[len(self.spec.layers) + 1:].rstrip("."))
-        prepare_layer_scales(module, prefix, self.spec, self.recipe)  # static scales are stored with the layer
-        solved = load_module(self.run.layer_path(index), module, device)
-        install_runtime(module, index, self.spec, self.recipe, self.plan, solved)
-
-    def load_rest(self, model: nn.Module, device: torch.device) -> None:
-        state, solved = decoded_state(self.run.rest_path)
-        for name, value in state.items():
-            set_module_tensor_to_device(model, name, device, value=value.to(self.dtype))
-        attach_solved(model, solved)
-
-
-def open_run(run_dir: Path | str, device: torch.device, dtype: torch.dtype = torch.float32, stream: bool = False,
-             manifest_checked: bool = False):
-    """A finished run as (model, tokenizer, spec, source). Without ``stream`` every layer is loaded.
-
-    Every file is checked against its sha256 in run.json first.
-
-    :param manifest_checked: the folder is a native export whose manifest the caller has checked
-        (:func:`orthoquant.load_quantized`); an export is refused otherwise.
-    """
-    from transformers import AutoConfig, AutoTokenizer
-
-    run = RunFolder(run_dir)
-    if run.info()["status"] != "complete":
-        raise UserError(f"run {run.path} is not complete; rerun `orthoquant quantize` with the same --out to resume")
-    if run.is_export and not manifest_checked:
-        raise UserError(f"{run.path} is an orthoquant export without a verified manifest (orthoquant_config.json); "
-                        "load it with orthoquant.load_quantized, or export the run again if its export did not finish")
-    if not run.is_export:  # an export's files are checked against its manifest instead
-        run.verify()
-    recipe = Recipe.from_yaml((run.path / "recipe.yaml").read_text())
-    config = AutoConfig.from_pretrained(run.path)
-    run.require_records(int(config.num_hidden_layers))
-    model = build_skeleton(config, dtype)
-    spec = spec_for(config)
-    source = RunSource(run, spec, recipe, dtype, make_plan(model, spec, recipe))
-    source.load_rest(model, device)
-    use_orthoquant_attention(model)
-    if not stream:
-        for i, layer in enumerate(layers_of(model, spec)):
-            source.materialize(layer, f"{spec.layers}.{i}.", device)
-    tokenizer = AutoTokenizer.from_pretrained(run.path) if (run.path / "tokenizer_config.json").is_file() else None
-    return model, tokenizer, spec, source

@@ -15,7 +15,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import QuantSpec, Recipe
-from .fakequant.inputs import input_pipeline, output_pipeline
 from .formats import make_format
 from .layerwise import LayerInputs, run_layer
 from .models.experts import route_all, sparse_hessian
@@ -26,9 +25,10 @@ from .models.surgery import fold_layer_norms, layers_of, linears_of
 from .layerfile import SolvedLinear, Transforms, load_module, save_module
 from .refine.stage import RefineStage
 from .runfolder import RunFolder
+from .runtime import Runtime, attach_solved, solved_transforms
 from .solvers import SOLVERS, proxy_loss
 from .stats import collect_input_stats
-from .fakequant.install import calibrate_static_scales, install_layer_quantizers, prepare_layer_scales
+from .fakequant.install import calibrate_static_scales
 from .errors import UserError
 from .finetune.e2e import LayerAccess, finetune_end_to_end, update_stored
 from .finetune.layer import LayerFinetune
@@ -37,37 +37,6 @@ from .transforms.plan import TransformPlan
 
 log = logging.getLogger(__name__)
 Quantized = dict[str, SolvedLinear]
-
-
-def attach_solved(layer: nn.Module, transforms: Transforms) -> None:
-    """Install the online transforms a solver chose per linear (idempotent)."""
-    for path, sides in transforms.items():
-        linear = layer.get_submodule(path)
-        if "input_transform" in sides:
-            input_pipeline(linear).set("solver", [sides["input_transform"].forward])
-        if "output_transform" in sides:
-            output_pipeline(linear).ops = [_output_op(linear, sides["output_transform"])]
-
-
-def _output_op(linear: nn.Module, t):
-    """``y → t(y)`` on the product only: the bias, kept in the original basis, is added after."""
-    if getattr(linear, "bias", None) is None:
-        return t.forward
-    return lambda y: t.forward(y - linear.bias) + linear.bias
-
-
-def install_runtime(layer: nn.Module, index: int, arch: ArchSpec, recipe: Recipe, plan: TransformPlan,
-                    solved: Transforms) -> None:
-    """What runs at inference in a finished layer: online transforms, then fake-quantizers."""
-    plan.attach_layer(layer, index)
-    attach_solved(layer, solved)
-    install_layer_quantizers(layer, f"{arch.layers}.{index}.", arch, recipe)
-
-
-def solved_transforms(quantized: Quantized) -> Transforms:
-    return {path: {side: t for side in ("input_transform", "output_transform")
-                   if (t := getattr(s, side)) is not None}
-            for path, s in quantized.items()}
 
 
 @dataclass
@@ -93,6 +62,7 @@ class LayerwiseQuantizer:
 
     def __post_init__(self) -> None:
         self.refine = RefineStage(self.recipe, self.spec, self.device)  # carries FP activations across layers
+        self.runtime = Runtime(self.spec, self.recipe, self.plan)  # what each finished layer runs
 
     def _stage(self, stage: str) -> None:
         """Name the stage the current layer is in on the progress bar (calibrate / solve / propagate)."""
@@ -118,15 +88,14 @@ class LayerwiseQuantizer:
                 if self.refine.follows_fp_model:  # the FP activations still pass through the FP layer
                     self._prepare(layer, i)
                     self.refine.advance(layer, inputs)
-                prepare_layer_scales(layer, prefix, self.spec, self.recipe)  # static scales are stored with it
                 if self.finetune is not None:  # its FP outputs continue the FP stream
                     self._prepare(layer, i)
                     self.finetune.begin(layer)
-                solved = load_module(self.run.layer_path(i), layer, self.device)
+                solved = self.runtime.load(layer, i, self._stored(i))
                 self.metrics[str(i)] = self.run.layer_metrics(i)
             else:
                 solved = self._quantize_layer(layer, i, prefix, inputs)
-            install_runtime(layer, i, self.spec, self.recipe, self.plan, solved)
+                self.runtime.install(layer, i, solved)
             solved_layers.append(solved)
             self._stage("propagate")
             clean = quantizers_off(layer) if self.recipe.solver.propagate == "fp" else nullcontext()
@@ -164,10 +133,16 @@ class LayerwiseQuantizer:
         if not self.source.streaming:
             self.source.materialize(layer, f"{self.spec.layers}.{index}.", self.device)
             return layer
-        prepare_layer_scales(layer, f"{self.spec.layers}.{index}.", self.spec, self.recipe)
-        load_module(self.run.layer_path(index), layer, self.device)
-        install_runtime(layer, index, self.spec, self.recipe, self.plan, solved)
+        self.runtime.load(layer, index, self._stored(index, solved))
         return layer
+
+    def _stored(self, index: int, solved: Transforms | None = None):
+        """Fills a layer with layer ``index`` as the run folder stores it; its solver transforms are
+        ``solved`` when given (the end-to-end stage tunes them in memory), else the stored ones."""
+        def fill(layer: nn.Module) -> Transforms:
+            stored = load_module(self.run.layer_path(index), layer, self.device)
+            return stored if solved is None else solved
+        return fill
 
     def _finished_before(self, index: int) -> bool:
         """Whether an earlier attempt stored this layer whole (a bad file is recomputed, not trusted)."""

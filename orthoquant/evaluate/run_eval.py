@@ -4,10 +4,10 @@ per source and lm-eval tasks, as the CLI's JSON result; a run folder also gets `
 What a target is decides how it loads (:data:`LOADERS`):
 
 - ``run``: a folder with ``run.json``; decoded codes with fake-quant and online transforms attached
-  (:func:`orthoquant.pipeline.open_run`), so tasks see the model exactly as perplexity does;
+  (:func:`orthoquant.runtime.open_run`), so tasks see the model exactly as perplexity does;
 - ``export``: a checkpoint written by ``orthoquant export`` (it holds the export manifest), read by
-  ``orthoquant.export.load_quantized`` with online transforms and fake-quant re-attached (skipped in
-  builds without ``orthoquant.export``); nothing is written into it, so its manifest stays valid;
+  ``orthoquant.export.load_quantized`` with online transforms and fake-quant re-attached; nothing is
+  written into it, so its manifest stays valid;
 - ``hf-quantized``: a stock Hugging Face folder with a ``quantization_config`` (compressed-tensors,
   GPTQ), loaded by ``AutoModelForCausalLM``;
 - ``model``: a hub id or local folder in full precision, streamed one layer at a time when it does
@@ -29,9 +29,11 @@ from ..config import parse_yaml
 from ..data import evaluation_tokens, perplexity_windows, source_label
 from ..device import resolve_dtype
 from ..errors import UserError
+from ..export import load_quantized
+from ..export.verify import MANIFESTS
 from ..models.loading import WeightSource, open_model, read_config_json
 from ..models.surgery import get_module
-from ..pipeline import open_run, rest_paths
+from ..runtime import check_seqlen, open_run, rest_paths
 from ..validate import check_eval_options
 from .lm_eval import TaskOptions, run_tasks
 from .ppl import ppl_of, streamed_window_losses, window_losses
@@ -106,23 +108,9 @@ def _load_hf_quantized(target: str, device: torch.device, dtype: str, stream: bo
     return Loaded(model.to(device).eval(), AutoTokenizer.from_pretrained(target), _recipe_yaml(Path(target)))
 
 
-def _export_api() -> tuple[Callable, tuple[str, ...]] | None:
-    """``orthoquant.export``'s ``load_quantized`` and the manifest names marking an export (verified
-    or not: ``load_quantized`` refuses an unverified one), when this build has them."""
-    try:
-        from ..export import load_quantized
-        from ..export.verify import MANIFESTS
-    except ModuleNotFoundError as e:
-        if not (e.name or "").startswith("orthoquant.export"):  # the module exists but is broken: say so
-            raise
-        return None
-    return load_quantized, MANIFESTS
-
-
 def _load_export(target: str, device: torch.device, dtype: str, stream: bool | None) -> Loaded:
     from transformers import AutoTokenizer
 
-    load_quantized, _ = _export_api()
     model = load_quantized(target, device, None if dtype == "auto" else resolve_dtype(dtype, device))
     return Loaded(model, AutoTokenizer.from_pretrained(target), _recipe_yaml(Path(target)))
 
@@ -135,23 +123,13 @@ def target_kind(target: str) -> str:
     """Which of :data:`LOADERS` reads ``target`` (see the module docstring). An export is checked
     first: a native export is also a finished run folder, but its manifest must stay untouched."""
     path = Path(target)
-    export = _export_api()
-    if export is not None and any((path / name).is_file() for name in export[1]):
+    if any((path / name).is_file() for name in MANIFESTS):  # verified or not: load_quantized refuses the latter
         return "export"
     if (path / "run.json").is_file():
         return "run"
     config = path / "config.json"
     quantized = config.is_file() and "quantization_config" in read_config_json(path)
     return "hf-quantized" if quantized else "model"
-
-
-def _seqlen(model: nn.Module, seqlen: int | None) -> int:
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if seqlen is None:
-        return min(2048, limit or 2048)
-    if limit is not None and seqlen > limit:
-        raise UserError(f"seqlen {seqlen} exceeds the model's max_position_embeddings {limit}")
-    return seqlen
 
 
 # "auto" perplexity batches: the logits and their softmax (float32, seqlen x vocab each) of a batch
@@ -241,7 +219,7 @@ def measure(target: str, ppl_sources: list[str], seqlen: int | None, device: tor
     kind = target_kind(target)
     loaded = LOADERS[kind](target, device, dtype, False if tasks is not None and tasks.tasks else stream)
     timings: dict[str, Any] = {"load": time.perf_counter() - start, "ppl": {}}
-    seqlen = _seqlen(loaded.model, seqlen)
+    seqlen = check_seqlen(loaded.model, seqlen)
     result: dict[str, Any] = {"ppl": {}, "seqlen": seqlen, "tasks": {}, "recipe": loaded.recipe,
                               "partial": partial_settings(max_windows, tasks, bool(ppl_sources))}
     losses = {}

@@ -16,17 +16,11 @@ from torch import nn
 
 from ..config import Recipe
 from ..errors import UserError
-from ..fakequant.attention import use_orthoquant_attention
-from ..fakequant.install import prepare_layer_scales
 from ..models.checkpoint import open_checkpoint, read_entry
 from ..models.layout import from_stock
 from ..models.loading import build_skeleton, views_of
-from ..models.spec import spec_for
-from ..models.surgery import layers_of
 from ..registry import Registry
-from ..runner import install_runtime
-from ..transforms.plan import TransformPlan
-from ..transforms.sites import Dims
+from ..runtime import Runtime
 from .contents import RunContents
 from .shards import DEFAULT_SHARD_BYTES
 
@@ -90,29 +84,21 @@ class ExportFormat:
 EXPORT_FORMATS: Registry[ExportFormat] = Registry("export format")
 
 
-def attach_runtime(model: nn.Module, recipe: Recipe) -> nn.Module:
-    """Install the recipe's online transforms and activation/KV fake-quant on a model whose weights are
-    already the run's (fused, dequantized) weights, the same way a run folder is reopened."""
-    arch = spec_for(model.config)
-    plan = TransformPlan(recipe.transforms, Dims.of(model.config), arch)
-    for index, layer in enumerate(layers_of(model, arch)):
-        install_runtime(layer, index, arch, recipe, plan, {})
-    use_orthoquant_attention(model)
-    return model.eval()
-
-
 def dense_reload(folder: Path, manifest: dict[str, Any], device: torch.device, dtype: torch.dtype,
                  decode: Decoder) -> nn.Module:
     """The stock model class of an export (its ``quantization_config`` dropped) holding the weights
-    ``decode`` reads, with the recipe's online transforms and fake-quant attached.
+    ``decode`` reads, with the recipe's online transforms and fake-quant attached
+    (:meth:`~orthoquant.runtime.Runtime.load_model`; static KV/input scales are stored tensors).
 
     :param decode: (folder, recipe, {linear name: (out, in)}) -> full state dict, float32 weights.
     """
     model = export_skeleton(folder, dtype)
-    recipe = Recipe.from_dict(manifest["recipe"])
-    arch = spec_for(model.config)
-    for index, layer in enumerate(layers_of(model, arch)):  # static KV/input scales are stored tensors
-        prepare_layer_scales(layer, f"{arch.layers}.{index}.", arch, recipe)
+    runtime = Runtime.of(model.config, Recipe.from_dict(manifest["recipe"]))
+    return runtime.load_model(model, lambda m: _load_decoded(m, folder, runtime.recipe, dtype, decode)).to(device)
+
+
+def _load_decoded(model: nn.Module, folder: Path, recipe: Recipe, dtype: torch.dtype, decode: Decoder) -> None:
+    """Fill ``model`` (orthoquant's layout) with the whole state dict ``decode`` reads from the export."""
     config = model.config
     stock = build_skeleton(config, dtype, layout=False)  # the checkpoint's own names and shapes
     shapes = {n: tuple(m.weight.shape) for root in (stock, model)  # MoE experts: stored per expert, as held
@@ -122,7 +108,6 @@ def dense_reload(folder: Path, manifest: dict[str, Any], device: torch.device, d
     if missing:
         raise UserError(f"{folder} lacks {missing[:3]} of its model class")
     model.load_state_dict({k: state[k].to(expected[k].dtype) for k in expected}, strict=True, assign=True)
-    return attach_runtime(model, recipe).to(device)
 
 
 def export_skeleton(folder: Path, dtype: torch.dtype) -> nn.Module:

@@ -12,14 +12,15 @@ from typing import Any, Iterator
 
 import torch
 
-from ..config import QuantSpec, Recipe
+from ..config import QuantSpec
 from ..errors import UserError
 from ..formats import QParams, QuantizedTensor, make_format
-from ..models.spec import ArchSpec, spec_for
+from ..models.spec import ArchSpec
 from ..layerfile import SIDES, is_quant_key, read_module
 from ..runfolder import RunFolder
+from ..runtime import OpenedRun
 from ..transforms.plan import TransformPlan
-from ..transforms.sites import SITES, Dims
+from ..transforms.sites import SITES
 from .verify import check_manifest
 
 # Files next to the weights that a Hugging Face loader reads (tokenizer and generation settings).
@@ -88,7 +89,7 @@ class RunPart:
 
 
 class RunContents:
-    """A finished run folder opened for export.
+    """A finished run folder opened for export (:class:`~orthoquant.runtime.OpenedRun`).
 
     Every file is checked against its sha256 first: the records in run.json, or for a native export
     its manifest.
@@ -98,22 +99,14 @@ class RunContents:
     """
 
     def __init__(self, run_dir: Path | str, manifest_checked: bool = False) -> None:
-        from transformers import AutoConfig
-
-        self.run = RunFolder(run_dir)
-        info = self.run.info()
-        if info.get("status") != "complete":
-            raise UserError(f"run {self.run.path} is not complete; finish it with `orthoquant quantize` first")
-        if not self.run.is_export:
-            self.run.verify()
-        elif not manifest_checked:
-            check_manifest(self.run.path)
-        self.recipe = Recipe.from_yaml((self.run.path / "recipe.yaml").read_text())
-        self.config = AutoConfig.from_pretrained(self.run.path)
-        self.run.require_records(int(self.config.num_hidden_layers))
-        self.arch: ArchSpec = spec_for(self.config)
-        self.plan = TransformPlan(self.recipe.transforms, Dims.of(self.config), self.arch)
-        self.n_layers = int(self.config.num_hidden_layers)
+        export = RunFolder(run_dir).is_export
+        if export and not manifest_checked:  # an export's files are trusted through its manifest
+            check_manifest(run_dir)
+        self.opened = OpenedRun.open(run_dir, manifest_checked=export)
+        self.run, self.recipe, self.config = self.opened.run, self.opened.recipe, self.opened.config
+        self.arch: ArchSpec = self.opened.arch
+        self.plan: TransformPlan = self.opened.plan
+        self.n_layers = self.opened.n_layers
 
     @property
     def path(self) -> Path:
@@ -121,9 +114,7 @@ class RunContents:
 
     def open_model(self, device: torch.device, dtype: torch.dtype, stream: bool = False):
         """The run's quantized model as :func:`orthoquant.open_run` builds it (files checked above)."""
-        from ..pipeline import open_run
-
-        return open_run(self.path, device, dtype, stream=stream, manifest_checked=self.run.is_export)
+        return self.opened.load(device, dtype, stream)
 
     def layer_prefix(self, index: int) -> str:
         return f"{self.arch.layers}.{index}."

@@ -34,6 +34,7 @@ from ..fakequant.static_inputs import BUFFER as INPUT_SCALE
 from ..hadamard import hadamard_digest
 from ..layerfile import SIDES, read_module
 from ..runfolder import write_json
+from ..runtime import open_run
 from ..transforms.base import AcrossBlocks
 from ..transforms.sites import SITES
 from .base import EXPORT_FORMATS, ExportFormat, ExportOptions, save_hf_config
@@ -139,8 +140,6 @@ def _check_plan(folder: Path) -> None:
 
 
 def _load(folder: Path, manifest: dict[str, Any], device: torch.device, dtype: torch.dtype) -> nn.Module:
-    from ..pipeline import open_run
-
     _check_plan(folder)
     model, *_ = open_run(folder, device, dtype, manifest_checked=True)  # load_quantized checked it
     return model

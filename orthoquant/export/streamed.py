@@ -1,7 +1,7 @@
 """Streamed export verification: the run and its export side by side, one decoder layer of each resident
 at a time, so that verifying never holds a whole model (the quantization run's peak plus about one layer).
 
-For each layer, the run's layer is decoded from its codes (:class:`orthoquant.pipeline.RunSource`) and the
+For each layer, the run's layer is decoded from its codes (:class:`orthoquant.runtime.RunSource`) and the
 export's from the checkpoint (the format's decoder restricted to that layer's tensors, or the native
 export's own run source), with online transforms and fake-quantizers attached as each loader attaches them.
 
@@ -25,15 +25,11 @@ from torch import nn
 from ..config import Recipe
 from ..errors import UserError
 from ..fakequant.attention import use_orthoquant_attention
-from ..fakequant.install import prepare_layer_scales
 from ..layerwise import LayerInputs, capture_inputs, final_hidden, run_layer
 from ..models.layout import from_stock
 from ..models.loading import WeightSource, build_skeleton, views_of
-from ..models.spec import spec_for
 from ..models.surgery import get_module, layers_of
-from ..runner import install_runtime
-from ..transforms.plan import TransformPlan
-from ..transforms.sites import Dims
+from ..runtime import Runtime, open_run
 from .base import ExportFormat, export_skeleton
 from .contents import RunContents
 from .verify import ExportCheckError, check_batches, relative_tolerance
@@ -50,8 +46,8 @@ class DenseExportSource(WeightSource):
 
     def __init__(self, folder: Path, recipe: Recipe, model: nn.Module, fmt: ExportFormat) -> None:
         self.folder, self.recipe, self.decode = folder, recipe, fmt.decode
-        self.arch = spec_for(model.config)
-        self.plan = TransformPlan(recipe.transforms, Dims.of(model.config), self.arch)
+        self.runtime = Runtime.of(model.config, recipe)
+        self.arch = self.runtime.arch
         # the checkpoint's own names and shapes (fused qkv_proj, stacked experts) beside the layout's
         stock = build_skeleton(model.config, next(model.parameters()).dtype, layout=False)
         self.shapes = {n: tuple(m.weight.shape) for root in (stock, model)
@@ -65,14 +61,15 @@ class DenseExportSource(WeightSource):
     def materialize(self, module: nn.Module, prefix: str, device: torch.device) -> None:
         index = int(prefix[len(self.arch.layers) + 1:].rstrip("."))
         state = {k[len(prefix):]: v for k, v in self._state(lambda k: k.startswith(prefix)).items()}
-        prepare_layer_scales(module, prefix, self.arch, self.recipe)
-        expected = module.state_dict()
-        missing = sorted(expected.keys() - state.keys())
-        if missing:
-            raise UserError(f"{self.folder} lacks {prefix}{missing[0]} of its model class")
-        module.load_state_dict({k: state[k].to(expected[k].dtype) for k in expected}, strict=True, assign=True)
-        module.to(device)
-        install_runtime(module, index, self.arch, self.recipe, self.plan, {})
+
+        def fill(layer: nn.Module) -> None:
+            expected = layer.state_dict()
+            missing = sorted(expected.keys() - state.keys())
+            if missing:
+                raise UserError(f"{self.folder} lacks {prefix}{missing[0]} of its model class")
+            layer.load_state_dict({k: state[k].to(expected[k].dtype) for k in expected}, strict=True, assign=True)
+            layer.to(device)
+        self.runtime.load(module, index, fill)
 
     def load_rest(self, model: nn.Module, device: torch.device) -> None:
         layers = f"{self.arch.layers}."
@@ -89,8 +86,6 @@ def open_export_streamed(folder: Path, manifest: dict[str, Any], fmt: ExportForm
                          dtype: torch.dtype) -> tuple[nn.Module, WeightSource]:
     """The export as (model with only its model-level rest loaded, source of its layers)."""
     if fmt.decode is None:  # a native export is a run folder
-        from ..pipeline import open_run
-
         model, _, _, source = open_run(folder, device, dtype, stream=True, manifest_checked=True)
         return model, source
     model = export_skeleton(folder, dtype)

@@ -16,7 +16,6 @@ from torch import nn
 
 from ..config import Recipe
 from ..errors import UserError
-from ..models.checkpoint import open_checkpoint, read_entry
 from ..models.layout import from_stock
 from ..models.loading import build_skeleton, views_of
 from ..registry import Registry

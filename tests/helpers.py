@@ -8,7 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from orthoquant.models.tiny import TINY_VOCAB
 from orthoquant.runner import LayerwiseQuantizer
+
+
+def token_windows(n: int, seqlen: int, seed: int = 0, vocab: int = TINY_VOCAB) -> torch.Tensor:
+    """(n, seqlen) int64 token ids drawn uniformly below ``vocab`` (a model's ``config.vocab_size`` or its
+    tokenizer's length; the tiny models' by default) from a generator seeded with ``seed``."""
+    return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(seed))
 
 
 class Interrupt(Exception):

@@ -19,6 +19,8 @@ from orthoquant.export.verify import MANIFEST, CorruptExportError
 from orthoquant.models.tiny import tiny_model
 from orthoquant.runfolder import read_module
 
+from helpers import token_windows
+
 ROTATED = {"transforms": [{"site": "residual", "kind": "random_hadamard", "seed": 0},
                           {"site": "attn_value", "kind": "hadamard"}]}
 W4G32 = {"format": "int", "bits": 4, "symmetric": True, "group_size": 32}
@@ -31,14 +33,12 @@ def recipe_of(base: dict | str) -> Recipe:
     return Recipe.from_dict(data)
 
 
-def windows(vocab, seed=0, n=4, seqlen=24):
-    return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(seed))
-
 
 def make_run(tmp_path, recipe, tokenizer, family="llama", **model_kw):
     """Quantize a tiny model into tmp_path/run; returns (in-memory quantized model, run folder)."""
     vocab = len(tokenizer)
-    model = quantize(tiny_model(family, vocab_size=vocab, **model_kw), recipe, windows(vocab), out=tmp_path / "run")
+    model = quantize(tiny_model(family, vocab_size=vocab, **model_kw), recipe, token_windows(4, 24, vocab=vocab),
+                     out=tmp_path / "run")
     tokenizer.save_pretrained(tmp_path / "run")
     return model, tmp_path / "run"
 
@@ -68,7 +68,7 @@ def test_rotated_w4a16_compressed_tensors_loads_in_stock_transformers(family, dt
     export_run(run, tmp_path / "ct", "compressed-tensors", dtype)
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")  # dtype from config.json
     assert stock.dtype == dtype
-    tokens = windows(len(tokenizer), seed=5, n=2, seqlen=32)
+    tokens = token_windows(2, 32, 5, vocab=len(tokenizer))
     if dtype == torch.float32:
         assert rel_diff(model, stock, tokens) <= 1e-5
     else:  # the run's model computing in bf16 (its weights rounded once to bf16) vs the stock reload
@@ -91,7 +91,7 @@ def test_online_hadamard_in_transform_config_needs_load_quantized(tmp_path, toke
     assert [a["location"] for a in scheme["apply"]] == ["input"]
     assert config["orthoquant"]["online_transforms"] == ["R4"]
     assert "must run at inference" in (tmp_path / "ct" / "README.md").read_text()
-    tokens = windows(len(tokenizer), seed=6, n=2, seqlen=32)
+    tokens = token_windows(2, 32, 6, vocab=len(tokenizer))
     assert rel_diff(model, load_quantized(tmp_path / "ct"), tokens) <= 1e-5
     assert rel_diff(model, AutoModelForCausalLM.from_pretrained(tmp_path / "ct"), tokens) > 1e-2  # drops R4
     stock = report["checks"]["stock_transformers"]  # with CT's own transforms, as vLLM applies them
@@ -128,7 +128,7 @@ def test_activation_schemes_in_compressed_tensors(preset, key, dtype, tmp_path, 
         r = r.with_overrides(["weights.scale_dtype=bfloat16"])
     model, run = make_run(tmp_path, r, tokenizer)
     report = export_run(run, tmp_path / "ct", "compressed-tensors", dtype, calib=str(text_file), verify="stock")
-    tokens = windows(len(tokenizer), seed=7, n=2, seqlen=32)
+    tokens = token_windows(2, 32, 7, vocab=len(tokenizer))
     reference = model if dtype == torch.float32 else open_run(run, torch.device("cpu"), dtype)[0]
     assert rel_diff(reference, load_quantized(tmp_path / "ct"), tokens) <= 1e-5  # our runtime re-attached
     config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
@@ -170,7 +170,7 @@ def test_native_round_trip_is_bit_exact_for_every_preset(preset, tmp_path, token
     report = export_run(run, tmp_path / "native", "native")
     assert report["checks"]["load_quantized"]["bit_exact"]
     loaded = load_quantized(tmp_path / "native")
-    tokens = windows(len(tokenizer), seed=8, n=2, seqlen=20)
+    tokens = token_windows(2, 20, 8, vocab=len(tokenizer))
     with torch.no_grad():
         assert torch.equal(model(tokens).logits, loaded(tokens).logits)
     names = [p.name for p in tmp_path.joinpath("native").rglob("*") if p.is_file()]
@@ -245,7 +245,7 @@ def test_gptq_reloads_with_gptqmodel(tmp_path, tokenizer):
     report = export_run(run, tmp_path / "gptq", "gptq", verify="stock")
     assert report["checks"]["gptqmodel"]["max_rel_diff"] < 2e-2
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "gptq", device_map="cpu")
-    assert rel_diff(model, stock, windows(len(tokenizer), seed=9, n=2, seqlen=32)) < 2e-2
+    assert rel_diff(model, stock, token_windows(2, 32, 9, vocab=len(tokenizer))) < 2e-2
 
 
 # --- integrity ----------------------------------------------------------------------------------

@@ -34,6 +34,8 @@ from orthoquant.models.tiny import tiny_model
 from orthoquant.transforms.base import Hadamard
 from orthoquant.transforms.sites import SITES
 
+from helpers import token_windows
+
 
 # --- symmetric INT scale rules ------------------------------------------------------------------
 @pytest.mark.parametrize("bits", range(2, 9))
@@ -98,11 +100,11 @@ def test_minmax_int_weights_export_exactly(fmt, tmp_path, tokenizer):
     vocab = len(tokenizer)
     recipe = Recipe.from_dict({"name": "t", "weights": W4G32_MINMAX, "solver": {"name": "gptq"},
                                "calibration": {"batch_size": 4}})
-    tokens = torch.randint(0, vocab, (4, 24), generator=torch.Generator().manual_seed(0))
+    tokens = token_windows(4, 24, vocab=vocab)
     model = quantize(tiny_model("llama", vocab_size=vocab), recipe, tokens, out=tmp_path / "run")
     tokenizer.save_pretrained(tmp_path / "run")
     export_run(tmp_path / "run", tmp_path / "out", fmt)  # verifies the reload itself, raises on a mismatch
-    test = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(1))
+    test = token_windows(2, 32, 1, vocab=vocab)
     with torch.no_grad():
         a, b = model(test).logits, load_quantized(tmp_path / "out")(test).logits
     assert float((a - b).abs().max() / a.abs().max()) <= 1e-5
@@ -235,7 +237,7 @@ def test_kv_quantizer_receives_hadamard_rotated_post_rope_keys():
     set_kv_quantizers(attention, lambda k: seen.setdefault("kv", k), None)
     keys = {}
     attention.k_proj.register_forward_hook(lambda m, i, o: keys.setdefault("k", o))
-    tokens = torch.randint(0, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    tokens = token_windows(2, 10, vocab=model.config.vocab_size)
     with torch.no_grad():
         model(tokens)
         k = keys["k"].view(2, 10, -1, head_dim).transpose(1, 2)

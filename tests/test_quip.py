@@ -18,6 +18,8 @@ from orthoquant.solvers.gptq import solve_gptq
 from orthoquant.solvers.ldlq import block_ldlq
 from orthoquant.solvers.quip import rht_transforms, rotate_hessian, rotate_weight, unrotate_weight
 
+from helpers import token_windows
+
 CPU = torch.device("cpu")
 # preset -> bound on the relative logit error of a random tiny model (INT2/INT3 GPTQ: 0.57 / 0.31)
 PRESETS = {"quip-e8p-2bit": 0.55, "quip-e8p-3bit": 0.3, "quip-e8p-4bit": 0.2, "quip-int4": 0.2}
@@ -151,16 +153,13 @@ def test_two_bit_proxy_loss_ranks_e8p_ldlq_below_int2_gptq_below_int2_rtn():
 
 
 # --- presets end to end ------------------------------------------------------------------------------
-def windows(n=8, seed=0):
-    return torch.randint(0, 101, (n, 24), generator=torch.Generator().manual_seed(seed))
-
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_saves_reloads_bit_exactly_and_equals_the_unrotated_fake_quant_model(preset, tmp_path):
     base = tiny_model("llama", num_hidden_layers=1)
     recipe = load_recipe(preset, ["calibration.batch_size=4"])
-    model = quantize(tiny_model("llama", num_hidden_layers=1), recipe, windows(), out=tmp_path / "run")
-    w = windows(seed=1)
+    model = quantize(tiny_model("llama", num_hidden_layers=1), recipe, token_windows(8, 24), out=tmp_path / "run")
+    w = token_windows(8, 24, 1)
     with torch.no_grad():
         ref, out = base(w).logits, model(w).logits
     assert (out - ref).norm() < PRESETS[preset] * ref.norm()

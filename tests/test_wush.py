@@ -16,6 +16,8 @@ from orthoquant.solvers.gptq import solve_gptq
 from orthoquant.transforms.base import BlockDense
 from orthoquant.transforms.wush import block_moments, hadamard_blocks, moment_diagonals, wush_blocks
 
+from helpers import token_windows
+
 CPU = torch.device("cpu")
 MXFP4 = QuantSpec(format="mxfp4", bits=4, group_size=32)
 PRESETS = ("wush-mxfp4", "wush-rtn-mxfp4", "wush-nvfp4", "wush-int4-g32",
@@ -189,12 +191,12 @@ def test_block_transforms_refuse_ungrouped_formats_and_act_order():
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_presets_run_save_and_reload_bit_exactly(tmp_path, preset):
-    ids = torch.randint(0, 101, (4, 24), generator=torch.Generator().manual_seed(0))
+    ids = token_windows(4, 24)
     recipe = load_recipe(preset, ["calibration.batch_size=4"])
     model = quantize(tiny_model("llama"), recipe, ids, out=tmp_path / "run")
     down = model.model.layers[0].mlp.down_proj
     assert down.orthoquant_inputs.stages["solver"] and down.orthoquant_inputs.quantizer is not None
-    test = torch.randint(0, 101, (2, 24), generator=torch.Generator().manual_seed(1))
+    test = token_windows(2, 24, 1)
     loaded, *_ = open_run(tmp_path / "run", CPU)
     with torch.no_grad():
         out = model(test).logits

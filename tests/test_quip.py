@@ -18,7 +18,7 @@ from orthoquant.solvers.gptq import solve_gptq
 from orthoquant.solvers.ldlq import block_ldlq
 from orthoquant.solvers.quip import rht_transforms, rotate_hessian, rotate_weight, unrotate_weight
 
-from helpers import token_windows
+from helpers import synthetic_layer, token_windows
 
 CPU = torch.device("cpu")
 # preset -> bound on the relative logit error of a random tiny model (INT2/INT3 GPTQ: 0.57 / 0.31)
@@ -34,15 +34,6 @@ REFERENCE_NORM12 = {
     (1, 3, 3, 3, 1, 3, 3, 1), (1, 3, 3, 3, 3, 1, 1, 3), (1, 3, 3, 3, 1, 3, 1, 3), (1, 1, 3, 3, 1, 3, 3, 3),
     (3, 3, 1, 1, 3, 3, 3, 1),
 }
-
-
-def correlated_layer(m=64, n=128, seed=0):
-    """Weight (m, n) and H = E[x xᵀ] (n, n, float64) of inputs with a decaying spectrum and outlier channels."""
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(m, n, generator=g) / n**0.5
-    A = torch.randn(n, n, generator=g, dtype=torch.float64) / torch.arange(1, n + 1, dtype=torch.float64)[:, None]
-    scale = torch.exp(torch.randn(n, generator=g, dtype=torch.float64))
-    return W, (A.T @ A + 0.05 * torch.eye(n, dtype=torch.float64)) * scale[:, None] * scale[None]
 
 
 def trace_loss(dW, H):
@@ -108,14 +99,14 @@ def test_lattice_format_rejects_what_it_cannot_do():
         QuantSpec(format="e8p", bits=5)
     with pytest.raises(ConfigError, match="group_size"):
         QuantSpec(format="e8p", bits=2, group_size=32)
-    W, H = correlated_layer(8, 64)
+    W, H = synthetic_layer(8, 64)
     with pytest.raises(ConfigError, match="8 weights at a time"):
         solve_gptq(W, H, e8p(2), SolverSpec(name="gptq"))
 
 
 # --- RHT and solvers ---------------------------------------------------------------------------------
 def test_rht_is_orthogonal_and_preserves_the_proxy_loss():
-    W, H = correlated_layer(96, 64)
+    W, H = synthetic_layer(96, 64)
     t_in, t_out = rht_transforms(W)
     for t in (t_in, t_out):
         M = t.matrix()
@@ -132,7 +123,7 @@ def test_rht_is_orthogonal_and_preserves_the_proxy_loss():
 
 @pytest.mark.parametrize("blocksize", [128, 24])
 def test_block_ldlq_with_blocks_of_one_is_gptq_on_the_reversed_columns(blocksize):
-    W, H = correlated_layer(48, 96)
+    W, H = synthetic_layer(48, 96)
     fmt = make_format(QuantSpec(bits=3, symmetric=False))
     q = block_ldlq(W, H, fmt, blocksize=blocksize)
     ref = solve_gptq(W.flip(1).contiguous(), H.flip(0, 1).contiguous(), fmt, SolverSpec(blocksize=blocksize))
@@ -140,7 +131,7 @@ def test_block_ldlq_with_blocks_of_one_is_gptq_on_the_reversed_columns(blocksize
 
 
 def test_two_bit_proxy_loss_ranks_e8p_ldlq_below_int2_gptq_below_int2_rtn():
-    W, H = correlated_layer(128, 256, seed=1)
+    W, H = synthetic_layer(128, 256, seed=1)
     spec = SolverSpec()
     int2 = make_format(QuantSpec(bits=2, symmetric=False, clip_search=True))
     loss = {"e8p-ldlq": SOLVERS.get("quip-ldlq").solve(W, H, e8p(2), spec).loss,

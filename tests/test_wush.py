@@ -16,7 +16,7 @@ from orthoquant.solvers.gptq import solve_gptq
 from orthoquant.transforms.base import BlockDense
 from orthoquant.transforms.wush import block_moments, hadamard_blocks, moment_diagonals, wush_blocks
 
-from helpers import token_windows
+from helpers import factor_layer, second_moment, token_windows
 
 CPU = torch.device("cpu")
 MXFP4 = QuantSpec(format="mxfp4", bits=4, group_size=32)
@@ -34,16 +34,10 @@ def anisotropic(n=64, out=48, tokens=512, seed=0, dtype=torch.float64):
 
 
 def correlated_layer(n=256, out=128, tokens=4096, seed=1, rank=32, outliers=16):
-    """Low-rank correlated activations with log-normal channel scales and a few 20x outlier channels."""
-    g = torch.Generator().manual_seed(seed)
-    Z = torch.randn(2 * tokens, rank, generator=g) / torch.arange(1, rank + 1) ** 0.5
-    X = Z @ torch.randn(rank, n, generator=g) + 0.1 * torch.randn(2 * tokens, n, generator=g)
-    scale = torch.exp(0.5 * torch.randn(n, generator=g))
-    scale[torch.randperm(n, generator=g)[:outliers]] *= 20
-    X = X * scale
-    W = torch.randn(out, n, generator=g) * torch.exp(0.5 * torch.randn(n, generator=g)) / n**0.5
-    calib, test = X[:tokens].double(), X[tokens:]
-    return W, calib.T @ calib / tokens, test
+    """W, H from ``tokens`` calibration tokens and as many held-out tokens of a factor model with a few
+    20x outlier channels (:func:`helpers.factor_layer`)."""
+    W, X = factor_layer(out, n, 2 * tokens, seed, rank, outliers)
+    return W, second_moment(X[:tokens]), X[tokens:]
 
 
 def w4a4_error(solver, W, H, X, fmt):

@@ -18,8 +18,8 @@ from orthoquant.export.base import INDEX, ShardWriter, read_tensors
 from orthoquant.models.tiny import tiny_model
 from orthoquant.runfolder import read_module
 
-from helpers import token_windows
-from test_export import make_run, recipe_of, rel_diff
+from helpers import tiny_run, token_windows
+from test_export import recipe_of, rel_diff
 
 FP8_KV = {"format": "fp8", "bits": 8, "group_size": 0, "static": True}
 W4G32 = {"format": "int", "bits": 4, "symmetric": True, "group_size": 32}
@@ -44,7 +44,7 @@ def scales_of(model):
 @pytest.fixture
 def kv_run(tmp_path, tokenizer):
     """The FP8 W8A8 + static FP8 KV preset on a tiny Llama: (in-memory quantized model, run folder)."""
-    return make_run(tmp_path, recipe_of("rtn-w8a8-fp8-kv8"), tokenizer)
+    return tiny_run(tmp_path, recipe_of("rtn-w8a8-fp8-kv8"), tokenizer)
 
 
 @torch.no_grad()
@@ -131,7 +131,7 @@ def test_static_fp8_kv_cache_round_trips_through_compressed_tensors(kv_run, tmp_
 
 def test_native_export_keeps_the_static_scales_in_their_dtype(tmp_path, tokenizer):
     r = recipe_of("rtn-w8a8-fp8-kv8").with_overrides(["weights.scale_dtype=bfloat16"])  # KV scales: float32
-    model, run = make_run(tmp_path, r, tokenizer)
+    model, run = tiny_run(tmp_path, r, tokenizer)
     report = export_run(run, tmp_path / "native", "native", torch.bfloat16)
     assert report["checks"]["load_quantized"]["bit_exact"]  # a bf16 KV scale would not be the run's
     stored, _, _ = read_module(tmp_path / "native" / "layers" / "00001.safetensors")
@@ -156,7 +156,7 @@ def test_a_resumed_run_reloads_its_static_scales(kv_run, tokenizer):
     ({"format": "int", "bits": 4, "symmetric": False, "group_size": 8}, "INT4 KV-cache quantization"),
 ])
 def test_compressed_tensors_refuses_kv_caches_vllm_cannot_serve(kv_cache, message, tmp_path, tokenizer):
-    _, run = make_run(tmp_path, recipe_of({"weights": W4G32, "kv_cache": kv_cache}), tokenizer)
+    _, run = tiny_run(tmp_path, recipe_of({"weights": W4G32, "kv_cache": kv_cache}), tokenizer)
     with pytest.raises(UserError, match=message):
         export_run(run, tmp_path / "ct", "compressed-tensors")
     assert not (tmp_path / "ct").exists()
@@ -164,11 +164,11 @@ def test_compressed_tensors_refuses_kv_caches_vllm_cannot_serve(kv_cache, messag
 
 def test_static_scales_must_be_exact_in_the_export_dtype(tmp_path, tokenizer):
     r = recipe_of({"weights": {**W4G32, "scale_dtype": "bfloat16"}, "kv_cache": FP8_KV})
-    _, run = make_run(tmp_path, r, tokenizer)
+    _, run = tiny_run(tmp_path, r, tokenizer)
     with pytest.raises(UserError, match="k_scale.*--set kv_cache.scale_dtype=bfloat16"):
         export_run(run, tmp_path / "ct", "compressed-tensors", torch.bfloat16)
     r = recipe_of({"weights": {**W4G32, "scale_dtype": "bfloat16"}, "kv_cache": {**FP8_KV, "scale_dtype": "bfloat16"}})
-    model, run = make_run(tmp_path / "bf16", r, tokenizer)
+    model, run = tiny_run(tmp_path / "bf16", r, tokenizer)
     report = export_run(run, tmp_path / "ct", "compressed-tensors", torch.bfloat16, verify="stock")
     with safe_open(str(tmp_path / "ct" / "model.safetensors"), "pt") as f:
         stored = f.get_tensor("model.layers.0.self_attn.k_scale")
@@ -246,7 +246,7 @@ def test_compressed_tensors_streams_one_run_file_at_a_time_into_shards(kv_run, t
 
 def test_gptq_shares_the_shard_writer(tmp_path, tokenizer):
     r = recipe_of({"weights": {**W4G32, "scale_dtype": "float16"}})
-    model, run = make_run(tmp_path, r, tokenizer)
+    model, run = tiny_run(tmp_path, r, tokenizer)
     export_run(run, tmp_path / "gptq", "gptq", max_shard_bytes=1)
     index = json.loads((tmp_path / "gptq" / INDEX).read_text())["weight_map"]
     assert len(set(index.values())) == 3 and "model.layers.1.mlp.down_proj.qweight" in index

@@ -17,7 +17,6 @@ import torch
 import yaml
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from orthoquant import quantize
 from orthoquant.config import QuantSpec, Recipe, preset_names
 from orthoquant.errors import ConfigError
 from orthoquant.export import export_run, load_quantized
@@ -34,7 +33,7 @@ from orthoquant.models.tiny import tiny_model
 from orthoquant.transforms.base import Hadamard
 from orthoquant.transforms.sites import SITES
 
-from helpers import token_windows
+from helpers import tiny_run, token_windows
 
 
 # --- symmetric INT scale rules ------------------------------------------------------------------
@@ -100,9 +99,7 @@ def test_minmax_int_weights_export_exactly(fmt, tmp_path, tokenizer):
     vocab = len(tokenizer)
     recipe = Recipe.from_dict({"name": "t", "weights": W4G32_MINMAX, "solver": {"name": "gptq"},
                                "calibration": {"batch_size": 4}})
-    tokens = token_windows(4, 24, vocab=vocab)
-    model = quantize(tiny_model("llama", vocab_size=vocab), recipe, tokens, out=tmp_path / "run")
-    tokenizer.save_pretrained(tmp_path / "run")
+    model, _ = tiny_run(tmp_path, recipe, tokenizer)
     export_run(tmp_path / "run", tmp_path / "out", fmt)  # verifies the reload itself, raises on a mismatch
     test = token_windows(2, 32, 1, vocab=vocab)
     with torch.no_grad():

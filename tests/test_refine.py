@@ -16,7 +16,7 @@ from orthoquant.refine.rounding import LinearRounding
 from orthoquant.refine.stage import RefineStage
 from orthoquant.solvers.gptq import solve_gptq
 
-from helpers import token_windows
+from helpers import tiny_run, token_windows
 
 CPU = torch.device("cpu")
 ITERS = 40
@@ -240,9 +240,7 @@ def test_a_refined_rotated_run_exports_like_any_other(tmp_path, tokenizer, fmt):
 
     r = load_recipe("quarot-round-w4a16", ["calibration.batch_size=4", "weights.group_size=32",
                                            "weights.scale_dtype=float16", "refine.iters=10"])
-    vocab = len(tokenizer)
-    quantize(tiny_model("llama", vocab_size=vocab), r, token_windows(8, 24, vocab=vocab), out=tmp_path / "run")
-    tokenizer.save_pretrained(tmp_path / "run")
+    tiny_run(tmp_path, r, tokenizer, nwindows=8)
     assert any(m["kept"] for m in layer_metrics(tmp_path / "run"))  # refined codes are what is exported
     report = export_run(tmp_path / "run", tmp_path / fmt, fmt)  # reloads and compares before returning
     assert report["checks"]

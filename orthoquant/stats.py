@@ -7,11 +7,9 @@ Linears that read the same tensor (q/k/v, gate/up) share one accumulator.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 
@@ -38,18 +36,6 @@ class InputStats:
         self.absmax = torch.maximum(self.absmax, x.abs().amax(0).to(self.absmax))
         self.tokens = total
 
-    def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
-        return {f"{prefix}H": self.H, f"{prefix}absmax": self.absmax,
-                f"{prefix}tokens": torch.tensor(self.tokens, dtype=torch.int64)}
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, torch.Tensor], prefix: str = "") -> "InputStats":
-        stats = cls(state[f"{prefix}H"].shape[0])
-        stats.H = state[f"{prefix}H"].double()
-        stats.absmax = state[f"{prefix}absmax"].float()
-        stats.tokens = int(state[f"{prefix}tokens"])
-        return stats
-
 
 @contextmanager
 def collect_input_stats(groups: dict[str, nn.Linear]) -> Iterator[dict[str, InputStats]]:
@@ -66,16 +52,3 @@ def collect_input_stats(groups: dict[str, nn.Linear]) -> Iterator[dict[str, Inpu
     finally:
         for h in handles:
             h.remove()
-
-
-def save_stats(stats: dict[str, InputStats], path: Path) -> None:
-    state: dict[str, torch.Tensor] = {}
-    for name, s in stats.items():
-        state.update(s.state_dict(f"{name}."))
-    save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(path))
-
-
-def load_stats(path: Path) -> dict[str, InputStats]:
-    state = load_file(str(path))
-    names = sorted({k.rsplit(".", 1)[0] for k in state})
-    return {n: InputStats.from_state_dict(state, f"{n}.") for n in names}

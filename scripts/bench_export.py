@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from _bench import markdown_table  # first: orthoquant on the path
 from orthoquant.demo import MARKER, cache_dir
 from orthoquant.errors import UserError
 from orthoquant.evaluate.preset_table import quantize_case
@@ -80,19 +81,18 @@ def check_cell(result) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| preset | format | dtype | linears B/param | checkpoint B/param | reload checks |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
-        if "refused" in r:
-            status = "refused as expected" if not r["expected"] else "**refused (unexpected)**"
-            lines.append(f"| {r['preset']} | {r['format']} | {r['dtype']} | – | – | {status}: "
-                         f"{r['refused'][:90]} |")
-            continue
-        checks = "; ".join(f"{k}: {check_cell(v)}" for k, v in r["checks"].items())
-        s = r["sizes"]
-        lines.append(f"| {r['preset']} | {r['format']} | {r['dtype']} | {s['linear_bytes_per_param']:.4f} | "
-                     f"{s['checkpoint_bytes_per_param']:.4f} | {checks} |")
-    return "\n".join(lines)
+    return markdown_table(["preset", "format", "dtype", "linears B/param", "checkpoint B/param", "reload checks"],
+                          [[r["preset"], r["format"], r["dtype"], *result_cells(r)] for r in rows])
+
+
+def result_cells(r: dict) -> list[str]:
+    """The sizes and checks of one case, or its refusal."""
+    if "refused" in r:
+        status = "refused as expected" if not r["expected"] else "**refused (unexpected)**"
+        return ["–", "–", f"{status}: {r['refused'][:90]}"]
+    s = r["sizes"]
+    checks = "; ".join(f"{k}: {check_cell(v)}" for k, v in r["checks"].items())
+    return [f"{s['linear_bytes_per_param']:.4f}", f"{s['checkpoint_bytes_per_param']:.4f}", checks]
 
 
 def main(argv=None) -> int:

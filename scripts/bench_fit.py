@@ -32,54 +32,18 @@ import json
 import os
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import torch
 
-try:
-    import orthoquant  # noqa: F401
-except ImportError:  # run from a checkout without installing the package
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from orthoquant import load_recipe, quantize  # noqa: E402
-from orthoquant.data import calibration_windows, evaluation_tokens, fitting_windows, perplexity_windows  # noqa: E402
-from orthoquant.demo import cache_dir  # noqa: E402
-from orthoquant.evaluate.ppl import perplexity  # noqa: E402
+from _bench import PeakMemory, markdown_table, timed  # first: orthoquant on the path
+from orthoquant import load_recipe, quantize
+from orthoquant.data import calibration_windows, evaluation_tokens, fitting_windows, perplexity_windows
+from orthoquant.demo import cache_dir
+from orthoquant.evaluate.ppl import perplexity
 
 RECIPES = ("fp16", "rtn-w4a16", "quarot-w4a16", "ostquant-w4a16",
            "rtn-w4a4kv4", "quarot-w4a4kv4", "spinquant-had-w4a4kv4", "spinquant-w4a4kv4", "ostquant-w4a4kv4")
-
-
-class PeakRSS:
-    """Process RSS high-water mark above the level at start, sampled every 5 ms in a thread."""
-
-    def __init__(self) -> None:
-        self.base = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self._rss())
-
-    def __enter__(self) -> "PeakRSS":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def mib(self) -> float:
-        return (self.peak - self.base) / 2**20
 
 
 def recipe_sets(name: str, args, head_dim: int) -> list[str]:
@@ -118,14 +82,11 @@ def run_one(name: str, args, calib: torch.Tensor, held_out: torch.Tensor, device
 
     model = AutoModelForCausalLM.from_pretrained(args.model).to(device)
     recipe = load_recipe(name, recipe_sets(name, args, model.config.head_dim))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with tempfile.TemporaryDirectory() as tmp, PeakRSS() as rss:
-        start = time.perf_counter()
-        quantize(model, recipe, calib, out=Path(tmp) / "run", device=device, fit_windows=fit_windows)
-        seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp, PeakMemory(device) as mem:
+        _, seconds = timed(lambda: quantize(model, recipe, calib, out=Path(tmp) / "run", device=device,
+                                            fit_windows=fit_windows))
         metrics = json.loads((Path(tmp) / "run" / "run.json").read_text())["metrics"]
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else rss.mib
+    peak = mem.high_mib if device.type == "cuda" else mem.peak_mib  # CUDA: the whole allocator peak (doc)
     row = {"recipe": name, "ppl": perplexity(model, held_out, device, batch_size=8),
            "quantize_s": seconds, "peak_mib": peak}
     if fp is not None:
@@ -136,16 +97,15 @@ def run_one(name: str, args, calib: torch.Tensor, held_out: torch.Tensor, device
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| recipe | ppl | KL to FP | quantize s | peak MiB | fit steps/s | loss first → last |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
+    def cells(r: dict) -> list[str]:
         fit = r.get("fit") or {}
         loss = f"{fit['first_loss']:.4f} → {fit['last_loss']:.4f}" if fit.get("first_loss") is not None else ""
         sps = f"{fit['steps_per_s']:.3f}" if fit.get("steps_per_s") else ""
         kl = f"{r['kl']:.5f}" if "kl" in r else ""
-        cells = (r["recipe"], f"{r['ppl']:.3f}", kl, f"{r['quantize_s']:.1f}", f"{r['peak_mib']:.0f}", sps, loss)
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        return [r["recipe"], f"{r['ppl']:.3f}", kl, f"{r['quantize_s']:.1f}", f"{r['peak_mib']:.0f}", sps, loss]
+
+    return markdown_table(["recipe", "ppl", "KL to FP", "quantize s", "peak MiB", "fit steps/s", "loss first → last"],
+                          [cells(r) for r in rows])
 
 
 SCALE_CHILD = r"""
@@ -234,14 +194,14 @@ def scale_main(args) -> None:
                              "ratio": (fit["hwm"] - base["hwm"]) / fit["weight_bytes"],
                              "steps_per_s": fit["steps_per_s"]})
                 print(json.dumps(rows[-1]), flush=True)
-    lines = ["| code | offload | layers | params | weights MiB | fit − no-fit peak MiB | ratio | steps/s |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['code']} | {r['offload']} | {r['layers']} | {r['params'] / 1e6:.1f}M | {r['weight_mib']:.0f} | "
-              f"{r['extra_mib']:.0f} | {r['ratio']:.2f} | {r['steps_per_s']:.4f} |" for r in rows]
-    print("\n".join(lines))
+    table = markdown_table(
+        ["code", "offload", "layers", "params", "weights MiB", "fit − no-fit peak MiB", "ratio", "steps/s"],
+        [[r["code"], r["offload"], str(r["layers"]), f"{r['params'] / 1e6:.1f}M", f"{r['weight_mib']:.0f}",
+          f"{r['extra_mib']:.0f}", f"{r['ratio']:.2f}", f"{r['steps_per_s']:.4f}"] for r in rows])
+    print(table)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows, "table": "\n".join(lines)}, indent=2))
+        Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows, "table": table}, indent=2))
 
 
 def main() -> None:

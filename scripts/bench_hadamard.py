@@ -20,28 +20,17 @@ import json
 import logging
 import os
 import platform
-import time
 from pathlib import Path
 
 import torch
 
+from _bench import markdown_table, repeat_times  # first: orthoquant on the path
 from orthoquant.demo import MARKER, cache_dir
 from orthoquant.evaluate.preset_table import preset_perplexities, preset_table
 from orthoquant.hadamard import apply_hadamard, hadamard_base, hadamard_factor, hadamard_matrix
 
 logger = logging.getLogger("bench_hadamard")
 PPL_PRESETS = ["rtn-w4a4kv4", "quarot-rtn-w4a4kv4", "quarot-w4a4kv4", "quarot-w4a16"]
-
-
-def _time(fn, repeats: int) -> float:
-    """Min wall time of ``repeats`` calls after one warm-up, in seconds."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def radix2(x: torch.Tensor, k: int, m: int) -> torch.Tensor:
@@ -69,14 +58,14 @@ def bench_size(n: int, tokens: int, repeats: int, dense_max_gb: float) -> dict:
     row = {"n": n, "K": k, "M": m, "tokens": tokens}
     with torch.no_grad():
         fast = apply_hadamard(x, differentiable=False)
-        row["fast_ms"] = 1e3 * _time(lambda: apply_hadamard(x, differentiable=False), repeats)
-        row["autograd_path_ms"] = 1e3 * _time(lambda: apply_hadamard(x, differentiable=True), repeats)
-        row["radix2_ms"] = 1e3 * _time(lambda: radix2(x, k, m), repeats)
+        row["fast_ms"] = 1e3 * repeat_times(lambda: apply_hadamard(x, differentiable=False), repeats).best
+        row["autograd_path_ms"] = 1e3 * repeat_times(lambda: apply_hadamard(x, differentiable=True), repeats).best
+        row["radix2_ms"] = 1e3 * repeat_times(lambda: radix2(x, k, m), repeats).best
         row["radix2_max_abs_diff"] = (radix2(x, k, m) - fast).abs().max().item()
         row["dense_ms"] = row["max_abs_diff_vs_dense"] = None
         if n * n * 4 / 2**30 <= dense_max_gb:
             h = hadamard_matrix(n, torch.float32)
-            row["dense_ms"] = 1e3 * _time(lambda: x @ h, repeats)
+            row["dense_ms"] = 1e3 * repeat_times(lambda: x @ h, repeats).best
             row["max_abs_diff_vs_dense"] = (fast - x @ h).abs().max().item()
             del h
     if row["dense_ms"] is not None:
@@ -89,21 +78,13 @@ def bench_size(n: int, tokens: int, repeats: int, dense_max_gb: float) -> dict:
 def markdown(rows: list[dict], threads: int) -> str:
     """A markdown table of the rows."""
     fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
-    lines = [
-        f"fp32, {rows[0]['tokens']} tokens, {threads} thread(s), min of repeats (ms)",
-        "",
-        "| n | K·2^m | fast, no grad | fast, autograd path | radix-2 butterfly | dense x@H "
-        "| speed-up no grad | speed-up autograd |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['n']} | {r['K']}·{r['M']} | {fmt(r['fast_ms'], '.1f')} | "
-            f"{fmt(r['autograd_path_ms'], '.1f')} | {fmt(r['radix2_ms'], '.1f')} | "
-            f"{fmt(r['dense_ms'], '.0f')} | "
-            f"{fmt(r.get('speedup_fast'), '.1f')}× | {fmt(r.get('speedup_autograd_path'), '.1f')}× |"
-        )
-    return "\n".join(lines) + "\n"
+    header = ["n", "K·2^m", "fast, no grad", "fast, autograd path", "radix-2 butterfly", "dense x@H",
+              "speed-up no grad", "speed-up autograd"]
+    cells = [[str(r["n"]), f"{r['K']}·{r['M']}", fmt(r["fast_ms"], ".1f"), fmt(r["autograd_path_ms"], ".1f"),
+              fmt(r["radix2_ms"], ".1f"), fmt(r["dense_ms"], ".0f"), f"{fmt(r.get('speedup_fast'), '.1f')}×",
+              f"{fmt(r.get('speedup_autograd_path'), '.1f')}×"] for r in rows]
+    return (f"fp32, {rows[0]['tokens']} tokens, {threads} thread(s), min of repeats (ms)\n\n"
+            + markdown_table(header, cells) + "\n")
 
 
 def demo_perplexities(out_dir: Path, nsamples: int, seqlen: int) -> tuple[list[dict], str]:

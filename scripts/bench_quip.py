@@ -3,7 +3,7 @@
 Three parts, written to ``--out`` as JSON and printed as markdown tables:
 
 1. **Synthetic layers** (``--sizes``): correlated activations with outlier channels, H = E[x xᵀ] in
-   closed form (:func:`bench_solvers.synthetic_layer`). For each bit width and method: the relative
+   closed form (:func:`_bench.synthetic_layer`). For each bit width and method: the relative
    proxy loss ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` and the encode speed, weights per second of one solve.
 2. **Real layers**: the linears of one decoder layer of the demo model, with H from its own
    calibration text (skipped when the demo model is not built).
@@ -24,24 +24,20 @@ import json
 import logging
 import re
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_solvers import synthetic_layer  # noqa: E402
-from orthoquant.config import QuantSpec, SolverSpec, load_recipe  # noqa: E402
-from orthoquant.data.windows import calibration_windows  # noqa: E402
-from orthoquant.demo import cache_dir  # noqa: E402
-from orthoquant.evaluate.run_eval import evaluate  # noqa: E402
-from orthoquant.formats import make_format  # noqa: E402
-from orthoquant.pipeline import quantize_pretrained  # noqa: E402
-from orthoquant.progress import setup_logging, setup_threads  # noqa: E402
-from orthoquant.solvers import SOLVERS, proxy_loss  # noqa: E402
-from orthoquant.stats import collect_input_stats  # noqa: E402
+from _bench import markdown_table, synthetic_layer, timed  # first: orthoquant on the path
+from orthoquant.config import QuantSpec, SolverSpec, load_recipe
+from orthoquant.data.windows import calibration_windows
+from orthoquant.demo import cache_dir
+from orthoquant.evaluate.run_eval import evaluate
+from orthoquant.formats import make_format
+from orthoquant.pipeline import quantize_pretrained
+from orthoquant.progress import setup_logging, setup_threads
+from orthoquant.solvers import SOLVERS, proxy_loss
+from orthoquant.stats import collect_input_stats
 
 log = logging.getLogger("bench_quip")
 BITS = (2, 3, 4)
@@ -75,9 +71,7 @@ def bench_layer(name: str, W: torch.Tensor, H: torch.Tensor) -> list[dict]:
     for bits in BITS:
         for label, (solver, fmt) in METHODS.items():
             spec, fmt_obj = SolverSpec(name=solver), make_format(quant_spec(fmt, bits))
-            start = time.perf_counter()
-            res = SOLVERS.get(solver).solve(W, H, fmt_obj, spec)
-            seconds = time.perf_counter() - start
+            res, seconds = timed(lambda: SOLVERS.get(solver).solve(W, H, fmt_obj, spec))
             rows.append(dict(layer=name, bits=bits, method=label, rel_loss=res.loss / energy,
                              seconds=seconds, weights_per_s=W.numel() / seconds))
         log.info("%s: %d bits done", name, bits)
@@ -108,10 +102,8 @@ def perplexities(model_dir: Path, out: Path, nsamples: int, seqlen: int) -> list
     for label, preset, sets in PPL_RUNS:
         overrides = [f"calibration.source={corpus / 'train.txt'}", f"calibration.nsamples={nsamples}",
                      f"calibration.seqlen={seqlen}", *sets]
-        start = time.perf_counter()
         folder = out / "runs" / re.sub(r"[^A-Za-z0-9.-]+", "_", label)  # a finished run is reused as it is
-        run = quantize_pretrained(str(model_dir), load_recipe(preset, overrides), folder, cpu)
-        seconds = time.perf_counter() - start
+        run, seconds = timed(lambda: quantize_pretrained(str(model_dir), load_recipe(preset, overrides), folder, cpu))
         ppl = evaluate(str(run.path), [held_out], seqlen, cpu)["ppl"]["test.txt"]
         rows.append(dict(run=label, ppl=ppl, seconds=seconds))
         log.info("%s: ppl %.3f (%.0f s)", label, ppl, seconds)
@@ -120,21 +112,18 @@ def perplexities(model_dir: Path, out: Path, nsamples: int, seqlen: int) -> list
 
 def loss_table(rows: list[dict], layers: list[str]) -> str:
     """Markdown: one row per (layer, bits), one column per method, cells 'rel. loss (Mw/s)'."""
-    head = "| layer | bits | " + " | ".join(METHODS) + " |"
-    lines = [head, "|" + "---|" * (2 + len(METHODS))]
-    for layer in layers:
-        for bits in BITS:
-            cells = {r["method"]: r for r in rows if r["layer"] == layer and r["bits"] == bits}
-            lines.append(f"| {layer} | {bits} | " + " | ".join(
-                f"{cells[m]['rel_loss']:.4f} ({cells[m]['weights_per_s'] / 1e6:.2f})" for m in METHODS) + " |")
-    return "\n".join(lines)
+    cells = {(r["layer"], r["bits"], r["method"]): r for r in rows}
+    return markdown_table(["layer", "bits", *METHODS], [
+        [layer, str(bits)] + [f"{cells[layer, bits, m]['rel_loss']:.4f} "
+                              f"({cells[layer, bits, m]['weights_per_s'] / 1e6:.2f})" for m in METHODS]
+        for layer in layers for bits in BITS])
 
 
 def ppl_table(rows: list[dict], seqlen: int) -> str:
     fp = rows[0]["ppl"]
-    lines = [f"| recipe | held-out ppl (seqlen {seqlen}) | vs FP | quantize s |", "|---|---|---|---|"]
-    lines += [f"| {r['run']} | {r['ppl']:.3f} | {r['ppl'] / fp - 1:+.2%} | {r['seconds']:.0f} |" for r in rows]
-    return "\n".join(lines)
+    return markdown_table(["recipe", f"held-out ppl (seqlen {seqlen})", "vs FP", "quantize s"],
+                          [[r["run"], f"{r['ppl']:.3f}", f"{r['ppl'] / fp - 1:+.2%}", f"{r['seconds']:.0f}"]
+                           for r in rows])
 
 
 def main() -> int:

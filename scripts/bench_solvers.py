@@ -33,98 +33,26 @@ is a quick check.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
-import os
 import sys
-import threading
-import time
 from pathlib import Path
 
 import torch
 
-try:
-    import orthoquant  # noqa: F401
-except ImportError:  # run from a checkout without installing the package
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from orthoquant.config import QuantSpec, SolverSpec  # noqa: E402
-from orthoquant.formats import make_format  # noqa: E402
-from orthoquant.solvers import SOLVERS, proxy_loss  # noqa: E402
-from orthoquant.solvers.cholesky import cholesky_lower_  # noqa: E402
-from orthoquant.solvers.gptq import solve_gptq  # noqa: E402
+from _bench import PeakMemory, markdown_table, repeat_times, synthetic_layer, timed  # first: orthoquant on the path
+from orthoquant.config import QuantSpec, SolverSpec
+from orthoquant.formats import make_format
+from orthoquant.solvers import SOLVERS, proxy_loss
+from orthoquant.solvers.cholesky import cholesky_lower_
+from orthoquant.solvers.gptq import solve_gptq
 
 DEFAULT_SIZES = "4096x4096,4096x14336,14336x4096"
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: str):
-    """(result, seconds) of ``fn()``, synchronised on CUDA."""
-    sync(device)
-    t = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - t
-
-
-class PeakMemory:
-    """Extra memory at the peak of a ``with`` block, in MiB (CUDA allocator, or sampled RSS on CPU)."""
-
-    def __init__(self, device: str) -> None:
-        self.device, self.peak_mib = device, 0.0
-
-    @staticmethod
-    def _release_freed_memory() -> None:
-        """Hand freed heap pages back to the OS (glibc), or earlier sizes' frees hide this call's peak."""
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self._max = max(self._max, self._rss())
-            time.sleep(0.002)
-
-    def __enter__(self) -> "PeakMemory":
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._base = torch.cuda.memory_allocated()
-        else:
-            self._release_freed_memory()
-            self._base = self._max = self._rss()
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
-        else:
-            self._stop.set()
-            self._thread.join()
-            peak = max(self._max, self._rss())
-        self.peak_mib = (peak - self._base) / 2**20
 
 
 def gemm_rate(device: str, n: int = 4096, repeats: int = 3) -> float:
     """Dense fp32 matmul rate (FLOP/s) of this machine: best of ``repeats`` n³ products."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    timed(lambda: a @ b, device)  # warm-up
-    best = min(timed(lambda: a @ b, device)[1] for _ in range(repeats))
-    return 2 * n**3 / best
+    return 2 * n**3 / repeat_times(lambda: a @ b, repeats, device).best
 
 
 def cholesky_rates(device: str, n: int = 4096, repeats: int = 2) -> tuple[float, float]:
@@ -132,21 +60,9 @@ def cholesky_rates(device: str, n: int = 4096, repeats: int = 2) -> tuple[float,
     a = torch.randn(n, n, device=device) / n**0.5
     spd = a @ a.T + torch.eye(n, device=device)
     timed(lambda: torch.linalg.cholesky_ex(spd[:256, :256]), device)  # warm-up
-    lapack = min(timed(lambda: torch.linalg.cholesky_ex(spd), device)[1] for _ in range(repeats))
-    blocked = min(timed(lambda: cholesky_lower_(spd.clone()), device)[1] for _ in range(repeats))
+    lapack = repeat_times(lambda: torch.linalg.cholesky_ex(spd), repeats, device, warmup=False).best
+    blocked = repeat_times(lambda: cholesky_lower_(spd.clone()), repeats, device, warmup=False).best
     return n**3 / 3 / lapack, n**3 / 3 / blocked
-
-
-def synthetic_layer(m: int, n: int, device: str, seed: int = 0, rank: int = 256):
-    """Weight (m, n) float32 and second moment H (n, n) float64 of correlated activations (module doc)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    W = torch.randn(m, n, generator=g) / n**0.5
-    r = min(rank, n)
-    A = torch.randn(r, n, generator=g, dtype=torch.float64)
-    s = 1.0 / torch.arange(1, r + 1, dtype=torch.float64)
-    sigma = torch.exp(torch.randn(n, generator=g, dtype=torch.float64))
-    H = A.T @ (s[:, None] * A) + torch.diag(0.1 * sigma**2)
-    return W.to(device), H.to(device)
 
 
 def bench_size(m: int, n: int, args) -> dict:
@@ -159,8 +75,9 @@ def bench_size(m: int, n: int, args) -> dict:
     rate = gemm_rate(args.device)
     with PeakMemory(args.device) as mem:
         res, t_gptq = timed(lambda: solve_gptq(W, H, fmt, spec), args.device)
-    for _ in range(args.repeats - 1):
-        t_gptq = min(t_gptq, timed(lambda: solve_gptq(W, H, fmt, spec), args.device)[1])
+    if args.repeats > 1:
+        t_gptq = min(t_gptq, repeat_times(lambda: solve_gptq(W, H, fmt, spec), args.repeats - 1, args.device,
+                                          warmup=False).best)
     direct, t_loss = timed(lambda: proxy_loss(W, res.weight, H), args.device)
     rtn, t_rtn = timed(lambda: SOLVERS.get("rtn").solve(W, H, fmt, None), args.device)
     _, t_clip_fit = timed(lambda: fmt_clip.fit(W), args.device)
@@ -177,11 +94,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
     cols = ["size", "gemm_gflops", "gptq_s", "loss_s", "loss_rel_err", "peak_mib", "gflops", "gemm_frac",
             "rtn_s", "clip_fit_s", "clip_vs_gptq", "gptq_clip_s", "loss_ratio"]
     fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = [f"fp32 GFLOP/s at the start: GEMM {meta['gemm_gflops']:.1f}, Cholesky (n=4096) "
-             f"{meta['cholesky_gflops']:.1f} blocked, {meta['lapack_cholesky_gflops']:.1f} LAPACK", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
+    return (f"fp32 GFLOP/s at the start: GEMM {meta['gemm_gflops']:.1f}, Cholesky (n=4096) "
+            f"{meta['cholesky_gflops']:.1f} blocked, {meta['lapack_cholesky_gflops']:.1f} LAPACK\n\n"
+            + markdown_table(cols, [[fmt(r[c]) for c in cols] for r in rows]))
 
 
 def main() -> None:

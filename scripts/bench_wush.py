@@ -25,27 +25,22 @@ import json
 import logging
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-try:
-    import orthoquant  # noqa: F401
-except ImportError:  # run from a checkout without installing the package
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from orthoquant import load_recipe, quantize  # noqa: E402
-from orthoquant.config import QuantSpec, SolverSpec  # noqa: E402
-from orthoquant.data import calibration_windows, evaluation_tokens, perplexity_windows  # noqa: E402
-from orthoquant.demo import build_test_model, cache_dir  # noqa: E402
-from orthoquant.evaluate.ppl import perplexity  # noqa: E402
-from orthoquant.formats import make_format  # noqa: E402
-from orthoquant.models.spec import spec_for  # noqa: E402
-from orthoquant.models.surgery import fold_all_norms, layers_of, linears_of  # noqa: E402
-from orthoquant.solvers import SOLVERS  # noqa: E402
-from orthoquant.solvers.block_transformed import BlockRule, solve_gptq_blocks  # noqa: E402
-from orthoquant.transforms.wush import wush_blocks  # noqa: E402
+from _bench import factor_layer, markdown_table, second_moment, timed  # first: orthoquant on the path
+from orthoquant import load_recipe, quantize
+from orthoquant.config import QuantSpec, SolverSpec
+from orthoquant.data import calibration_windows, evaluation_tokens, perplexity_windows
+from orthoquant.demo import build_test_model, cache_dir
+from orthoquant.evaluate.ppl import perplexity
+from orthoquant.formats import make_format
+from orthoquant.models.spec import spec_for
+from orthoquant.models.surgery import fold_all_norms, layers_of, linears_of
+from orthoquant.solvers import SOLVERS
+from orthoquant.solvers.block_transformed import BlockRule, solve_gptq_blocks
+from orthoquant.transforms.wush import wush_blocks
 
 log = logging.getLogger("bench_wush")
 CPU = torch.device("cpu")
@@ -56,27 +51,6 @@ PRESETS = {"mxfp4": "wush-mxfp4", "nvfp4": "wush-nvfp4", "int4-g32": "wush-int4-
 TRANSFORMS = {"none": "", "blockhad": "blockhad-", "wush": "wush-"}
 METHODS = ("rtn", "gptq")
 SETTINGS = [(t, m) for m in METHODS for t in TRANSFORMS]
-
-
-def timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
-
-
-def correlated_activations(n: int, tokens: int, seed: int, rank: int = 64) -> torch.Tensor:
-    """(tokens, n) float32 activations of the module docstring's factor model."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(tokens, rank, generator=g) / torch.arange(1, rank + 1) ** 0.5
-    x = z @ torch.randn(rank, n, generator=g) + 0.1 * torch.randn(tokens, n, generator=g)
-    scale = torch.exp(0.5 * torch.randn(n, generator=g))
-    scale[torch.randperm(n, generator=g)[: max(1, n // 100)]] *= 20
-    return x * scale
-
-
-def second_moment(x: torch.Tensor) -> torch.Tensor:
-    x = x.reshape(-1, x.shape[-1]).double()
-    return x.T @ x / x.shape[0]
 
 
 def output_error(W: torch.Tensor, H: torch.Tensor, X: torch.Tensor, fmt, solver: str) -> tuple[float, float]:
@@ -119,8 +93,7 @@ def layer_rows(W: torch.Tensor, H: torch.Tensor, X: torch.Tensor) -> dict[str, d
 def synthetic(sizes: list[tuple[int, int]], tokens: int) -> dict[str, dict]:
     results = {}
     for m, n in sizes:
-        x = correlated_activations(n, 2 * tokens, seed=m + n)
-        W = torch.randn(m, n, generator=torch.Generator().manual_seed(n)) * torch.exp(0.5 * torch.randn(n)) / n**0.5
+        W, x = factor_layer(m, n, 2 * tokens, seed=m + n)
         log.info("synthetic layer %dx%d", m, n)
         results[f"{m}x{n}"] = layer_rows(W, second_moment(x[:tokens]), x[tokens:])
     return results
@@ -177,23 +150,18 @@ def perplexities(model_dir: Path, calib: torch.Tensor, held_out: torch.Tensor) -
 
 
 def error_table(title: str, rows: dict[str, dict]) -> str:
-    head = "| " + title + " | format | " + " | ".join(f"{t} {m}" for t, m in SETTINGS) + " | build / GPTQ | WUSH-GPTQ / GPTQ |"
-    lines = [head, "|" + "---|" * (len(SETTINGS) + 4)]
-    for layer, formats in rows.items():
-        for fname, r in formats.items():
-            errs = " | ".join(f"{r['error'][f'{t}-{m}']:.4g}" for t, m in SETTINGS)
-            tm = r["timing"]
-            lines.append(f"| {layer} | {fname} | {errs} | {tm['build_s'] / tm['gptq_s']:.3f} "
-                         f"| {tm['wush_gptq_s'] / tm['gptq_s']:.2f} |")
-    return "\n".join(lines)
+    def cells(layer: str, fname: str, r: dict) -> list[str]:
+        tm = r["timing"]
+        return ([layer, fname] + [f"{r['error'][f'{t}-{m}']:.4g}" for t, m in SETTINGS]
+                + [f"{tm['build_s'] / tm['gptq_s']:.3f}", f"{tm['wush_gptq_s'] / tm['gptq_s']:.2f}"])
+
+    return markdown_table([title, "format", *(f"{t} {m}" for t, m in SETTINGS), "build / GPTQ", "WUSH-GPTQ / GPTQ"],
+                          [cells(layer, fname, r) for layer, formats in rows.items() for fname, r in formats.items()])
 
 
 def ppl_table(ppl: dict, model: str) -> str:
-    lines = [f"| {model} (FP {ppl['fp']:.3f}) | " + " | ".join(f"{t} {m}" for t, m in SETTINGS) + " |",
-             "|" + "---|" * (len(SETTINGS) + 1)]
-    for fname in FORMATS:
-        lines.append(f"| {fname} | " + " | ".join(f"{ppl[f'{fname}/{t}-{m}']:.3f}" for t, m in SETTINGS) + " |")
-    return "\n".join(lines)
+    return markdown_table([f"{model} (FP {ppl['fp']:.3f})", *(f"{t} {m}" for t, m in SETTINGS)],
+                          [[fname] + [f"{ppl[f'{fname}/{t}-{m}']:.3f}" for t, m in SETTINGS] for fname in FORMATS])
 
 
 def model_and_corpus(work: Path) -> tuple[Path, Path, str]:

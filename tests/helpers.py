@@ -1,4 +1,8 @@
-"""Helpers shared by test files (fixtures stay in conftest.py)."""
+"""Helpers shared by test files (fixtures stay in conftest.py).
+
+Synthetic layers (W, H) come from ``scripts/_bench.py`` (on the path through pytest's ``pythonpath``):
+tests and benchmarks measure the same kind of layer, and the package itself has no use for them.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +12,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _bench import factor_layer, second_moment, synthetic_layer  # noqa: F401  (re-exported for the tests)
+from orthoquant import quantize
+from orthoquant.models.tiny import TINY_VOCAB, tiny_model
 from orthoquant.runner import LayerwiseQuantizer
+
+
+def token_windows(n: int, seqlen: int, seed: int = 0, vocab: int = TINY_VOCAB) -> torch.Tensor:
+    """(n, seqlen) int64 token ids drawn uniformly below ``vocab`` (a model's ``config.vocab_size`` or its
+    tokenizer's length; the tiny models' by default) from a generator seeded with ``seed``."""
+    return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_run(tmp_path: Path, recipe, tokenizer, family: str = "llama", nwindows: int = 4, **model_kw):
+    """Quantize a tiny ``family`` model sized to ``tokenizer`` on ``nwindows`` token windows of 24 into
+    ``tmp_path/run``, which also gets the tokenizer; returns (the in-memory quantized model, the run folder)."""
+    vocab, run = len(tokenizer), tmp_path / "run"
+    model = quantize(tiny_model(family, vocab_size=vocab, **model_kw), recipe, token_windows(nwindows, 24, vocab=vocab),
+                     out=run)
+    tokenizer.save_pretrained(run)
+    return model, run
 
 
 class Interrupt(Exception):

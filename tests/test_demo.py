@@ -12,6 +12,8 @@ from orthoquant import demo
 from orthoquant.demo import DEMO, TEST, DemoSize
 from orthoquant.errors import UserError
 
+from helpers import token_windows
+
 TINY = DemoSize(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=96, vocab=320, seqlen=32,
                 steps=40, batch=8, lr=1e-2)
 
@@ -98,7 +100,7 @@ def test_training_lowers_the_loss_and_reloads_identically(tokenizer, corpus, tmp
     assert after < 0.7 * before and math.isfinite(after)
     assert (tmp_path / "model.safetensors").is_file()
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    x = torch.randint(0, TINY.vocab, (2, TINY.seqlen), generator=torch.Generator().manual_seed(1))
+    x = token_windows(2, TINY.seqlen, 1, vocab=TINY.vocab)
     with torch.no_grad():
         assert torch.equal(model(input_ids=x).logits, loaded(input_ids=x).logits)
     assert AutoTokenizer.from_pretrained(tmp_path)(text[:500]).input_ids == tokenizer(text[:500]).input_ids

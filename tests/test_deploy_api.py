@@ -8,6 +8,8 @@ import orthoquant
 from orthoquant.config import Recipe, load_recipe
 from orthoquant.models.tiny import tiny_model
 
+from helpers import token_windows
+
 
 def test_top_level_names():
     from orthoquant.data import calibration_windows
@@ -49,7 +51,7 @@ def test_a_fused_group_split_across_schemes_is_refused_unless_forced(tmp_path, c
     weights = {"format": "int", "bits": 4, "symmetric": True, "group_size": 32}
     recipe = Recipe.from_dict({"name": "split", "weights": weights, "calibration": {"batch_size": 4},
                                "overrides": [{"pattern": "k_proj", "weights": {**weights, "bits": 8}}]})
-    windows = torch.randint(0, 300, (4, 24), generator=torch.Generator().manual_seed(0))
+    windows = token_windows(4, 24, vocab=300)
     orthoquant.quantize(tiny_model("llama", vocab_size=300), recipe, windows, out=tmp_path / "run")
     with pytest.raises(UserError, match=r"q_proj, .*k_proj, .*v_proj are fused by vLLM.*--force"):
         orthoquant.export_run(tmp_path / "run", tmp_path / "ct", "compressed-tensors")

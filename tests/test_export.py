@@ -8,7 +8,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from orthoquant import open_run, quantize
+from orthoquant import open_run
 from orthoquant.autoscale import resolve_auto_scales
 from orthoquant.cli import main
 from orthoquant.config import Recipe, load_recipe, preset_names
@@ -16,8 +16,9 @@ from orthoquant.errors import UserError
 from orthoquant.export import export_run, load_quantized
 from orthoquant.export.command import format_report
 from orthoquant.export.verify import MANIFEST, CorruptExportError
-from orthoquant.models.tiny import tiny_model
 from orthoquant.runfolder import read_module
+
+from helpers import tiny_run, token_windows
 
 ROTATED = {"transforms": [{"site": "residual", "kind": "random_hadamard", "seed": 0},
                           {"site": "attn_value", "kind": "hadamard"}]}
@@ -30,17 +31,6 @@ def recipe_of(base: dict | str) -> Recipe:
     data["calibration"] = {**data.get("calibration", {}), "batch_size": 4}
     return Recipe.from_dict(data)
 
-
-def windows(vocab, seed=0, n=4, seqlen=24):
-    return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(seed))
-
-
-def make_run(tmp_path, recipe, tokenizer, family="llama", **model_kw):
-    """Quantize a tiny model into tmp_path/run; returns (in-memory quantized model, run folder)."""
-    vocab = len(tokenizer)
-    model = quantize(tiny_model(family, vocab_size=vocab, **model_kw), recipe, windows(vocab), out=tmp_path / "run")
-    tokenizer.save_pretrained(tmp_path / "run")
-    return model, tmp_path / "run"
 
 
 @torch.no_grad()
@@ -64,11 +54,11 @@ def stored_codes(run):
 def test_rotated_w4a16_compressed_tensors_loads_in_stock_transformers(family, dtype, tmp_path, tokenizer):
     scale_dtype = str(dtype).removeprefix("torch.")
     r = recipe_of({**ROTATED, "weights": {**W4G32, "scale_dtype": scale_dtype}, "solver": {"name": "gptq"}})
-    model, run = make_run(tmp_path, r, tokenizer, family)
+    model, run = tiny_run(tmp_path, r, tokenizer, family)
     export_run(run, tmp_path / "ct", "compressed-tensors", dtype)
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")  # dtype from config.json
     assert stock.dtype == dtype
-    tokens = windows(len(tokenizer), seed=5, n=2, seqlen=32)
+    tokens = token_windows(2, 32, 5, vocab=len(tokenizer))
     if dtype == torch.float32:
         assert rel_diff(model, stock, tokens) <= 1e-5
     else:  # the run's model computing in bf16 (its weights rounded once to bf16) vs the stock reload
@@ -83,7 +73,7 @@ def test_rotated_w4a16_compressed_tensors_loads_in_stock_transformers(family, dt
 
 def test_online_hadamard_in_transform_config_needs_load_quantized(tmp_path, tokenizer):
     transforms = ROTATED["transforms"] + [{"site": "down_input", "kind": "hadamard", "block_size": 32}]
-    model, run = make_run(tmp_path, recipe_of({"transforms": transforms, "weights": W4G32}), tokenizer)
+    model, run = tiny_run(tmp_path, recipe_of({"transforms": transforms, "weights": W4G32}), tokenizer)
     report = export_run(run, tmp_path / "ct", "compressed-tensors", verify="stock")
     config = json.loads((tmp_path / "ct" / "config.json").read_text())
     scheme = config["quantization_config"]["transform_config"]["config_groups"]["R4"]
@@ -91,7 +81,7 @@ def test_online_hadamard_in_transform_config_needs_load_quantized(tmp_path, toke
     assert [a["location"] for a in scheme["apply"]] == ["input"]
     assert config["orthoquant"]["online_transforms"] == ["R4"]
     assert "must run at inference" in (tmp_path / "ct" / "README.md").read_text()
-    tokens = windows(len(tokenizer), seed=6, n=2, seqlen=32)
+    tokens = token_windows(2, 32, 6, vocab=len(tokenizer))
     assert rel_diff(model, load_quantized(tmp_path / "ct"), tokens) <= 1e-5
     assert rel_diff(model, AutoModelForCausalLM.from_pretrained(tmp_path / "ct"), tokens) > 1e-2  # drops R4
     stock = report["checks"]["stock_transformers"]  # with CT's own transforms, as vLLM applies them
@@ -126,9 +116,9 @@ def test_activation_schemes_in_compressed_tensors(preset, key, dtype, tmp_path, 
     r = recipe_of(preset)
     if dtype == torch.bfloat16:  # INT8 codes times bf16 scales do not fit bf16: CT must not re-round them
         r = r.with_overrides(["weights.scale_dtype=bfloat16"])
-    model, run = make_run(tmp_path, r, tokenizer)
+    model, run = tiny_run(tmp_path, r, tokenizer)
     report = export_run(run, tmp_path / "ct", "compressed-tensors", dtype, calib=str(text_file), verify="stock")
-    tokens = windows(len(tokenizer), seed=7, n=2, seqlen=32)
+    tokens = token_windows(2, 32, 7, vocab=len(tokenizer))
     reference = model if dtype == torch.float32 else open_run(run, torch.device("cpu"), dtype)[0]
     assert rel_diff(reference, load_quantized(tmp_path / "ct"), tokens) <= 1e-5  # our runtime re-attached
     config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
@@ -166,11 +156,11 @@ def tiny_preset(name):
 @pytest.mark.parametrize("preset", preset_names())
 def test_native_round_trip_is_bit_exact_for_every_preset(preset, tmp_path, tokenizer):
     r = tiny_preset(preset)  # every preset must adapt to the tiny widths; a ConfigError is a failure
-    model, run = make_run(tmp_path, r, tokenizer, num_hidden_layers=1)
+    model, run = tiny_run(tmp_path, r, tokenizer, num_hidden_layers=1)
     report = export_run(run, tmp_path / "native", "native")
     assert report["checks"]["load_quantized"]["bit_exact"]
     loaded = load_quantized(tmp_path / "native")
-    tokens = windows(len(tokenizer), seed=8, n=2, seqlen=20)
+    tokens = token_windows(2, 20, 8, vocab=len(tokenizer))
     with torch.no_grad():
         assert torch.equal(model(tokens).logits, loaded(tokens).logits)
     names = [p.name for p in tmp_path.joinpath("native").rglob("*") if p.is_file()]
@@ -186,7 +176,7 @@ def test_native_stores_the_random_signs(tmp_path, tokenizer):
     from orthoquant.hadamard import random_signs
     from orthoquant.transforms.plan import layer_seed
 
-    _, run = make_run(tmp_path, recipe_of({**ROTATED, "weights": W4G32}), tokenizer)
+    _, run = tiny_run(tmp_path, recipe_of({**ROTATED, "weights": W4G32}), tokenizer)
     export_run(run, tmp_path / "native", "native")
     with safe_open(str(tmp_path / "native" / "transforms.safetensors"), "pt") as f:
         signs = f.get_tensor("residual.-1")
@@ -216,7 +206,7 @@ def plain_gptq_weight(tensors, owner, bits, cols):
 def test_gptq_layout_matches_a_plain_unpacker(bits, group, act_order, tmp_path, tokenizer):
     weights = {"format": "int", "bits": bits, "symmetric": True, "group_size": group, "scale_dtype": "float16"}
     r = recipe_of({**ROTATED, "weights": weights, "solver": {"name": "gptq", "act_order": act_order}})
-    model, run = make_run(tmp_path, r, tokenizer)
+    model, run = tiny_run(tmp_path, r, tokenizer)
     export_run(run, tmp_path / "gptq", "gptq")
     config = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
     assert config == {**config, "quant_method": "gptq", "format": "gptq", "bits": bits, "group_size": group,
@@ -241,11 +231,11 @@ def test_gptq_reloads_with_gptqmodel(tmp_path, tokenizer):
     except ImportError:
         pytest.fail("gptqmodel is not installed: run `make install` (gptqmodel==7.6.0 --no-deps, see Makefile)")
     r = recipe_of({"weights": {**W4G32, "scale_dtype": "float16"}})
-    model, run = make_run(tmp_path, r, tokenizer)
+    model, run = tiny_run(tmp_path, r, tokenizer)
     report = export_run(run, tmp_path / "gptq", "gptq", verify="stock")
     assert report["checks"]["gptqmodel"]["max_rel_diff"] < 2e-2
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "gptq", device_map="cpu")
-    assert rel_diff(model, stock, windows(len(tokenizer), seed=9, n=2, seqlen=32)) < 2e-2
+    assert rel_diff(model, stock, token_windows(2, 32, 9, vocab=len(tokenizer))) < 2e-2
 
 
 # --- integrity ----------------------------------------------------------------------------------
@@ -253,7 +243,7 @@ def test_gptq_reloads_with_gptqmodel(tmp_path, tokenizer):
 def exports(tmp_path, tokenizer):
     """A native, a compressed-tensors and a GPTQ export of one small run."""
     r = recipe_of({**ROTATED, "weights": {**W4G32, "scale_dtype": "float16"}})
-    _, run = make_run(tmp_path, r, tokenizer)
+    _, run = tiny_run(tmp_path, r, tokenizer)
     for fmt in ("native", "compressed-tensors", "gptq"):
         export_run(run, tmp_path / fmt, fmt)
     return tmp_path
@@ -292,7 +282,7 @@ def test_a_flipped_byte_in_any_file_is_detected(fmt, exports):
     ("gptq", {}, "not exactly representable in float16.*--set weights.scale_dtype=float16"),
 ])
 def test_formats_refuse_what_they_cannot_hold_before_writing(fmt, change, message, tmp_path, tokenizer):
-    _, run = make_run(tmp_path, recipe_of({**ROTATED, "weights": W4G32, **change}), tokenizer)
+    _, run = tiny_run(tmp_path, recipe_of({**ROTATED, "weights": W4G32, **change}), tokenizer)
     with pytest.raises(UserError, match=message):
         export_run(run, tmp_path / "out", fmt)
     assert not (tmp_path / "out").exists()
@@ -301,7 +291,7 @@ def test_formats_refuse_what_they_cannot_hold_before_writing(fmt, change, messag
 def test_cli_export_prints_bytes_per_parameter_and_refuses_online_transforms(tmp_path, tokenizer, capsys):
     transforms = ROTATED["transforms"] + [{"site": "qk", "kind": "hadamard"}]
     weights = {**W4G32, "scale_dtype": "bfloat16"}
-    _, run = make_run(tmp_path, recipe_of({"transforms": transforms, "weights": weights}), tokenizer)
+    _, run = tiny_run(tmp_path, recipe_of({"transforms": transforms, "weights": weights}), tokenizer)
     assert main(["export", str(run), "--format", "native", "--out", str(tmp_path / "n"), "--dtype", "bfloat16"]) == 0
     out = capsys.readouterr().out
     assert "quantized linears: 0.5625 bytes/parameter" in out  # 4 bits + a bf16 scale per 32 weights
@@ -331,7 +321,7 @@ def test_nvfp4_tensor_scale_is_stored_as_an_exact_inverse():
 def test_export_shows_one_bar_of_its_own_over_the_run_files(fmt, tmp_path, tokenizer, capsys):
     """One bar named after the export, a step per run file (the rest, then each layer); compressed-tensors'
     own bars (two per layer) are not shown."""
-    _, run = make_run(tmp_path, recipe_of({"weights": {**W4G32, "scale_dtype": "float16"}}), tokenizer)
+    _, run = tiny_run(tmp_path, recipe_of({"weights": {**W4G32, "scale_dtype": "float16"}}), tokenizer)
     capsys.readouterr()
     assert main(["export", str(run), "--format", fmt, "--out", str(tmp_path / fmt), "--verify", "weights"]) == 0
     err = capsys.readouterr().err

@@ -18,7 +18,8 @@ from orthoquant.export.shards import INDEX, ShardWriter, read_tensors
 from orthoquant.models.tiny import tiny_model
 from orthoquant.runfolder import read_module
 
-from test_export import make_run, recipe_of, rel_diff, windows
+from helpers import tiny_run, token_windows
+from test_export import recipe_of, rel_diff
 
 FP8_KV = {"format": "fp8", "bits": 8, "group_size": 0, "static": True}
 W4G32 = {"format": "int", "bits": 4, "symmetric": True, "group_size": 32}
@@ -43,7 +44,7 @@ def scales_of(model):
 @pytest.fixture
 def kv_run(tmp_path, tokenizer):
     """The FP8 W8A8 + static FP8 KV preset on a tiny Llama: (in-memory quantized model, run folder)."""
-    return make_run(tmp_path, recipe_of("rtn-w8a8-fp8-kv8"), tokenizer)
+    return tiny_run(tmp_path, recipe_of("rtn-w8a8-fp8-kv8"), tokenizer)
 
 
 @torch.no_grad()
@@ -75,7 +76,7 @@ def post_rope_amax(model, index, tokens):
 
 def test_the_run_calibrates_amax_over_448_of_post_rope_keys_and_values(kv_run, tokenizer):
     model, run = kv_run
-    tokens = windows(len(tokenizer))  # the calibration windows (one batch of 4)
+    tokens = token_windows(4, 24, vocab=len(tokenizer))  # the calibration windows (one batch of 4)
     for index in range(2):
         k_amax, v_amax = post_rope_amax(model, index, tokens)
         k_scale, v_scale = scales_of(model)[index]
@@ -88,7 +89,7 @@ def test_the_run_calibrates_amax_over_448_of_post_rope_keys_and_values(kv_run, t
 
 def test_the_static_scales_are_what_the_run_quantizes_with(kv_run, tokenizer):
     model, run = kv_run
-    tokens = windows(len(tokenizer), seed=3, n=2, seqlen=32)
+    tokens = token_windows(2, 32, 3, vocab=len(tokenizer))
     reopened, *_ = open_run(run, torch.device("cpu"))
     assert rel_diff(model, reopened, tokens) == 0
     with torch.no_grad():
@@ -108,7 +109,7 @@ def test_static_fp8_kv_cache_round_trips_through_compressed_tensors(kv_run, tmp_
         for i, (k_scale, v_scale) in enumerate(scales_of(model)):
             assert torch.equal(f.get_tensor(f"model.layers.{i}.self_attn.k_scale"), k_scale)  # the run's, exactly
             assert torch.equal(f.get_tensor(f"model.layers.{i}.self_attn.v_scale"), v_scale)
-    tokens = windows(len(tokenizer), seed=4, n=2, seqlen=32)
+    tokens = token_windows(2, 32, 4, vocab=len(tokenizer))
     loaded = load_quantized(tmp_path / "ct")
     assert rel_diff(model, loaded, tokens) == 0  # export = run, KV quantization included
     assert [tuple(map(torch.Tensor.tolist, s)) for s in scales_of(loaded)] == \
@@ -162,7 +163,7 @@ def test_without_cts_quantized_forward_the_stock_check_reports_why_and_compares_
 
 def test_native_export_keeps_the_static_scales_in_their_dtype(tmp_path, tokenizer):
     r = recipe_of("rtn-w8a8-fp8-kv8").with_overrides(["weights.scale_dtype=bfloat16"])  # KV scales: float32
-    model, run = make_run(tmp_path, r, tokenizer)
+    model, run = tiny_run(tmp_path, r, tokenizer)
     report = export_run(run, tmp_path / "native", "native", torch.bfloat16)
     assert report["checks"]["load_quantized"]["bit_exact"]  # a bf16 KV scale would not be the run's
     stored, _, _ = read_module(tmp_path / "native" / "layers" / "00001.safetensors")
@@ -173,10 +174,11 @@ def test_native_export_keeps_the_static_scales_in_their_dtype(tmp_path, tokenize
 def test_a_resumed_run_reloads_its_static_scales(kv_run, tokenizer):
     model, run = kv_run
     recipe = Recipe.from_yaml((run / "recipe.yaml").read_text())
-    again = quantize(tiny_model("llama", vocab_size=len(tokenizer)), recipe, windows(len(tokenizer)), out=run)
+    again = quantize(tiny_model("llama", vocab_size=len(tokenizer)), recipe, token_windows(4, 24, vocab=len(tokenizer)),
+                     out=run)
     assert [tuple(map(torch.Tensor.tolist, s)) for s in scales_of(again)] == \
         [tuple(map(torch.Tensor.tolist, s)) for s in scales_of(model)]
-    assert rel_diff(model, again, windows(len(tokenizer), seed=6, n=2, seqlen=32)) == 0
+    assert rel_diff(model, again, token_windows(2, 32, 6, vocab=len(tokenizer))) == 0
 
 
 @pytest.mark.parametrize("kv_cache, message", [
@@ -186,7 +188,7 @@ def test_a_resumed_run_reloads_its_static_scales(kv_run, tokenizer):
     ({"format": "int", "bits": 4, "symmetric": False, "group_size": 8}, "INT4 KV-cache quantization"),
 ])
 def test_compressed_tensors_refuses_kv_caches_vllm_cannot_serve(kv_cache, message, tmp_path, tokenizer):
-    _, run = make_run(tmp_path, recipe_of({"weights": W4G32, "kv_cache": kv_cache}), tokenizer)
+    _, run = tiny_run(tmp_path, recipe_of({"weights": W4G32, "kv_cache": kv_cache}), tokenizer)
     with pytest.raises(UserError, match=message):
         export_run(run, tmp_path / "ct", "compressed-tensors")
     assert not (tmp_path / "ct").exists()
@@ -194,11 +196,11 @@ def test_compressed_tensors_refuses_kv_caches_vllm_cannot_serve(kv_cache, messag
 
 def test_static_scales_must_be_exact_in_the_export_dtype(tmp_path, tokenizer):
     r = recipe_of({"weights": {**W4G32, "scale_dtype": "bfloat16"}, "kv_cache": FP8_KV})
-    _, run = make_run(tmp_path, r, tokenizer)
+    _, run = tiny_run(tmp_path, r, tokenizer)
     with pytest.raises(UserError, match="k_scale.*--set kv_cache.scale_dtype=bfloat16"):
         export_run(run, tmp_path / "ct", "compressed-tensors", torch.bfloat16)
     r = recipe_of({"weights": {**W4G32, "scale_dtype": "bfloat16"}, "kv_cache": {**FP8_KV, "scale_dtype": "bfloat16"}})
-    model, run = make_run(tmp_path / "bf16", r, tokenizer)
+    model, run = tiny_run(tmp_path / "bf16", r, tokenizer)
     report = export_run(run, tmp_path / "ct", "compressed-tensors", torch.bfloat16, verify="stock")
     with safe_open(str(tmp_path / "ct" / "model.safetensors"), "pt") as f:
         stored = f.get_tensor("model.layers.0.self_attn.k_scale")
@@ -267,7 +269,7 @@ def test_compressed_tensors_streams_one_run_file_at_a_time_into_shards(kv_run, t
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
     if stock_quantizes_kv(stock):
         assert report["checks"]["stock_transformers"]["bit_exact"]
-        assert rel_diff(model, stock, windows(len(tokenizer), seed=7, n=2, seqlen=32)) == 0
+        assert rel_diff(model, stock, token_windows(2, 32, 7, vocab=len(tokenizer))) == 0
     # one shard or three: the same tensors
     export_run(run, tmp_path / "one", "compressed-tensors")
     one, three = read_tensors(tmp_path / "one"), read_tensors(tmp_path / "ct")
@@ -276,8 +278,8 @@ def test_compressed_tensors_streams_one_run_file_at_a_time_into_shards(kv_run, t
 
 def test_gptq_shares_the_shard_writer(tmp_path, tokenizer):
     r = recipe_of({"weights": {**W4G32, "scale_dtype": "float16"}})
-    model, run = make_run(tmp_path, r, tokenizer)
+    model, run = tiny_run(tmp_path, r, tokenizer)
     export_run(run, tmp_path / "gptq", "gptq", max_shard_bytes=1)
     index = json.loads((tmp_path / "gptq" / INDEX).read_text())["weight_map"]
     assert len(set(index.values())) == 3 and "model.layers.1.mlp.down_proj.qweight" in index
-    assert rel_diff(model, load_quantized(tmp_path / "gptq"), windows(len(tokenizer), seed=8, n=2, seqlen=32)) == 0
+    assert rel_diff(model, load_quantized(tmp_path / "gptq"), token_windows(2, 32, 8, vocab=len(tokenizer))) == 0

@@ -4,7 +4,6 @@ import json
 import logging
 
 import pytest
-import torch
 
 from orthoquant import quantize
 from orthoquant.cli import main
@@ -14,11 +13,13 @@ from orthoquant.export import export_run, load_quantized, streamed
 from orthoquant.export.verify import FAILED_MANIFEST, MANIFEST, ExportCheckError
 from orthoquant.models.tiny import tiny_model
 
+from helpers import token_windows
+
 
 @pytest.fixture
 def run(tmp_path):
     recipe = load_recipe("rtn-w4a16").with_overrides(["calibration.batch_size=4", "weights.group_size=32"])
-    windows = torch.randint(0, 300, (4, 24), generator=torch.Generator().manual_seed(0))
+    windows = token_windows(4, 24, vocab=300)
     quantize(tiny_model("llama", vocab_size=300, num_hidden_layers=3), recipe, windows, out=tmp_path / "run")
     return tmp_path / "run"
 

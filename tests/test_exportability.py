@@ -15,11 +15,13 @@ from orthoquant.export.contents import exact_in
 from orthoquant.formats import make_format
 from orthoquant.models.tiny import tiny_model
 
+from helpers import token_windows
+
 
 def preset_run(tmp_path, preset, dtype, tokenizer=None):
     recipe = load_recipe(preset).with_overrides(["calibration.batch_size=4"])
     model = tiny_model("llama", vocab_size=300, dtype=dtype)
-    windows = torch.randint(0, 300, (4, 24), generator=torch.Generator().manual_seed(0))
+    windows = token_windows(4, 24, vocab=300)
     quantize(model, recipe, windows, out=tmp_path / "run")
     return tmp_path / "run"
 

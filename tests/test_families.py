@@ -12,8 +12,10 @@ from orthoquant.models.spec import spec_for
 from orthoquant.models.support import check_support
 from orthoquant.models.tiny import tiny_config, tiny_model
 
-IDS = torch.randint(0, 101, (2, 21), generator=torch.Generator().manual_seed(0))
-WINDOWS = torch.randint(0, 101, (4, 16), generator=torch.Generator().manual_seed(2))
+from helpers import token_windows
+
+IDS = token_windows(2, 21)
+WINDOWS = token_windows(4, 16, 2)
 
 
 def refused(family: str) -> set[str]:

@@ -13,6 +13,7 @@ from orthoquant.fitting import loop
 from test_fitting import QUANT, SMALL, session_for
 
 from conftest import make_text
+from helpers import token_windows
 
 CPU = torch.device("cpu")
 
@@ -67,7 +68,7 @@ def test_a_fit_source_too_short_for_its_windows_exits_2_before_anything_is_writt
 
 
 def test_the_held_out_loss_is_logged_after_every_step_on_windows_the_fit_never_trains_on(monkeypatch):
-    windows = torch.randint(0, 101, (5, 16), generator=torch.Generator().manual_seed(5))
+    windows = token_windows(5, 16, 5)
     trained_on = []
     real = loop.accumulate_gradients
     monkeypatch.setattr(loop, "accumulate_gradients", lambda s, w, step: trained_on.append(w) or real(s, w, step))

@@ -13,8 +13,10 @@ from orthoquant.models.spec import spec_for
 from orthoquant.models.tiny import tiny_model
 from orthoquant.pipeline import make_plan, prepare_model
 
+from helpers import token_windows
+
 CPU = torch.device("cpu")
-WINDOWS = torch.randint(0, 101, (6, 12), generator=torch.Generator().manual_seed(4))
+WINDOWS = token_windows(6, 12, 4)
 
 
 def session(grad_accum: int, steps: int = 1):

@@ -20,8 +20,10 @@ from orthoquant.models.tiny import tiny_model
 from orthoquant.pipeline import make_plan, prepare_model
 from orthoquant.transforms.base import Hadamard
 
+from helpers import token_windows
+
 CPU = torch.device("cpu")
-WINDOWS = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(2))
+WINDOWS = token_windows(2, 16, 2)
 QUANT = dict(activations=QuantSpec(bits=4, symmetric=False), kv_cache=QuantSpec(bits=4, symmetric=False),
              transforms=(TransformSpec("qk"), TransformSpec("down_input")))
 SMALL = dict(batch_size=2, grad_accum=1, top_k=20, qsur_samples=0, eval_samples=0)

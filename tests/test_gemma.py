@@ -20,13 +20,13 @@ from orthoquant.models.surgery import layers_of
 from orthoquant.models.tiny import tiny_model
 from orthoquant.pipeline import quantize, quantize_pretrained
 
-from helpers import assert_same_run_files, interrupt_then_resume, relative
+from helpers import assert_same_run_files, interrupt_then_resume, relative, token_windows
 
 CPU = torch.device("cpu")
 FAMILIES = ("gemma2", "gemma3")
 SITES = ("attn_value", "o_input", "down_input", "qk")
-IDS = torch.randint(0, 101, (2, 21), generator=torch.Generator().manual_seed(0))  # longer than the window (8)
-CALIB = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(1))
+IDS = token_windows(2, 21)  # longer than the window (8)
+CALIB = token_windows(2, 16, 1)
 TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
 # the strongest rotation recipe Gemma allows: QuaRot's R2, R3, R4 (and o_proj's input) without R1, GPTQ
 ROTATED = [{"site": s, "kind": "hadamard"} for s in SITES]
@@ -98,7 +98,7 @@ def test_global_and_sliding_layers_keep_their_own_arguments():
 def test_streamed_checkpoint_and_perplexity_match_the_model(family, saved_model, text_file, tmp_path, tokenizer):
     folder = saved_model(family)
     stock = AutoModelForCausalLM.from_pretrained(folder)
-    ids = torch.randint(0, len(tokenizer), (4, 32), generator=torch.Generator().manual_seed(3))
+    ids = token_windows(4, 32, 3, vocab=len(tokenizer))
     run = quantize_pretrained(str(folder), recipe("fp16", text_file), tmp_path / "fp", CPU)
     model, *_ = open_run(run.path, CPU)
     with torch.no_grad():
@@ -137,7 +137,7 @@ def test_w4a16_compressed_tensors_reloads_in_stock_transformers(family, saved_mo
     assert report["checks"]["stock_transformers"]["bit_exact"]
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")  # stock (1 + γ) norms read the stored γ
     model, *_ = open_run(run.path, CPU)
-    ids = torch.randint(0, len(tokenizer), (2, 32), generator=torch.Generator().manual_seed(3))
+    ids = token_windows(2, 32, 3, vocab=len(tokenizer))
     with torch.no_grad():
         assert relative(model(ids).logits, stock(ids).logits) <= 1e-5
 
@@ -163,6 +163,6 @@ def test_a_multimodal_gemma3_checkpoint_quantizes_its_text_model(tokenizer, text
     run = quantize_pretrained(str(tmp_path / "mm"), recipe("fp16", text_file), tmp_path / "run", CPU)
     model, *_ = open_run(run.path, CPU)
     assert type(model).__name__ == "Gemma3ForCausalLM"
-    ids = torch.randint(0, len(tokenizer), (2, 32), generator=torch.Generator().manual_seed(3))
+    ids = token_windows(2, 32, 3, vocab=len(tokenizer))
     with torch.no_grad():
         assert relative(multimodal(input_ids=ids).logits, model(ids).logits) < 1e-5

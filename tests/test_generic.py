@@ -17,7 +17,7 @@ from orthoquant.models.surgery import layers_of, linears_of
 from orthoquant.models.tiny import GENERIC_FAMILIES, tiny_model
 from orthoquant.pipeline import quantize_pretrained
 
-from helpers import assert_same_run_files, interrupt_then_resume
+from helpers import assert_same_run_files, interrupt_then_resume, token_windows
 
 CPU = torch.device("cpu")
 
@@ -26,9 +26,6 @@ def recipe(name, text_file, *sets):
     return load_recipe(name, [f"calibration.source={text_file}", "calibration.nsamples=8",
                               "calibration.seqlen=32", "calibration.batch_size=4", *sets])
 
-
-def windows(vocab, n=4, seqlen=32, seed=3):
-    return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("family, layers", [("gpt2", "transformer.h"), ("opt", "model.decoder.layers"),
@@ -47,7 +44,7 @@ def test_layers_and_model_parts_are_found_from_the_module_tree(family, layers):
 @torch.no_grad()
 def test_conv1d_becomes_an_exact_linear():
     model = tiny_model("gpt2", dtype=torch.float64)
-    tokens = windows(101)
+    tokens = token_windows(4, 32, 3)
     before = model(tokens).logits
     assert linearize_conv1d_(model)
     assert torch.equal(model(tokens).logits, before)
@@ -62,7 +59,7 @@ def test_linears_reading_one_tensor_share_a_group(family, shared):
     model = tiny_model(family)
     linearize_conv1d_(model)
     spec = spec_for(model.config)
-    groups = discover_input_groups(linears_of(layers_of(model, spec)[0], spec), lambda: model(windows(101)))
+    groups = discover_input_groups(linears_of(layers_of(model, spec)[0], spec), lambda: model(token_windows(4, 32, 3)))
     assert shared in [set(g) for g in groups]
     assert sorted(n for g in groups for n in g) == sorted(dict(spec.linears))  # each linear once
 
@@ -70,7 +67,7 @@ def test_linears_reading_one_tensor_share_a_group(family, shared):
 @pytest.mark.parametrize("family", GENERIC_FAMILIES)
 def test_rtn_and_gptq_quantize_evaluate_and_export(family, saved_model, text_file, tmp_path, tokenizer):
     folder = saved_model(family)
-    tokens = windows(len(tokenizer))
+    tokens = token_windows(4, 32, 3, vocab=len(tokenizer))
     fp = perplexity(AutoModelForCausalLM.from_pretrained(folder), tokens, CPU, batch_size=4)
     losses = {}
     for solver in ("rtn", "gptq"):
@@ -92,7 +89,7 @@ def test_compressed_tensors_reloads_in_stock_transformers(family, saved_model, t
     export_run(run.path, tmp_path / "ct", "compressed-tensors", verify="stock")
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
     model, *_ = open_run(run.path, CPU)
-    tokens = windows(len(tokenizer))
+    tokens = token_windows(4, 32, 3, vocab=len(tokenizer))
     with torch.no_grad():
         a, b = model(tokens).logits, stock(tokens).logits
     assert float((a - b).abs().max() / a.abs().max()) <= 1e-5

@@ -13,7 +13,7 @@ from orthoquant.formats import QParams, make_format
 from orthoquant.formats.integer import IntFormat
 from orthoquant.solvers import SOLVERS
 from orthoquant.solvers.cholesky import cholesky_lower_
-from orthoquant.solvers.gptq import TRUE_SEQUENTIAL, sequential_groups, solve_gptq
+from orthoquant.solvers.gptq import solve_gptq
 
 GROUPS = {"channel": (-1, False), "tensor": (0, False), "static": (8, True), "dynamic": (8, False)}
 
@@ -224,10 +224,3 @@ def test_interface_errors_and_registration():
         solve_gptq(weight(4, 32, seed=0), None, fmt, SolverSpec(name="gptq"))
     with pytest.raises(ConfigError, match="divide the 24 input columns"):
         solve_gptq(weight(4, 24, seed=0), torch.eye(24, dtype=torch.float64), fmt, SolverSpec(name="gptq"))
-
-
-def test_true_sequential_groups():
-    roles = ["q", "k", "v", "o", "gate", "up", "down"]
-    assert sequential_groups(roles) == list(TRUE_SEQUENTIAL)
-    assert sequential_groups(roles, true_sequential=False) == [tuple(roles)]
-    assert sequential_groups(["down", "qkv", "o"]) == [("o",), ("down",), ("qkv",)]

@@ -20,9 +20,11 @@ from orthoquant.transforms.base import Diagonal
 from orthoquant.transforms.learnable import LearnedTransforms
 from orthoquant.transforms.sites import Dims
 
+from helpers import token_windows
+
 CPU = torch.device("cpu")
-IDS = torch.randint(0, 101, (2, 19), generator=torch.Generator().manual_seed(0))
-CALIB = torch.randint(0, 101, (4, 12), generator=torch.Generator().manual_seed(1))
+IDS = token_windows(2, 19)
+CALIB = token_windows(4, 12, 1)
 OST = ("R_res", "R_ov", "S_attn", "S_ffn", "S_ov", "S_qk", "S_up_down")
 ONLINE = (TransformSpec("qk"), TransformSpec("down_input"))
 

@@ -6,7 +6,9 @@ from orthoquant.models.spec import ARCHITECTURES, spec_for
 from orthoquant.models.surgery import fold_all_norms, untie_embeddings
 from orthoquant.models.tiny import FAMILIES, TINY_CONFIGS, tiny_config, tiny_model
 
-IDS = torch.randint(0, 101, (2, 19), generator=torch.Generator().manual_seed(0))
+from helpers import token_windows
+
+IDS = token_windows(2, 19)
 
 
 def logits(model):

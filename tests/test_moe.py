@@ -18,9 +18,11 @@ from orthoquant.models.spec import spec_for
 from orthoquant.models.tiny import tiny_model
 from orthoquant.pipeline import quantize, quantize_pretrained
 
+from helpers import token_windows
+
 CPU = torch.device("cpu")
-WINDOWS = torch.randint(0, 101, (8, 24), generator=torch.Generator().manual_seed(0))
-IDS = torch.randint(0, 101, (2, 21), generator=torch.Generator().manual_seed(3))
+WINDOWS = token_windows(8, 24)
+IDS = token_windows(2, 21, 3)
 
 
 def recipe(name, *sets):
@@ -122,7 +124,7 @@ def test_streamed_checkpoint_reads_every_expert(family, stacked, saved_model, te
     sets = [f"calibration.source={text_file}", "calibration.nsamples=4", "calibration.seqlen=32"]
     run = quantize_pretrained(str(folder), recipe("fp16", *sets), tmp_path / "run", CPU)
     model, *_ = open_run(run.path, CPU)
-    ids = torch.randint(0, len(tokenizer), (2, 32), generator=torch.Generator().manual_seed(3))
+    ids = token_windows(2, 32, 3, vocab=len(tokenizer))
     with torch.no_grad():
         a, b = AutoModelForCausalLM.from_pretrained(folder)(ids).logits, model(ids).logits
     assert float((a - b).abs().max() / a.abs().max()) < 1e-5

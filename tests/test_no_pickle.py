@@ -18,6 +18,8 @@ from orthoquant.models.spec import spec_for
 from orthoquant.models.tiny import tiny_model
 from orthoquant.pipeline import make_plan, prepare_model
 
+from helpers import token_windows
+
 
 class Payload:
     """Unpickling this creates ``marker``: the code a planted file would run."""
@@ -50,7 +52,7 @@ def test_a_planted_pickle_fit_checkpoint_is_refused_and_never_runs(tmp_path):
     fit = FitSpec(steps=2, batch_size=2, grad_accum=1, top_k=20, qsur_samples=0, eval_samples=0)
     checkpoint, marker = tmp_path / CHECKPOINT, tmp_path / "pwned"
     plant(checkpoint, marker)
-    windows = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(0))
+    windows = token_windows(2, 16)
     with pytest.raises(UserError, match=f"{checkpoint} is not a valid fit checkpoint"):
         loop.train(fit_session(fit), windows, checkpoint)
     assert not marker.exists()

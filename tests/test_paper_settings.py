@@ -8,7 +8,9 @@ from orthoquant import load_recipe, quantize, runner
 from orthoquant.config import QuantSpec, Recipe, SolverSpec, TransformSpec
 from orthoquant.models.tiny import tiny_model
 
-CALIB = torch.randint(0, 101, (4, 16), generator=torch.Generator().manual_seed(3))
+from helpers import token_windows
+
+CALIB = token_windows(4, 16, 3)
 ROTATION_PRESETS = ["quarot-w4a4kv4", "spinquant-had-w4a4kv4", "spinquant-w4a4kv4", "ostquant-w4a4kv4"]
 
 

@@ -17,12 +17,12 @@ from orthoquant.models.tiny import tiny_model
 from orthoquant.pipeline import quantize, quantize_pretrained
 from orthoquant.solvers import SOLVERS
 
-from helpers import assert_same_run_files, interrupt_then_resume, relative
+from helpers import assert_same_run_files, interrupt_then_resume, relative, token_windows
 
 CPU = torch.device("cpu")
 SITES = ("residual", "attn_value", "o_input", "down_input", "qk")
-IDS = torch.randint(0, 101, (2, 21), generator=torch.Generator().manual_seed(0))
-CALIB = torch.randint(0, 101, (2, 8), generator=torch.Generator().manual_seed(1))
+IDS = token_windows(2, 21)
+CALIB = token_windows(2, 8, 1)
 TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
 
 
@@ -78,7 +78,7 @@ def test_streamed_checkpoint_reads_the_fused_rows(saved_model, text_file, tmp_pa
     run = quantize_pretrained(str(folder), recipe("fp16", text_file), tmp_path / "run", CPU)
     model, *_ = open_run(run.path, CPU)
     stock = AutoModelForCausalLM.from_pretrained(folder)
-    ids = torch.randint(0, len(tokenizer), (2, 32), generator=torch.Generator().manual_seed(3))
+    ids = token_windows(2, 32, 3, vocab=len(tokenizer))
     with torch.no_grad():
         assert relative(stock(ids).logits, model(ids).logits) < 1e-5
 
@@ -112,7 +112,7 @@ def test_w4a16_compressed_tensors_reloads_in_stock_transformers(saved_model, tex
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
     assert type(stock.model.layers[0].self_attn.qkv_proj).__name__ != "FusedLinear"  # the stock, fused module
     model, *_ = open_run(run.path, CPU)
-    ids = torch.randint(0, len(tokenizer), (2, 32), generator=torch.Generator().manual_seed(3))
+    ids = token_windows(2, 32, 3, vocab=len(tokenizer))
     with torch.no_grad():
         assert relative(model(ids).logits, stock(ids).logits) <= 1e-5
     assert main(["export", str(run.path), "--format", "gptq", "--out", str(tmp_path / "gptq")]) == 2

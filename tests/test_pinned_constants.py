@@ -17,7 +17,6 @@ import torch
 import yaml
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from orthoquant import quantize
 from orthoquant.config import QuantSpec, Recipe, preset_names
 from orthoquant.errors import ConfigError
 from orthoquant.export import export_run, load_quantized
@@ -33,6 +32,8 @@ from orthoquant.models.spec import spec_for
 from orthoquant.models.tiny import tiny_model
 from orthoquant.transforms.base import Hadamard
 from orthoquant.transforms.sites import SITES
+
+from helpers import tiny_run, token_windows
 
 
 # --- symmetric INT scale rules ------------------------------------------------------------------
@@ -98,11 +99,9 @@ def test_minmax_int_weights_export_exactly(fmt, tmp_path, tokenizer):
     vocab = len(tokenizer)
     recipe = Recipe.from_dict({"name": "t", "weights": W4G32_MINMAX, "solver": {"name": "gptq"},
                                "calibration": {"batch_size": 4}})
-    tokens = torch.randint(0, vocab, (4, 24), generator=torch.Generator().manual_seed(0))
-    model = quantize(tiny_model("llama", vocab_size=vocab), recipe, tokens, out=tmp_path / "run")
-    tokenizer.save_pretrained(tmp_path / "run")
+    model, _ = tiny_run(tmp_path, recipe, tokenizer)
     export_run(tmp_path / "run", tmp_path / "out", fmt)  # verifies the reload itself, raises on a mismatch
-    test = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(1))
+    test = token_windows(2, 32, 1, vocab=vocab)
     with torch.no_grad():
         a, b = model(test).logits, load_quantized(tmp_path / "out")(test).logits
     assert float((a - b).abs().max() / a.abs().max()) <= 1e-5
@@ -235,7 +234,7 @@ def test_kv_quantizer_receives_hadamard_rotated_post_rope_keys():
     set_kv_quantizers(attention, lambda k: seen.setdefault("kv", k), None)
     keys = {}
     attention.k_proj.register_forward_hook(lambda m, i, o: keys.setdefault("k", o))
-    tokens = torch.randint(0, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    tokens = token_windows(2, 10, vocab=model.config.vocab_size)
     with torch.no_grad():
         model(tokens)
         k = keys["k"].view(2, 10, -1, head_dim).transpose(1, 2)

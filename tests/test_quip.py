@@ -18,6 +18,8 @@ from orthoquant.solvers.gptq import solve_gptq
 from orthoquant.solvers.ldlq import block_ldlq
 from orthoquant.solvers.quip import rht_transforms, rotate_hessian, rotate_weight, unrotate_weight
 
+from helpers import synthetic_layer, token_windows
+
 CPU = torch.device("cpu")
 # preset -> bound on the relative logit error of a random tiny model (INT2/INT3 GPTQ: 0.57 / 0.31)
 PRESETS = {"quip-e8p-2bit": 0.55, "quip-e8p-3bit": 0.3, "quip-e8p-4bit": 0.2, "quip-int4": 0.2}
@@ -32,15 +34,6 @@ REFERENCE_NORM12 = {
     (1, 3, 3, 3, 1, 3, 3, 1), (1, 3, 3, 3, 3, 1, 1, 3), (1, 3, 3, 3, 1, 3, 1, 3), (1, 1, 3, 3, 1, 3, 3, 3),
     (3, 3, 1, 1, 3, 3, 3, 1),
 }
-
-
-def correlated_layer(m=64, n=128, seed=0):
-    """Weight (m, n) and H = E[x xᵀ] (n, n, float64) of inputs with a decaying spectrum and outlier channels."""
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(m, n, generator=g) / n**0.5
-    A = torch.randn(n, n, generator=g, dtype=torch.float64) / torch.arange(1, n + 1, dtype=torch.float64)[:, None]
-    scale = torch.exp(torch.randn(n, generator=g, dtype=torch.float64))
-    return W, (A.T @ A + 0.05 * torch.eye(n, dtype=torch.float64)) * scale[:, None] * scale[None]
 
 
 def trace_loss(dW, H):
@@ -106,14 +99,14 @@ def test_lattice_format_rejects_what_it_cannot_do():
         QuantSpec(format="e8p", bits=5)
     with pytest.raises(ConfigError, match="group_size"):
         QuantSpec(format="e8p", bits=2, group_size=32)
-    W, H = correlated_layer(8, 64)
+    W, H = synthetic_layer(8, 64)
     with pytest.raises(ConfigError, match="8 weights at a time"):
         solve_gptq(W, H, e8p(2), SolverSpec(name="gptq"))
 
 
 # --- RHT and solvers ---------------------------------------------------------------------------------
 def test_rht_is_orthogonal_and_preserves_the_proxy_loss():
-    W, H = correlated_layer(96, 64)
+    W, H = synthetic_layer(96, 64)
     t_in, t_out = rht_transforms(W)
     for t in (t_in, t_out):
         M = t.matrix()
@@ -130,7 +123,7 @@ def test_rht_is_orthogonal_and_preserves_the_proxy_loss():
 
 @pytest.mark.parametrize("blocksize", [128, 24])
 def test_block_ldlq_with_blocks_of_one_is_gptq_on_the_reversed_columns(blocksize):
-    W, H = correlated_layer(48, 96)
+    W, H = synthetic_layer(48, 96)
     fmt = make_format(QuantSpec(bits=3, symmetric=False))
     q = block_ldlq(W, H, fmt, blocksize=blocksize)
     ref = solve_gptq(W.flip(1).contiguous(), H.flip(0, 1).contiguous(), fmt, SolverSpec(blocksize=blocksize))
@@ -138,7 +131,7 @@ def test_block_ldlq_with_blocks_of_one_is_gptq_on_the_reversed_columns(blocksize
 
 
 def test_two_bit_proxy_loss_ranks_e8p_ldlq_below_int2_gptq_below_int2_rtn():
-    W, H = correlated_layer(128, 256, seed=1)
+    W, H = synthetic_layer(128, 256, seed=1)
     spec = SolverSpec()
     int2 = make_format(QuantSpec(bits=2, symmetric=False, clip_search=True))
     loss = {"e8p-ldlq": SOLVERS.get("quip-ldlq").solve(W, H, e8p(2), spec).loss,
@@ -151,16 +144,13 @@ def test_two_bit_proxy_loss_ranks_e8p_ldlq_below_int2_gptq_below_int2_rtn():
 
 
 # --- presets end to end ------------------------------------------------------------------------------
-def windows(n=8, seed=0):
-    return torch.randint(0, 101, (n, 24), generator=torch.Generator().manual_seed(seed))
-
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_saves_reloads_bit_exactly_and_equals_the_unrotated_fake_quant_model(preset, tmp_path):
     base = tiny_model("llama", num_hidden_layers=1)
     recipe = load_recipe(preset, ["calibration.batch_size=4"])
-    model = quantize(tiny_model("llama", num_hidden_layers=1), recipe, windows(), out=tmp_path / "run")
-    w = windows(seed=1)
+    model = quantize(tiny_model("llama", num_hidden_layers=1), recipe, token_windows(8, 24), out=tmp_path / "run")
+    w = token_windows(8, 24, 1)
     with torch.no_grad():
         ref, out = base(w).logits, model(w).logits
     assert (out - ref).norm() < PRESETS[preset] * ref.norm()

@@ -15,7 +15,7 @@ from orthoquant.export import export_run, load_quantized
 from orthoquant.layerfile import read_module
 from orthoquant.runfolder import RunFolder
 
-from helpers import assert_same_run_files, interrupt_then_resume, kl_to
+from helpers import assert_same_run_files, interrupt_then_resume, kl_to, token_windows
 
 BASE = ["calibration.batch_size=8", "solver.true_sequential=true"]  # the same group order with and without
 CASES = {
@@ -122,7 +122,7 @@ def test_resume_with_finetuning_equals_uninterrupted(tmp_path, monkeypatch):
     from orthoquant.models.tiny import tiny_model
 
     r = load_recipe("quip-e8p-2bit", ["calibration.batch_size=4", "finetune.layer_epochs=2", "finetune.e2e_epochs=1"])
-    tokens = torch.randint(0, 101, (8, 24), generator=torch.Generator().manual_seed(0))
+    tokens = token_windows(8, 24)
     quantize(tiny_model("llama", num_hidden_layers=3), r, tokens, out=tmp_path / "full")
     interrupt_then_resume(lambda: quantize(tiny_model("llama", num_hidden_layers=3), r, tokens,
                                            out=tmp_path / "resumed"), monkeypatch)
@@ -137,7 +137,7 @@ def test_end_to_end_trains_lm_head_only_when_asked_and_stores_it(tune_head, tmp_
 
     r = load_recipe("quip-e8p-2bit", ["calibration.batch_size=4", "finetune.layer_epochs=0", "finetune.e2e_epochs=2",
                                       f"finetune.tune_lm_head={str(tune_head).lower()}", "finetune.e2e_lr=0.001"])
-    tokens = torch.randint(0, 101, (8, 24), generator=torch.Generator().manual_seed(0))
+    tokens = token_windows(8, 24)
     untuned = quantize(tiny_model("llama"), r.with_overrides(["finetune.e2e_epochs=0"]), tokens).lm_head.weight
     model = quantize(tiny_model("llama"), r, tokens, out=tmp_path / "run")
     assert torch.equal(model.lm_head.weight, untuned) != tune_head  # (the final norm is folded into both)

@@ -16,6 +16,8 @@ from orthoquant.refine.rounding import LinearRounding
 from orthoquant.refine.stage import RefineStage
 from orthoquant.solvers.gptq import solve_gptq
 
+from helpers import tiny_run, token_windows
+
 CPU = torch.device("cpu")
 ITERS = 40
 FORMATS = {  # weight settings over the rtn-w4a16 preset
@@ -24,9 +26,6 @@ FORMATS = {  # weight settings over the rtn-w4a16 preset
     "mxfp4": ["weights.format=mxfp4", "weights.group_size=32", "weights.clip_search=false", "weights.scale_rule=spec"],
 }
 
-
-def windows(vocab=101, n=8, seqlen=24, seed=0):
-    return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(seed))
 
 
 def trained(trained_data, dtype=torch.float32):
@@ -111,23 +110,23 @@ def test_act_order_groups_are_followed():
 
 def test_refined_run_reloads_bit_exactly_and_differs_from_the_solver(tmp_path):
     r = load_recipe("gptq-w4a16", ["calibration.batch_size=4", "weights.group_size=16", "refine.iters=20"])
-    model = quantize(tiny_model("qwen2"), r, windows(), out=tmp_path / "run")
-    plain = quantize(tiny_model("qwen2"), r.with_overrides(["refine.iters=0"]), windows())
+    model = quantize(tiny_model("qwen2"), r, token_windows(8, 24), out=tmp_path / "run")
+    plain = quantize(tiny_model("qwen2"), r.with_overrides(["refine.iters=0"]), token_windows(8, 24))
     loaded = open_run(tmp_path / "run", CPU)[0]
     a, b, c = model.state_dict(), loaded.state_dict(), plain.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a if k.endswith("proj.weight"))
     with torch.no_grad():
-        assert torch.equal(model(windows(seed=4)).logits, loaded(windows(seed=4)).logits)
+        assert torch.equal(model(token_windows(8, 24, 4)).logits, loaded(token_windows(8, 24, 4)).logits)
 
 
 def test_zero_iterations_is_the_unrefined_run_bit_exactly(tmp_path):
     base = load_recipe("gptq-w4a16", ["calibration.batch_size=4"])
     off = base.with_overrides(["refine.iters=0"])
     assert "refine" not in base.to_dict()  # recipes and fingerprints without the section are unchanged
-    quantize(tiny_model("llama", num_hidden_layers=3), base, windows(), out=tmp_path / "base")
-    quantize(tiny_model("llama", num_hidden_layers=3), off, windows(), out=tmp_path / "off")
+    quantize(tiny_model("llama", num_hidden_layers=3), base, token_windows(8, 24), out=tmp_path / "base")
+    quantize(tiny_model("llama", num_hidden_layers=3), off, token_windows(8, 24), out=tmp_path / "off")
     for i in range(3):
         name = f"layers/{i:05d}.safetensors"
         assert (tmp_path / "base" / name).read_bytes() == (tmp_path / "off" / name).read_bytes()
@@ -144,7 +143,7 @@ def test_activations_are_fake_quantized_during_reconstruction(monkeypatch):
 
     monkeypatch.setattr("orthoquant.refine.stage.reconstruct", watching)
     quantize(tiny_model("llama"), load_recipe("rtn-w4a4kv4", ["calibration.batch_size=4", "refine.iters=3"]),
-             windows())
+             token_windows(8, 24))
     assert seen == [True, True]
 
 
@@ -154,7 +153,7 @@ class Interrupt(Exception):
 
 def test_resume_after_an_interrupted_refinement_equals_uninterrupted(tmp_path, monkeypatch):
     r = load_recipe("gptq-w4a16", ["calibration.batch_size=4", "weights.group_size=16", "refine.iters=10"])
-    full = quantize(tiny_model("llama", num_hidden_layers=3), r, windows(), out=tmp_path / "full")
+    full = quantize(tiny_model("llama", num_hidden_layers=3), r, token_windows(8, 24), out=tmp_path / "full")
     original = RefineStage.finish
 
     def stop_at_layer_one(self, layer, prefix, index, *args):
@@ -164,15 +163,15 @@ def test_resume_after_an_interrupted_refinement_equals_uninterrupted(tmp_path, m
 
     monkeypatch.setattr(RefineStage, "finish", stop_at_layer_one)
     with pytest.raises(Interrupt):
-        quantize(tiny_model("llama", num_hidden_layers=3), r, windows(), out=tmp_path / "resumed")
+        quantize(tiny_model("llama", num_hidden_layers=3), r, token_windows(8, 24), out=tmp_path / "resumed")
     assert [p.name for p in (tmp_path / "resumed/layers").iterdir()] == ["00000.safetensors"]
     monkeypatch.setattr(RefineStage, "finish", original)
-    resumed = quantize(tiny_model("llama", num_hidden_layers=3), r, windows(), out=tmp_path / "resumed")
+    resumed = quantize(tiny_model("llama", num_hidden_layers=3), r, token_windows(8, 24), out=tmp_path / "resumed")
     for i in range(3):
         name = f"layers/{i:05d}.safetensors"
         assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
     with torch.no_grad():
-        assert torch.equal(full(windows(seed=3)).logits, resumed(windows(seed=3)).logits)
+        assert torch.equal(full(token_windows(8, 24, 3)).logits, resumed(token_windows(8, 24, 3)).logits)
 
 
 @pytest.mark.parametrize("sets, field", [
@@ -241,9 +240,7 @@ def test_a_refined_rotated_run_exports_like_any_other(tmp_path, tokenizer, fmt):
 
     r = load_recipe("quarot-round-w4a16", ["calibration.batch_size=4", "weights.group_size=32",
                                            "weights.scale_dtype=float16", "refine.iters=10"])
-    vocab = len(tokenizer)
-    quantize(tiny_model("llama", vocab_size=vocab), r, windows(vocab), out=tmp_path / "run")
-    tokenizer.save_pretrained(tmp_path / "run")
+    tiny_run(tmp_path, r, tokenizer, nwindows=8)
     assert any(m["kept"] for m in layer_metrics(tmp_path / "run"))  # refined codes are what is exported
     report = export_run(tmp_path / "run", tmp_path / fmt, fmt)  # reloads and compares before returning
     assert report["checks"]

@@ -12,8 +12,10 @@ from orthoquant.models.spec import spec_for
 from orthoquant.models.surgery import fold_all_norms
 from orthoquant.models.tiny import tiny_model
 
-IDS = torch.randint(0, 101, (2, 15), generator=torch.Generator().manual_seed(0))
-CALIB = torch.randint(0, 101, (2, 8), generator=torch.Generator().manual_seed(1))
+from helpers import token_windows
+
+IDS = token_windows(2, 15)
+CALIB = token_windows(2, 8, 1)
 HIDDEN, HEADS, KV, HD, INTER, LAYERS = 64, 4, 2, 16, 96, 2
 G = torch.Generator().manual_seed(5)
 

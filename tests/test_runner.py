@@ -10,13 +10,10 @@ from orthoquant.evaluate.ppl import perplexity, streamed_perplexity
 from orthoquant.formats import make_format
 from orthoquant.models.tiny import FAMILIES, tiny_model
 
-from helpers import assert_same_run_files, interrupt_then_resume
+from helpers import assert_same_run_files, interrupt_then_resume, token_windows
 
 CPU = torch.device("cpu")
 
-
-def windows(vocab=101, n=8, seqlen=24, seed=0):
-    return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(seed))
 
 
 def recipe(name="rtn-w4a4kv4", *sets):
@@ -31,10 +28,10 @@ def on_grid(weight, spec):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_quantized_weights_lie_on_the_grid_and_quantizers_are_attached(family):
     model = tiny_model(family)
-    ref = model(windows()).logits
+    ref = model(token_windows(8, 24)).logits
     # without clip search the row max sits on the grid, so a second quantization is the identity
     r = recipe("rtn-w4a4kv4", "weights.clip_search=false")
-    quantize(model, r, windows())
+    quantize(model, r, token_windows(8, 24))
     spec = resolve_auto_scales(r, torch.float32).weights  # scale_dtype: auto, as quantize resolved it
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name.endswith(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
@@ -43,25 +40,25 @@ def test_quantized_weights_lie_on_the_grid_and_quantizers_are_attached(family):
     assert not on_grid(model.lm_head.weight.detach(), spec)  # lm_head stays in full precision
     assert model.model.layers[0].self_attn.orthoquant_kv is not None
     with torch.no_grad():
-        out = model(windows()).logits
+        out = model(token_windows(8, 24)).logits
     assert 1e-3 < (out - ref).abs().max() < 10 * ref.abs().max()
 
 
 def test_fp16_recipe_only_folds_and_keeps_the_function():
     model = tiny_model("qwen3")
     with torch.no_grad():
-        ref = model(windows()).logits
-        quantize(model, recipe("fp16"), windows())
-        out = model(windows()).logits
+        ref = model(token_windows(8, 24)).logits
+        quantize(model, recipe("fp16"), token_windows(8, 24))
+        out = model(token_windows(8, 24)).logits
     assert (out - ref).abs().max() < 1e-4
 
 
 def test_activation_quantizer_changes_outputs_only_where_targeted():
     base = tiny_model("llama")
     a_only = Recipe(activations=QuantSpec(bits=4), calibration=recipe().calibration)
-    model = quantize(tiny_model("llama"), a_only, windows())
+    model = quantize(tiny_model("llama"), a_only, token_windows(8, 24))
     with torch.no_grad():
-        assert (model(windows()).logits - base(windows()).logits).abs().max() > 1e-3
+        assert (model(token_windows(8, 24)).logits - base(token_windows(8, 24)).logits).abs().max() > 1e-3
     assert torch.equal(model.model.layers[1].mlp.down_proj.weight,
                        base.model.layers[1].mlp.down_proj.weight)  # weights untouched
 
@@ -69,17 +66,17 @@ def test_activation_quantizer_changes_outputs_only_where_targeted():
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     # GPTQ depends on each layer's calibration inputs, so a resume that propagates differently shows
     r = recipe("rtn-w4a4kv4", "solver.name=gptq")
-    full = quantize(tiny_model("qwen2", num_hidden_layers=4), r, windows(), out=tmp_path / "full")
+    full = quantize(tiny_model("qwen2", num_hidden_layers=4), r, token_windows(8, 24), out=tmp_path / "full")
 
     def two_layers_stored():
         stored = sorted(p.name for p in (tmp_path / "resumed" / "layers").iterdir())
         assert stored == ["00000.safetensors", "00001.safetensors"]
 
     resumed = interrupt_then_resume(
-        lambda: quantize(tiny_model("qwen2", num_hidden_layers=4), r, windows(), out=tmp_path / "resumed"),
+        lambda: quantize(tiny_model("qwen2", num_hidden_layers=4), r, token_windows(8, 24), out=tmp_path / "resumed"),
         monkeypatch, check_interrupted=two_layers_stored)
     with torch.no_grad():  # quantizer hooks are not in the state dict: compare the function too
-        assert torch.equal(full(windows(seed=3)).logits, resumed(windows(seed=3)).logits)
+        assert torch.equal(full(token_windows(8, 24, 3)).logits, resumed(token_windows(8, 24, 3)).logits)
     a, b = full.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys()
     for key in a:
@@ -88,8 +85,8 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
 
 
 def test_run_folder_reloads_bit_exactly_and_streams_the_same_numbers(tmp_path):
-    model = quantize(tiny_model("qwen3", num_hidden_layers=3), recipe(), windows(), out=tmp_path / "run")
-    w = windows(seed=1)
+    model = quantize(tiny_model("qwen3", num_hidden_layers=3), recipe(), token_windows(8, 24), out=tmp_path / "run")
+    w = token_windows(8, 24, 1)
     with torch.no_grad():
         ref = model(w).logits
     loaded, _, spec, source = open_run(tmp_path / "run", CPU)
@@ -126,8 +123,8 @@ def test_solver_transforms_are_attached_saved_and_reloaded(tmp_path, blockdense_
     base = tiny_model("qwen2")
     r = Recipe(weights=QuantSpec(bits=8), solver=recipe().solver.__class__(name=blockdense_solver),
                calibration=recipe().calibration)
-    model = quantize(tiny_model("qwen2"), r, windows(), out=tmp_path / "run")
-    w = windows(seed=2)
+    model = quantize(tiny_model("qwen2"), r, token_windows(8, 24), out=tmp_path / "run")
+    w = token_windows(8, 24, 2)
     with torch.no_grad():
         ref, out = base(w).logits, model(w).logits
     assert (out - ref).abs().max() < 0.05 * ref.abs().max()  # INT8 in the transformed basis ≈ FP
@@ -137,7 +134,7 @@ def test_solver_transforms_are_attached_saved_and_reloaded(tmp_path, blockdense_
     with torch.no_grad():
         assert (model(w).logits - ref).abs().max() > 0.5
     loaded, *_ = open_run(tmp_path / "run", CPU)
-    model = quantize(tiny_model("qwen2"), r, windows(), out=tmp_path / "run")  # resume: all layers stored
+    model = quantize(tiny_model("qwen2"), r, token_windows(8, 24), out=tmp_path / "run")  # resume: all layers stored
     with torch.no_grad():
         assert torch.equal(loaded(w).logits, out) and torch.equal(model(w).logits, out)
 
@@ -148,7 +145,7 @@ def test_per_layer_relative_errors_are_measured_against_the_original_weights(pre
     still be the unquantized weight's (it read 1.0 when a solver wrote into W)."""
     import json
 
-    quantize(tiny_model("llama"), recipe(preset), windows(), out=tmp_path / "run")
+    quantize(tiny_model("llama"), recipe(preset), token_windows(8, 24), out=tmp_path / "run")
     metrics = json.loads((tmp_path / "run" / "run.json").read_text())["metrics"]
     errors = {f"{i}.{name}": m["relative"] for i, layer in metrics.items() if i.isdigit()
               for name, m in layer["linears"].items()}

@@ -17,17 +17,17 @@ from orthoquant.formats import make_format
 from orthoquant.models.tiny import tiny_model
 from orthoquant.runfolder import read_module
 
+from helpers import token_windows
+
 VOCAB = 300
 
-
-def windows(seed, n, seqlen=32):
-    return torch.randint(0, VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(seed))
 
 
 def nvfp4_run(tmp_path, static=True, preset="rtn-nvfp4"):
     recipe = load_recipe(preset).with_overrides(["calibration.batch_size=4",
                                                  f"activations.static={str(static).lower()}"])
-    model = quantize(tiny_model("llama", vocab_size=VOCAB), recipe, windows(0, 8), out=tmp_path / "run")
+    model = quantize(tiny_model("llama", vocab_size=VOCAB), recipe, token_windows(8, 32, vocab=VOCAB),
+                     out=tmp_path / "run")
     return model, tmp_path / "run"
 
 
@@ -57,7 +57,7 @@ def test_every_nvfp4_activation_preset_is_static():
 
 def test_static_inputs_make_logits_and_perplexity_batch_invariant(static_run, tmp_path):
     model, run = static_run
-    tokens = windows(7, 8)
+    tokens = token_windows(8, 32, 7, vocab=VOCAB)
     assert batch_spread(model, tokens) <= 1e-6
     reopened, *_ = open_run(run, torch.device("cpu"))
     assert batch_spread(reopened, tokens) <= 1e-6
@@ -87,7 +87,7 @@ def test_the_stored_scale_is_448x6_over_the_calibrated_input_amax(static_run):
 @torch.no_grad()
 def test_the_fake_quant_uses_the_stored_scale(static_run):
     model, _ = static_run
-    tokens = windows(3, 2)
+    tokens = token_windows(2, 32, 3, vocab=VOCAB)
     before = model(tokens).logits
     model.get_submodule("model.layers.1.mlp.down_proj").input_global_scale.mul_(3)
     assert not torch.equal(model(tokens).logits, before)
@@ -100,7 +100,7 @@ def test_compressed_tensors_writes_the_stored_input_global_scale(static_run, tmp
         for name in linear_names(model):
             assert torch.equal(f.get_tensor(f"{name}.{BUFFER}"), model.get_submodule(name).input_global_scale), name
     loaded = load_quantized(tmp_path / "ct")
-    tokens = windows(5, 2)
+    tokens = token_windows(2, 32, 5, vocab=VOCAB)
     with torch.no_grad():
         assert torch.equal(loaded(tokens).logits, model(tokens).logits)
     export_run(run, tmp_path / "native", "native")
@@ -112,7 +112,7 @@ def test_a_dynamic_run_still_loads_and_exports_with_scales_calibrated_at_export(
     model, run = nvfp4_run(tmp_path, static=False)  # as runs of the presets before static inputs
     assert not any(BUFFER in m._buffers for m in model.modules())
     reopened, *_ = open_run(run, torch.device("cpu"))
-    tokens = windows(5, 2)
+    tokens = token_windows(2, 32, 5, vocab=VOCAB)
     with torch.no_grad():
         assert torch.equal(reopened(tokens).logits, model(tokens).logits)
     tokenizer.save_pretrained(tmp_path / "tok")

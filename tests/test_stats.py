@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from orthoquant.stats import InputStats, collect_input_stats, load_stats, save_stats
+from orthoquant.stats import InputStats, collect_input_stats
 
 
 def test_running_mean_equals_direct_second_moment():
@@ -18,7 +18,7 @@ def test_running_mean_equals_direct_second_moment():
     torch.testing.assert_close(stats.absmax, x.abs().amax(0).float())
 
 
-def test_hooks_record_inputs_and_are_removed(tmp_path):
+def test_hooks_record_inputs_and_are_removed():
     lin = nn.Linear(6, 4)
     x = torch.randn(10, 6)
     with collect_input_stats({"lin": lin}) as stats:
@@ -26,6 +26,4 @@ def test_hooks_record_inputs_and_are_removed(tmp_path):
     lin(x * 100)  # after the block: not recorded
     direct = (x.T @ x / 10).double()
     torch.testing.assert_close(stats["lin"].H, direct, rtol=0, atol=1e-6 * float(direct.abs().max()))
-    save_stats(stats, tmp_path / "s.safetensors")
-    back = load_stats(tmp_path / "s.safetensors")
-    assert torch.equal(back["lin"].H, stats["lin"].H) and back["lin"].tokens == 10
+    assert stats["lin"].tokens == 10

@@ -11,9 +11,11 @@ from orthoquant.transforms.plan import TransformPlan, build_transform
 from orthoquant.transforms.sites import SITES, Dims
 from orthoquant.hadamard import random_signs
 
+from helpers import token_windows
+
 SITE_NAMES = ("residual", "attn_value", "o_input", "down_input", "qk")
-IDS = torch.randint(0, 101, (2, 21), generator=torch.Generator().manual_seed(0))
-CALIB = torch.randint(0, 101, (2, 8), generator=torch.Generator().manual_seed(1))
+IDS = token_windows(2, 21)
+CALIB = token_windows(2, 8, 1)
 TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
 
 

@@ -16,6 +16,8 @@ from orthoquant.solvers.gptq import solve_gptq
 from orthoquant.transforms.base import BlockDense
 from orthoquant.transforms.wush import block_moments, hadamard_blocks, moment_diagonals, wush_blocks
 
+from helpers import factor_layer, second_moment, token_windows
+
 CPU = torch.device("cpu")
 MXFP4 = QuantSpec(format="mxfp4", bits=4, group_size=32)
 PRESETS = ("wush-mxfp4", "wush-rtn-mxfp4", "wush-nvfp4", "wush-int4-g32",
@@ -32,16 +34,10 @@ def anisotropic(n=64, out=48, tokens=512, seed=0, dtype=torch.float64):
 
 
 def correlated_layer(n=256, out=128, tokens=4096, seed=1, rank=32, outliers=16):
-    """Low-rank correlated activations with log-normal channel scales and a few 20x outlier channels."""
-    g = torch.Generator().manual_seed(seed)
-    Z = torch.randn(2 * tokens, rank, generator=g) / torch.arange(1, rank + 1) ** 0.5
-    X = Z @ torch.randn(rank, n, generator=g) + 0.1 * torch.randn(2 * tokens, n, generator=g)
-    scale = torch.exp(0.5 * torch.randn(n, generator=g))
-    scale[torch.randperm(n, generator=g)[:outliers]] *= 20
-    X = X * scale
-    W = torch.randn(out, n, generator=g) * torch.exp(0.5 * torch.randn(n, generator=g)) / n**0.5
-    calib, test = X[:tokens].double(), X[tokens:]
-    return W, calib.T @ calib / tokens, test
+    """W, H from ``tokens`` calibration tokens and as many held-out tokens of a factor model with a few
+    20x outlier channels (:func:`helpers.factor_layer`)."""
+    W, X = factor_layer(out, n, 2 * tokens, seed, rank, outliers)
+    return W, second_moment(X[:tokens]), X[tokens:]
 
 
 def w4a4_error(solver, W, H, X, fmt):
@@ -189,12 +185,12 @@ def test_block_transforms_refuse_ungrouped_formats_and_act_order():
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_presets_run_save_and_reload_bit_exactly(tmp_path, preset):
-    ids = torch.randint(0, 101, (4, 24), generator=torch.Generator().manual_seed(0))
+    ids = token_windows(4, 24)
     recipe = load_recipe(preset, ["calibration.batch_size=4"])
     model = quantize(tiny_model("llama"), recipe, ids, out=tmp_path / "run")
     down = model.model.layers[0].mlp.down_proj
     assert down.orthoquant_inputs.stages["solver"] and down.orthoquant_inputs.quantizer is not None
-    test = torch.randint(0, 101, (2, 24), generator=torch.Generator().manual_seed(1))
+    test = token_windows(2, 24, 1)
     loaded, *_ = open_run(tmp_path / "run", CPU)
     with torch.no_grad():
         out = model(test).logits

@@ -21,6 +21,7 @@ import torch
 
 from ..errors import ConfigError
 from ..registry import Registry
+from .packing import pack_codes, unpack_codes
 
 if TYPE_CHECKING:
     from ..config import QuantSpec
@@ -182,13 +183,9 @@ class QuantFormat(ABC):
 
         For bits dividing 32 that is ``32 // bits`` codes per word; see :mod:`.packing` for 3/5/6/7 bits.
         """
-        from .packing import pack_codes
-
         return pack_codes(codes, self.bits)
 
     def unpack(self, packed: torch.Tensor, cols: int) -> torch.Tensor:
-        from .packing import unpack_codes
-
         return unpack_codes(packed, self.bits, cols)
 
 

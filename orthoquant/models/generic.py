@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from .experts import unstack_experts_
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -144,8 +145,6 @@ def _spec_of_config_json(config_json: str, model_type: str):
     except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise UserError(f"{(config.architectures or [model_type])[0]} is not a causal LM transformers can "
                         f"build ({' '.join(str(e).split())})") from None
-    from .experts import unstack_experts_
-
     unstack_experts_(model)  # MoE experts as per-expert nn.Linear (a stacked layout is no linear)
     return generic_spec(model, linearize_conv1d_(model))
 

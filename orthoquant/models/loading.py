@@ -19,7 +19,7 @@ from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from ..device import release_memory, use_mmap_for_large_blocks
+from ..device import release_memory, resolve_dtype, use_mmap_for_large_blocks
 from ..errors import UserError
 from .checkpoint import TensorEntry, check_skeleton, open_checkpoint, read_entry
 from .experts import renamed_legacy
@@ -214,8 +214,6 @@ def open_model(model: str, dtype_name: str, device: torch.device):
 
     :returns: (model skeleton, tokenizer, ArchSpec, SafetensorsSource, resolved path).
     """
-    from ..device import resolve_dtype
-
     path = resolve_model_path(model)
     config = load_config(path)
     dtype = resolve_dtype(dtype_name, device, getattr(config, "dtype", None))

@@ -13,9 +13,6 @@ from ..errors import UnknownNameError
 from ..registry import Registry
 from .fused import FusedSpec
 
-# Linear roles inside one decoder layer. Their paths are relative to the layer.
-ROLES = ("q", "k", "v", "o", "gate", "up", "down")
-
 
 @dataclass(frozen=True)
 class NormGroup:
@@ -76,9 +73,6 @@ class ArchSpec:
     def path(self, role: str) -> str:
         """Path of a linear role relative to its decoder layer."""
         return dict(self.linears)[role]
-
-    def role_of(self, path: str) -> str:
-        return {p: r for r, p in self.linears}[path]
 
     def input_groups(self) -> tuple[tuple[str, ...], ...]:
         """Roles grouped by shared input: (q,k,v), (o,), (gate,up), (down,); () for a generic spec,

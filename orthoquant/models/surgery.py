@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .layout import to_layout_
 from .spec import ArchSpec
 
 
@@ -63,8 +64,6 @@ def fold_final_norm(model: nn.Module, spec: ArchSpec) -> None:
 
 def fold_all_norms(model: nn.Module, spec: ArchSpec) -> None:
     """Untie, then fold every RMSNorm (layers and final) of an in-memory model (put in orthoquant's layout)."""
-    from .layout import to_layout_
-
     to_layout_(model, spec)
     untie_embeddings(model, spec)
     for layer in layers_of(model, spec):

@@ -14,8 +14,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from .loading import attention_for
 
+# Every tiny model's vocabulary (tests draw their random token windows below it).
+TINY_VOCAB = 101
+
 _COMMON = dict(
-    vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
     rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=10000.0,
 )
@@ -44,9 +47,9 @@ TINY_CONFIGS: dict[str, dict] = {
 # Families without an ArchSpec, served by the generic path (models/generic.py): GPT-2's Conv1D and
 # learned positions, OPT's biased LayerNorms under model.decoder, Phi-1's parallel block (q/k/v and fc1
 # read one LayerNorm output) with partial rotary and a biased lm_head.
-_SMALL = dict(vocab_size=101, max_position_embeddings=256)
+_SMALL = dict(vocab_size=TINY_VOCAB, max_position_embeddings=256)
 GENERIC_CONFIGS: dict[str, dict] = {
-    "gpt2": dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=101, n_positions=256,
+    "gpt2": dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=TINY_VOCAB, n_positions=256,
                  n_embd=64, n_layer=2, n_head=4, n_inner=96, tie_word_embeddings=True,
                  bos_token_id=0, eos_token_id=0),
     "opt": dict(model_type="opt", architectures=["OPTForCausalLM"], hidden_size=64, ffn_dim=96,

@@ -30,8 +30,9 @@ from ..formats.base import QParams, QuantizedTensor
 from ..hadamard import hadamard_factor
 from ..transforms.base import BlockDense
 from ..transforms.wush import hadamard_blocks, no_tf32, wush_blocks
-from . import SOLVERS, SolveResult, Solver, check_format, proxy_loss
+from .base import SOLVERS, SolveResult, Solver, check_format
 from .gptq import _quantize_columns, feedback_from_factor, upper_factor
+from .loss import proxy_loss
 
 
 @dataclass(frozen=True)

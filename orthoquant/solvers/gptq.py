@@ -31,20 +31,16 @@ Scale parameters come from the format only (``fit``/``encode``/``decode``), so e
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from typing import Callable
 
 import torch
 
 from ..errors import ConfigError
 from ..formats.base import QParams, QuantizedTensor
-from . import SOLVERS, SolveResult, Solver, check_format
+from .base import SOLVERS, SolveResult, Solver, check_format
 from .cholesky import cholesky_lower_
 
 log = logging.getLogger(__name__)
-
-# Roles solved together, in this order, under ``solver.true_sequential`` (IST's llama.py groups).
-TRUE_SEQUENTIAL: tuple[tuple[str, ...], ...] = (("k", "v", "q"), ("o",), ("up", "gate"), ("down",))
 
 # Damping multipliers tried in turn, first in float32 then in float64, before giving up.
 DAMP_STEPS = (1.0, 10.0, 100.0)
@@ -55,23 +51,6 @@ DAMP_STEPS = (1.0, 10.0, 100.0)
 LEAF = 16
 # Static-group parameters are gathered for this many processed columns at a time.
 _STATIC_RUN = 128
-
-
-def sequential_groups(roles: Iterable[str], true_sequential: bool = True) -> list[tuple[str, ...]]:
-    """The groups of linears of one decoder layer, in the order the runner solves them.
-
-    :param roles: roles present in the layer (``q``, ``k``, ``v``, ``o``, ``gate``, ``up``, ``down``, ...).
-    :param true_sequential: False solves everything in one group from the layer's unquantized inputs.
-    :return: non-empty groups of :data:`TRUE_SEQUENTIAL` restricted to ``roles``; roles it does not name
-        form a last group, so they see every other linear of the layer already quantized.
-    """
-    roles = list(roles)
-    if not true_sequential:
-        return [tuple(roles)] if roles else []
-    groups = [tuple(r for r in group if r in roles) for group in TRUE_SEQUENTIAL]
-    known = {r for group in TRUE_SEQUENTIAL for r in group}
-    groups.append(tuple(r for r in roles if r not in known))
-    return [g for g in groups if g]
 
 
 def _reversed_hessian(H: torch.Tensor, dead: torch.Tensor, perm: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

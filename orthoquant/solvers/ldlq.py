@@ -30,8 +30,9 @@ import torch
 
 from ..errors import ConfigError
 from ..formats.base import QParams, QuantizedTensor
-from . import SOLVERS, SolveResult, Solver, check_format, proxy_loss
+from .base import SOLVERS, SolveResult, Solver, check_format
 from .gptq import feedback_from_factor, upper_factor
+from .loss import proxy_loss
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ import torch
 
 from ..hadamard import hadamard_factor, random_signs
 from ..transforms.base import Hadamard, HadamardTranspose
-from . import SOLVERS, SolveResult, Solver
+from .base import SOLVERS, SolveResult, Solver
 
 SIGN_SEED = 0x51C0  # mixed into every layer's seed; changing it redraws all signs
 

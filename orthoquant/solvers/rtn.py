@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from . import SOLVERS, SolveResult, Solver, proxy_loss
+from .base import SOLVERS, SolveResult, Solver
+from .loss import proxy_loss
 
 
 def solve_rtn(W: torch.Tensor, H: torch.Tensor | None, fmt, spec=None) -> SolveResult:

@@ -1,0 +1,43 @@
+"""scripts/_bench.py: what every benchmark measures with (peak memory, timing, tables, synthetic layers)."""
+import mmap
+import time
+
+import torch
+
+from _bench import PeakMemory, factor_layer, markdown_table, repeat_times, second_moment, synthetic_layer
+
+
+def test_peak_memory_sees_an_allocation_freed_before_the_block_ends():
+    mib = 64
+    with PeakMemory("cpu") as mem:
+        # a fresh mapping: resident once touched, whatever memory earlier tests freed, and gone at close()
+        block = mmap.mmap(-1, mib * 2**20)
+        for page in range(0, len(block), mmap.PAGESIZE):
+            block[page] = 1
+        time.sleep(0.1)  # many sampling intervals
+        block.close()
+    assert mem.peak_mib > 0.9 * mib
+    assert mem.high_mib == mem.base_mib + mem.peak_mib
+
+
+def test_repeat_times_counts_each_call_and_orders_best_below_median():
+    calls = []
+    times = repeat_times(lambda: calls.append(time.sleep(0.001 * (1 + len(calls)))), 3)
+    assert len(calls) == 4 and len(times.seconds) == 3  # one warm-up
+    assert times.best == min(times.seconds) <= times.median and times.best >= 0.002
+
+
+def test_markdown_table_is_header_rule_and_rows():
+    assert markdown_table(["a", "b"], [["1", "2"], ["3", "4"]]).splitlines() == [
+        "| a | b |", "|---|---|", "| 1 | 2 |", "| 3 | 4 |"]
+
+
+def test_synthetic_second_moments_are_positive_definite_and_factor_layers_reproducible():
+    W, H = synthetic_layer(16, 48, seed=3)
+    assert W.shape == (16, 48) and H.dtype == torch.float64
+    assert torch.linalg.eigvalsh(H).min() > 0
+    W1, X1 = factor_layer(8, 200, 64, seed=1, outliers=4)
+    W2, X2 = factor_layer(8, 200, 64, seed=1, outliers=4)
+    assert torch.equal(W1, W2) and torch.equal(X1, X2) and X1.shape == (64, 200)
+    direct = sum(torch.outer(x, x) for x in X1.double()) / len(X1)
+    torch.testing.assert_close(second_moment(X1), direct, rtol=1e-12, atol=0)

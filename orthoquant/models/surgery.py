@@ -50,10 +50,11 @@ def fold_norm(norm: nn.Module, consumers: list[nn.Linear]) -> None:
 
 
 def fold_layer_norms(layer: nn.Module, spec: ArchSpec) -> None:
-    """Fold every norm of one decoder layer into its consumers."""
+    """Fold every norm of one decoder layer into its consumers (a MoE router among them)."""
     lin = linears_of(layer, spec)
     for group in spec.norm_groups:
-        fold_norm(get_module(layer, group.norm), [lin[r] for r in group.roles])
+        readers = [get_module(layer, p) for p in group.readers]
+        fold_norm(get_module(layer, group.norm), [lin[r] for r in group.roles] + readers)
 
 
 def fold_final_norm(model: nn.Module, spec: ArchSpec) -> None:

@@ -192,10 +192,14 @@ ARCHITECTURES.add("Qwen3MoeForCausalLM", QWEN3_MOE)
 ARCHITECTURES.add("MixtralForCausalLM", dataclasses.replace(LLAMA, experts=Experts(count="num_local_experts")))
 
 
-def _dense_mlp_layers(config) -> bool:
+def dense_mlp_layers(config) -> bool:
     """Whether some decoder layers of a MoE config keep a dense MLP (Qwen3-MoE's ``mlp_only_layers`` and
     ``decoder_sparse_step``): one spec cannot name both layouts, so such a model takes the generic path."""
     return bool(getattr(config, "mlp_only_layers", None)) or (getattr(config, "decoder_sparse_step", None) or 1) != 1
+
+
+DENSE_MLP_LAYERS = ("its arch spec covers models whose every decoder layer is a mixture of experts, and this config "
+                    "keeps dense MLP layers among them (mlp_only_layers / decoder_sparse_step)")
 
 
 def full_support() -> list[str]:
@@ -212,6 +216,6 @@ def spec_for(config) -> ArchSpec:
     if not archs:
         raise UnknownNameError(f"the model config names no architecture; full support: {', '.join(full_support())}")
     spec = ARCHITECTURES.get(archs[0]) if archs[0] in ARCHITECTURES else None
-    if spec is None or (spec.experts is not None and _dense_mlp_layers(config)):
+    if spec is None or (spec.experts is not None and dense_mlp_layers(config)):
         return generic_spec_for_config(config)
     return spec.for_config(config)

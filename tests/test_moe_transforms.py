@@ -12,6 +12,7 @@ import torch
 from orthoquant import open_run
 from orthoquant.cli import main
 from orthoquant.config import FitSpec, QuantSpec, Recipe, TransformSpec, load_recipe
+from orthoquant.errors import UserError
 from orthoquant.evaluate.run_eval import evaluate
 from orthoquant.export import export_run
 from orthoquant.fakequant.inputs import input_pipeline
@@ -204,3 +205,16 @@ def test_a_moe_with_dense_mlp_layers_is_generic_and_a_transform_is_refused_sayin
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "dense MLP layers" in err[0] and "mlp_only_layers" in err[0]
     assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_fused_rotations_export_to_compressed_tensors_and_an_online_r4_is_refused(tmp_path):
+    windows = torch.randint(0, 101, (8, 16), generator=torch.Generator().manual_seed(2))
+    sets = ["calibration.nsamples=4", "calibration.seqlen=16", "weights.group_size=32"]
+    quantize(tiny_model("qwen3-moe"), load_recipe("quarot-w4a16", sets), windows, out=tmp_path / "fused")
+    report = export_run(tmp_path / "fused", tmp_path / "ct", "compressed-tensors", verify="stock")
+    assert report["checks"]["stock_transformers"]["bit_exact"]  # R1 in the router and experts, stock loader
+    online = sets + ["transforms=[{site: residual, kind: random_hadamard}, {site: down_input, kind: hadamard}]"]
+    quantize(tiny_model("qwen3-moe"), load_recipe("quarot-w4a16", online), windows, out=tmp_path / "online")
+    with pytest.raises(UserError, match="every expert's down_proj.*--format native"):
+        export_run(tmp_path / "online", tmp_path / "ct-online", "compressed-tensors")
+    assert not (tmp_path / "ct-online").exists()

@@ -32,8 +32,8 @@ def check_support(spec: ArchSpec, config, recipe) -> None:
                                             ("learned rounding (refine)", recipe.refine is not None and recipe.refine.iters > 0),
                                             ("QuIP# fine-tuning", recipe.finetune is not None and recipe.finetune.active))
                  if present]
-        why = f" ({DENSE_MLP_LAYERS})" if arch in full_support() else ""  # a MoE with dense layers: see spec_for
         if needs:
+            why = f" ({DENSE_MLP_LAYERS})" if arch in full_support() else ""  # a MoE with dense layers: spec_for
             raise UserError(f"the recipe asks for {' and '.join(needs)}, which need an architecture spec {arch} "
                             f"lacks{why} (no arch spec: only weight-only RTN/GPTQ and W8A8 run on it); full support: "
                             f"{', '.join(full_support())}")

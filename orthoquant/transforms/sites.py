@@ -35,7 +35,7 @@ from torch import nn
 from ..fakequant.attention import set_qk_transforms
 from ..fakequant.inputs import input_pipeline
 from ..models.spec import ArchSpec
-from ..models.surgery import get_module, linears_of
+from ..models.surgery import get_module, linears_of, readers_of
 from ..registry import Registry
 from .base import PerBlock, Transform
 from .folding import IN_PLACE, Dual, Folding, consume, produce, to_query_heads
@@ -90,15 +90,9 @@ class Site:
         return self.attach is not None
 
 
-def _readers(layer, spec, group) -> list[nn.Module]:
-    """Everything that reads a norm group's output: its linears, then its other readers (a router)."""
-    lin = linears_of(layer, spec)
-    return [lin[r] for r in group.roles] + [get_module(layer, p) for p in group.readers]
-
-
 def _fuse_residual(layer, spec, dims, t, folding: Folding = IN_PLACE):
     for group in spec.norm_groups:
-        for module in _readers(layer, spec, group):
+        for module in readers_of(layer, spec, group):
             consume(module, t, folding)
     lin = linears_of(layer, spec)
     for role in spec.residual_writers():
@@ -133,7 +127,7 @@ def _fuse_norm_group(index: int) -> LayerFn:
     def fuse(layer, spec, dims, t, folding: Folding = IN_PLACE):
         group = spec.norm_groups[index]
         produce(get_module(layer, group.norm), t, folding)
-        for module in _readers(layer, spec, group):
+        for module in readers_of(layer, spec, group):
             consume(module, t, folding)
     return fuse
 

@@ -10,6 +10,9 @@ and saved the largest model so far) into the child's ru_maxrss, so it would grow
 the quantizer does (see :func:`_bench.cli_peak`).
 
     python scripts/bench_memory.py [--layers 2,4,8,16] [--hidden 1024] [--intermediate 2816] [--out runs/bench_memory.json]
+
+The mixture-of-experts row (a tiny-expert Qwen3-MoE at 2, 4 and 8 layers, measured by this script's
+:func:`peak_rss_mb`) is ``scripts/bench_moe.py --mode memory``.
 """
 from __future__ import annotations
 

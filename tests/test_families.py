@@ -44,6 +44,8 @@ def uses(name: str, what: str) -> bool:
     ("phi4-mini", lambda n: uses(n, "S_qk")),  # partial rotary
     ("gemma2", lambda n: uses(n, "residual")),  # sandwich norms
     ("gemma3", lambda n: uses(n, "residual")),
+    ("qwen3-moe", lambda n: False),  # mixture of experts: an arch spec with per-expert sites
+    ("mixtral", lambda n: False),
     ("opt", lambda n: any(uses(n, w) for w in ("transforms", "kv", "fitting", "refine", "finetune"))),  # no arch spec
 ])
 def test_presets_are_refused_exactly_where_the_family_cannot_run_them(family, rule):

@@ -1,4 +1,4 @@
-"""Mixture of experts (Qwen3-MoE, Mixtral; 4 experts, top-2) on the generic path: experts held as
+"""Mixture of experts (Qwen3-MoE, Mixtral; 4 experts, top-2), weight-only: experts held as
 per-expert nn.Linear, each solved on its routed tokens, the router kept in full precision,
 ``calibration.moe_all_experts``, a starved expert damped and logged."""
 from __future__ import annotations
@@ -68,8 +68,10 @@ def test_each_expert_is_solved_on_its_tokens_and_the_router_stays_fp(family, sav
         run = quantize_pretrained(str(folder), recipe(f"{solver}-w4a16", *sets), tmp_path / solver, CPU)
         losses[solver] = {k: v["loss"] for k, v in run.info()["metrics"]["0"]["linears"].items()}
         model, *_ = open_run(run.path, CPU)
-        for i, layer in enumerate(model.model.layers):  # read from the stacked checkpoint, left as it was
-            assert torch.equal(layer.mlp.gate.weight, stock.model.layers[i].mlp.gate.weight)
+        for i, layer in enumerate(model.model.layers):  # full precision: only the mlp norm's γ folded into it
+            stock_layer = stock.model.layers[i]
+            gamma = stock_layer.post_attention_layernorm.weight.double()
+            assert torch.equal(layer.mlp.gate.weight, (stock_layer.mlp.gate.weight.double() * gamma).float())
         assert export_run(run.path, tmp_path / f"{solver}-native", "native")["checks"]["load_quantized"]["bit_exact"]
     experts = {k for k in losses["gptq"] if ".experts." in k}
     assert len(experts) == 4 * 3

@@ -59,7 +59,7 @@ def klt_init(model: nn.Module, spec: ArchSpec, dims: Dims, seed: int,
         where = device or linears_of(layers[0], spec)["q"].weight.device
         moments = Moments(dims.hidden, where)  # accumulated, never stacking all layers' rows
         for layer in layers:
-            for role in ("q", "k", "v", "gate", "up"):
+            for role in spec.residual_readers():  # q/k/v, gate/up (every expert's)
                 moments.add(linears_of(layer, spec)[role].weight.double())
         return _eigenvectors(moments).cpu() @ random_hadamard(dims.hidden, _seed(seed, GLOBAL))
 

@@ -19,7 +19,7 @@ from torch import nn
 from ..models.spec import ArchSpec
 from ..models.surgery import linears_of
 
-# site -> the role whose input is the site's activation (what its quantizer sees)
+# site -> the kind of role whose input is the site's activation (what its quantizer sees; every expert's)
 QSUR_SITES = {"qkv": "q", "o": "o", "gate_up": "gate", "down": "down"}
 DAMP = 1e-8  # of the mean variance: keeps log det finite for channels that never vary
 
@@ -73,9 +73,9 @@ def measure_qsur(observe, spec: ArchSpec, device: torch.device) -> dict[str, lis
     @contextmanager
     def visit(index: int, layer: nn.Module) -> Iterator[None]:
         linears = linears_of(layer, spec)
-        moments = {site: Moments(linears[role].in_features, device) for site, role in QSUR_SITES.items()}
+        moments = {site: Moments(linears[spec.roles(kind)[0]].in_features, device) for site, kind in QSUR_SITES.items()}
         handles = [linears[role].register_forward_pre_hook(lambda m, args, mo=moments[site]: mo.add(args[0]))
-                   for site, role in QSUR_SITES.items()]
+                   for site, kind in QSUR_SITES.items() for role in spec.roles(kind)]  # experts: pooled
         try:
             yield
         finally:

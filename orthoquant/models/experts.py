@@ -8,7 +8,8 @@ solver and quantizer works on nn.Linear, so :func:`unstack_experts_` holds them 
 
 - each expert's gate/up read the tokens routed to it (one tensor, one Hessian: found by the generic
   path's hooks), and its down_proj its own activations, so GPTQ solves each expert on its own tokens;
-- the router (``mlp.gate``) is no nn.Linear and stays in full precision;
+- the router (``mlp.gate``) is no nn.Linear and stays in full precision; it reads the MLP norm's output,
+  so the norm's γ and the residual-stream transforms fold into it (``ArchSpec.experts``, ``NormGroup.readers``);
 - ``calibration.moe_all_experts`` routes every token through every expert while statistics are
   collected (:func:`route_all`), never while the quantized layer's outputs are propagated;
 - an expert that saw fewer tokens than its input width gets a damped Hessian and a log line

@@ -20,6 +20,26 @@ class NormGroup:
 
     norm: str
     roles: tuple[str, ...]
+    readers: tuple[str, ...] = ()  # modules that read the norm's output too but are not quantized (a MoE router)
+
+
+@dataclass(frozen=True)
+class Experts:
+    """A mixture-of-experts MLP: a router reading the MLP norm's output (kept in full precision) and
+    experts held as per-expert nn.Linear (:mod:`.experts`), each a gate/up/down MLP on its routed tokens.
+
+    :param path: the experts' ``ExpertList``, relative to a decoder layer.
+    :param router: the router (its weight (experts, hidden) reads the residual stream through the norm).
+    :param count: the config attribute that holds the number of experts.
+    """
+
+    path: str = "mlp.experts"
+    router: str = "mlp.gate"
+    count: str = "num_experts"
+
+
+# The MLP's linear roles; an expert's are ``gate.3``, ``up.3``, ``down.3`` (kind, then expert index).
+MLP_KINDS = ("gate", "up", "down")
 
 
 @dataclass(frozen=True)
@@ -39,6 +59,8 @@ class ArchSpec:
     :param fused: linears stored stacked (Phi-3's ``qkv_proj``), held as their parts (:mod:`.fused`).
     :param norm_offset: RMSNorms scale by ``offset + γ`` (Gemma: 1); held as plain norms (:mod:`.norms`).
     :param no_residual: why a residual rotation (R1 / R_res) cannot fold exactly ("" where it can).
+    :param experts: the MLP is a mixture of experts; :meth:`for_config` lists each expert's linears as
+        the roles ``gate.N``/``up.N``/``down.N`` and adds the router to the MLP norm's readers.
     """
 
     layers: str = "model.layers"
@@ -63,6 +85,7 @@ class ArchSpec:
     fused: tuple[FusedSpec, ...] = ()
     norm_offset: float = 0.0
     no_residual: str = ""
+    experts: Experts | None = None
 
     @property
     def stock_layout(self) -> bool:
@@ -74,13 +97,43 @@ class ArchSpec:
         """Path of a linear role relative to its decoder layer."""
         return dict(self.linears)[role]
 
+    def roles(self, kind: str) -> tuple[str, ...]:
+        """The roles of one kind: ``("down",)`` for a dense MLP, ``("down.0", "down.1", …)`` for experts."""
+        return tuple(r for r, _ in self.linears if r.partition(".")[0] == kind)
+
+    def residual_readers(self) -> tuple[str, ...]:
+        """The quantized linears that read the residual stream (through a norm)."""
+        return tuple(r for g in self.norm_groups for r in g.roles)
+
+    def residual_writers(self) -> tuple[str, ...]:
+        """The linears that write into the residual stream: o_proj and every down_proj."""
+        return self.roles("o") + self.roles("down")
+
     def input_groups(self) -> tuple[tuple[str, ...], ...]:
-        """Roles grouped by shared input: (q,k,v), (o,), (gate,up), (down,); () for a generic spec,
-        whose groups are found by hooks (:func:`.generic.discover_input_groups`)."""
+        """Roles grouped by shared input: (q,k,v), (o,), then per MLP (one, or each expert's: the tokens
+        routed to it) (gate,up), (down,); () for a generic spec, whose groups are found by hooks
+        (:func:`.generic.discover_input_groups`)."""
         if self.generic:
             return ()
-        groups = {g.roles[0]: g.roles for g in self.norm_groups}
-        return (groups["q"], ("o",), groups["gate"], ("down",))
+        qkv = next(g.roles for g in self.norm_groups if "q" in g.roles)
+        mlps = zip(*(self.roles(kind) for kind in MLP_KINDS))
+        return (qkv, ("o",)) + tuple(group for gate, up, down in mlps for group in ((gate, up), (down,)))
+
+    def for_config(self, config) -> "ArchSpec":
+        """The spec of one model: a mixture of experts gets a role per expert linear (their number is
+        the config's); any other spec is itself."""
+        if self.experts is None or "gate" not in dict(self.linears):  # dense, or expanded already
+            return self
+        n = int(getattr(config, self.experts.count))
+
+        def expand(role: str) -> tuple[str, ...]:
+            return tuple(f"{role}.{e}" for e in range(n)) if role in MLP_KINDS else (role,)
+        mlp = tuple((f"{kind}.{e}", f"{self.experts.path}.{e}.{kind}_proj") for e in range(n) for kind in MLP_KINDS)
+        groups = tuple(dataclasses.replace(g, roles=tuple(x for r in g.roles for x in expand(r)),
+                                           readers=g.readers + ((self.experts.router,) if "gate" in g.roles else ()))
+                       for g in self.norm_groups)
+        return dataclasses.replace(self, linears=tuple(lr for lr in self.linears if lr[0] not in MLP_KINDS) + mlp,
+                                   norm_groups=groups)
 
 
 LLAMA = ArchSpec()
@@ -125,6 +178,23 @@ GEMMA2 = dataclasses.replace(
 ARCHITECTURES.add("Gemma2ForCausalLM", GEMMA2)
 ARCHITECTURES.add("Gemma3ForCausalLM", dataclasses.replace(GEMMA2, qk_norms=("self_attn.q_norm", "self_attn.k_norm")))
 
+# Mixture of experts (transformers 5 stacks the experts; :mod:`.experts` holds them per expert). The
+# router reads the post-attention norm's output, so R1 and S_ffn fold into it as into every expert's
+# gate/up; every expert's down_proj writes the residual; R4 and S_up_down act on each expert's down input.
+QWEN3_MOE = dataclasses.replace(LLAMA, qk_norms=("self_attn.q_norm", "self_attn.k_norm"), experts=Experts())
+ARCHITECTURES.add("Qwen3MoeForCausalLM", QWEN3_MOE)
+ARCHITECTURES.add("MixtralForCausalLM", dataclasses.replace(LLAMA, experts=Experts(count="num_local_experts")))
+
+
+def dense_mlp_layers(config) -> bool:
+    """Whether some decoder layers of a MoE config keep a dense MLP (Qwen3-MoE's ``mlp_only_layers`` and
+    ``decoder_sparse_step``): one spec cannot name both layouts, so such a model takes the generic path."""
+    return bool(getattr(config, "mlp_only_layers", None)) or (getattr(config, "decoder_sparse_step", None) or 1) != 1
+
+
+DENSE_MLP_LAYERS = ("its arch spec covers models whose every decoder layer is a mixture of experts, and this config "
+                    "keeps dense MLP layers among them (mlp_only_layers / decoder_sparse_step)")
+
 
 def full_support() -> list[str]:
     """The architectures with an ArchSpec (transforms, KV cache, fitting)."""
@@ -139,4 +209,7 @@ def spec_for(config) -> ArchSpec:
     archs = getattr(config, "architectures", None) or []
     if not archs:
         raise UnknownNameError(f"the model config names no architecture; full support: {', '.join(full_support())}")
-    return ARCHITECTURES.get(archs[0]) if archs[0] in ARCHITECTURES else generic_spec_for_config(config)
+    spec = ARCHITECTURES.get(archs[0]) if archs[0] in ARCHITECTURES else None
+    if spec is None or (spec.experts is not None and dense_mlp_layers(config)):
+        return generic_spec_for_config(config)
+    return spec.for_config(config)

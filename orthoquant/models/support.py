@@ -1,7 +1,8 @@
 """What a recipe may ask of a model, checked before anything is read or written.
 
 - A generic model (no ArchSpec) takes weight and activation quantization only: transforms, KV-cache
-  quantization and fitting need the roles an ArchSpec names.
+  quantization and fitting need the roles an ArchSpec names. A mixture of experts with some dense MLP
+  layers is generic too (one spec names one MLP layout), and the error says so.
 - A family whose residual stream cannot take a fused rotation (Gemma's sandwich norms) refuses the
   residual site and R_res, saying why (``ArchSpec.no_residual``).
 - S_qk ties the scales of RoPE's channel pairs (i, i + head_dim/2); with partial rotary (Phi-4-mini,
@@ -10,7 +11,7 @@
 from __future__ import annotations
 
 from ..errors import UserError
-from .spec import ArchSpec, full_support
+from .spec import DENSE_MLP_LAYERS, ArchSpec, full_support
 
 
 def _partial_rotary(config) -> bool:
@@ -32,8 +33,9 @@ def check_support(spec: ArchSpec, config, recipe) -> None:
                                             ("QuIP# fine-tuning", recipe.finetune is not None and recipe.finetune.active))
                  if present]
         if needs:
+            why = f" ({DENSE_MLP_LAYERS})" if arch in full_support() else ""  # a MoE with dense layers: spec_for
             raise UserError(f"the recipe asks for {' and '.join(needs)}, which need an architecture spec {arch} "
-                            f"lacks (no arch spec: only weight-only RTN/GPTQ and W8A8 run on it); full support: "
+                            f"lacks{why} (no arch spec: only weight-only RTN/GPTQ and W8A8 run on it); full support: "
                             f"{', '.join(full_support())}")
     if spec.no_residual and ("residual" in sites or "R_res" in params):
         raise UserError(f"{arch}: the recipe rotates the residual stream, which is refused: {spec.no_residual}")

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .layout import to_layout_
-from .spec import ArchSpec
+from .spec import ArchSpec, NormGroup
 
 
 def get_module(root: nn.Module, path: str) -> nn.Module:
@@ -50,11 +50,16 @@ def fold_norm(norm: nn.Module, consumers: list[nn.Linear]) -> None:
     norm.weight.data.fill_(1.0)
 
 
-def fold_layer_norms(layer: nn.Module, spec: ArchSpec) -> None:
-    """Fold every norm of one decoder layer into its consumers."""
+def readers_of(layer: nn.Module, spec: ArchSpec, group: NormGroup) -> list[nn.Module]:
+    """Everything that reads a norm group's output: its linears, then its other readers (a MoE router)."""
     lin = linears_of(layer, spec)
+    return [lin[r] for r in group.roles] + [get_module(layer, p) for p in group.readers]
+
+
+def fold_layer_norms(layer: nn.Module, spec: ArchSpec) -> None:
+    """Fold every norm of one decoder layer into its consumers (a MoE router among them)."""
     for group in spec.norm_groups:
-        fold_norm(get_module(layer, group.norm), [lin[r] for r in group.roles])
+        fold_norm(get_module(layer, group.norm), readers_of(layer, spec, group))
 
 
 def fold_final_norm(model: nn.Module, spec: ArchSpec) -> None:

@@ -4,9 +4,9 @@ and OSTQuant's scales are. In fusing order:
 
 | site        | width          | fused into: writers (``Mᵀ W``) / readers (``W M⁻ᵀ``)           | online (at inference)     |
 |-------------|----------------|-----------------------------------------------------------------|---------------------------|
-| residual    | hidden         | embed, o/down rows / q/k/v/gate/up, lm_head                     | –                         |
+| residual    | hidden         | embed, o/down rows / q/k/v/gate/up (+router), lm_head           | –                         |
 | attn_norm   | hidden         | input_layernorm γ / q, k, v            (S_attn, diagonal only)  | –                         |
-| mlp_norm    | hidden         | post_attention_layernorm γ / gate, up  (S_ffn, diagonal only)   | –                         |
+| mlp_norm    | hidden         | post_attention_layernorm γ / gate, up (+router) (S_ffn, diag.)  | –                         |
 | qk_scale    | head_dim (×kv) | k rows / q rows by M⁻ᵀ; Qwen3: k_norm γ / q_norm γ  (S_qk)      | –                         |
 | attn_value  | head_dim (×kv) | v rows per KV head / o columns per query head  (R2, R_ov·S_ov)  | –                         |
 | o_input     | heads          | – / o columns, across heads                                     | o_proj input, across heads|
@@ -19,6 +19,11 @@ and OSTQuant's scales are. In fusing order:
 ``qk_scale`` acts before RoPE, so it must be diagonal with equal scales on each RoPE pair
 (:mod:`~orthoquant.transforms.learnable` ties them); a width of kv_heads·head_dim gives every KV head
 its own scales, a width of head_dim shares them (Qwen3 must share: its q/k norms are per head_dim).
+
+Mixture of experts: every expert is an MLP of its own (roles ``gate.N``, ``up.N``, ``down.N``, see
+:meth:`~orthoquant.models.spec.ArchSpec.roles`), so the MLP sites act on each expert — its gate/up read
+the residual, its down writes it, ``up_down``/``down_input`` sit between its up and down — and the
+router, a full-precision reader of the MLP norm's output, takes the residual and ``mlp_norm`` folds too.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ from torch import nn
 from ..fakequant.attention import set_qk_transforms
 from ..fakequant.inputs import input_pipeline
 from ..models.spec import ArchSpec
-from ..models.surgery import get_module, linears_of
+from ..models.surgery import get_module, linears_of, readers_of
 from ..registry import Registry
 from .base import PerBlock, Transform
 from .folding import IN_PLACE, Dual, Folding, consume, produce, to_query_heads
@@ -52,8 +57,10 @@ class Dims:
     @classmethod
     def of(cls, config) -> "Dims":
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        # an expert's width where the model has one (Qwen3-MoE; Mixtral's intermediate_size is its experts');
         # a generic model (no ArchSpec) may lack intermediate_size; it takes no transform, so no site is sized
-        return cls(config.hidden_size, getattr(config, "intermediate_size", None) or 0, config.num_attention_heads,
+        inter = getattr(config, "moe_intermediate_size", None) or getattr(config, "intermediate_size", None) or 0
+        return cls(config.hidden_size, inter, config.num_attention_heads,
                    getattr(config, "num_key_value_heads", None) or config.num_attention_heads, head_dim)
 
     def per_kv_head(self, t: Transform) -> Transform:
@@ -84,10 +91,11 @@ class Site:
 
 
 def _fuse_residual(layer, spec, dims, t, folding: Folding = IN_PLACE):
+    for group in spec.norm_groups:
+        for module in readers_of(layer, spec, group):
+            consume(module, t, folding)
     lin = linears_of(layer, spec)
-    for role in ("q", "k", "v", "gate", "up"):
-        consume(lin[role], t, folding)
-    for role in ("o", "down"):
+    for role in spec.residual_writers():
         produce(lin[role], t, folding)
 
 
@@ -117,28 +125,33 @@ def _fuse_qk_scale(layer, spec, dims, t, folding: Folding = IN_PLACE):
 def _fuse_norm_group(index: int) -> LayerFn:
     """The norm of ``spec.norm_groups[index]`` writes the site (through γ), its linears read it."""
     def fuse(layer, spec, dims, t, folding: Folding = IN_PLACE):
-        group, lin = spec.norm_groups[index], linears_of(layer, spec)
+        group = spec.norm_groups[index]
         produce(get_module(layer, group.norm), t, folding)
-        for role in group.roles:
-            consume(lin[role], t, folding)
+        for module in readers_of(layer, spec, group):
+            consume(module, t, folding)
     return fuse
 
 
 def _fuse_up_down(layer, spec, dims, t, folding: Folding = IN_PLACE):
     lin = linears_of(layer, spec)
-    produce(lin["up"], t, folding)  # (act(gate) ⊙ up) M = act(gate) ⊙ (up M) for a diagonal M
-    consume(lin["down"], t, folding)
+    for up, down in zip(spec.roles("up"), spec.roles("down")):  # each MLP (expert) its own pair
+        produce(lin[up], t, folding)  # (act(gate) ⊙ up) M = act(gate) ⊙ (up M) for a diagonal M
+        consume(lin[down], t, folding)
 
 
-def _consume_role(role: str) -> LayerFn:
+def _consume_role(kind: str) -> LayerFn:
     def fuse(layer, spec, dims, t, folding: Folding = IN_PLACE):
-        consume(linears_of(layer, spec)[role], t, folding)
+        lin = linears_of(layer, spec)
+        for role in spec.roles(kind):
+            consume(lin[role], t, folding)
     return fuse
 
 
-def _online_input(role: str) -> LayerFn:
+def _online_input(kind: str) -> LayerFn:
     def attach(layer, spec, dims, t):
-        input_pipeline(linears_of(layer, spec)[role]).set("plan", [t.forward])
+        lin = linears_of(layer, spec)
+        for role in spec.roles(kind):
+            input_pipeline(lin[role]).set("plan", [t.forward])
     return attach
 
 

@@ -48,6 +48,9 @@ def online_transform_config(contents: RunContents):
         if not is_pow2(block):
             refuse(f"site '{site}' needs a Hadamard of size {block}, not a power of two (set its block_size)")
         name, role = CT_INPUT_SITES[site]
+        if len(contents.arch.roles(role)) != 1:  # a mixture of experts: one per expert, stacked in stock models
+            refuse(f"site '{site}' transforms the input of every expert's {role}_proj, and compressed-tensors "
+                   "transforms apply to Linear modules, not to fused-MoE experts; export with --format native")
         _require_no_bias(contents, role, site)
         path = contents.arch.path(role)
         groups[name] = TransformScheme(

@@ -14,7 +14,7 @@ import torch
 from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 
-from . import __version__
+from .version import __version__
 from .autoscale import resolve_auto_scales
 from .config import Recipe
 from .data import calibration_windows, fitting_windows
@@ -30,7 +30,8 @@ from .layerwise import capture_inputs, final_hidden
 from .models.loading import InMemorySource, WeightSource, build_skeleton, open_model
 from .models.layout import to_layout_
 from .models.support import check_support
-from .models.spec import ArchSpec, spec_for
+from .models.spec import ArchSpec
+from .models.generic import spec_for
 from .models.surgery import fold_final_norm, get_module, layers_of, untie_embeddings
 from .layerfile import SolvedLinear, decoded_state, load_module, save_module
 from .runfolder import RunFolder

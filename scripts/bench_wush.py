@@ -41,7 +41,7 @@ from orthoquant.data import calibration_windows, evaluation_tokens, perplexity_w
 from orthoquant.demo import build_test_model, cache_dir  # noqa: E402
 from orthoquant.evaluate.ppl import perplexity  # noqa: E402
 from orthoquant.formats import make_format  # noqa: E402
-from orthoquant.models.spec import spec_for  # noqa: E402
+from orthoquant.models.generic import spec_for  # noqa: E402
 from orthoquant.models.surgery import fold_all_norms, layers_of, linears_of  # noqa: E402
 from orthoquant.solvers import SOLVERS  # noqa: E402
 from orthoquant.solvers.block_transformed import BlockRule, solve_gptq_blocks  # noqa: E402

@@ -25,7 +25,7 @@ from ..fakequant.install import prepare_layer_scales
 from ..models.checkpoint import open_checkpoint, read_entry
 from ..models.layout import from_stock
 from ..models.loading import build_skeleton, views_of
-from ..models.spec import spec_for
+from ..models.generic import spec_for
 from ..models.surgery import layers_of
 from ..registry import Registry
 from ..runner import install_runtime

@@ -15,7 +15,8 @@ import torch
 from ..config import QuantSpec, Recipe
 from ..errors import UserError
 from ..formats import QParams, QuantizedTensor, make_format
-from ..models.spec import ArchSpec, spec_for
+from ..models.spec import ArchSpec
+from ..models.generic import spec_for
 from ..layerfile import SIDES, is_quant_key, read_module
 from ..runfolder import RunFolder
 from ..transforms.plan import TransformPlan

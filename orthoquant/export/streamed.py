@@ -29,7 +29,7 @@ from ..fakequant.install import prepare_layer_scales
 from ..layerwise import LayerInputs, capture_inputs, final_hidden, run_layer
 from ..models.layout import from_stock
 from ..models.loading import WeightSource, build_skeleton, views_of
-from ..models.spec import spec_for
+from ..models.generic import spec_for
 from ..models.surgery import get_module, layers_of
 from ..runner import install_runtime
 from ..transforms.plan import TransformPlan

@@ -10,38 +10,17 @@ import dataclasses
 import re
 import typing
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .errors import ConfigError, UnknownNameError
+from .choices import (FORMAT_CHECKS, SCALE_RULES, Autocast, Choice, FitInit, FitLoss, FitOptimizer, FitParam, Format,
+                      GradCheckpointing, Offload, Propagate, RefineMethod, RefineOptimizer, RefineStart, RefineTarget,
+                      ScaleDtype, ScaleRule, Schedule, Site, SolverName, Ste, TransformKind)
+from .config_codec import from_plain, merge_overrides, parse_yaml, to_plain, with_assignments
+from .errors import ConfigError
 
 RECIPE_VERSION = 1
-
-
-class _RecipeLoader(yaml.SafeLoader):
-    """PyYAML's safe loader reading YAML 1.2 floats too: YAML 1.1 needs a dot, so ``1e-30`` would be
-    the string '1e-30' (and ``solver.damp=1e-30`` a type error). Resolvers added here come after the
-    1.1 ones, so only a scalar that 1.1 leaves a string and that is an exponent number changes."""
-
-
-_RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+.0123456789"))
-
-
-def parse_yaml(text: str, where: str) -> Any:
-    """``text`` as YAML (with :class:`_RecipeLoader`); a syntax error is a one-line :class:`ConfigError`
-    naming ``where`` and the line and column."""
-    try:
-        return yaml.load(text, Loader=_RecipeLoader)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{where} is not valid YAML{at}: {problem}") from None
 
 
 def _require(ok: bool, message: str) -> None:
@@ -60,6 +39,13 @@ def _check_seed(name: str, seed: int) -> None:
 def _one_of(name: str, value: Any, allowed: typing.Iterable[Any]) -> None:
     allowed = list(allowed)
     _require(value in allowed, f"{name}={value!r} is not allowed; choose one of {allowed}")
+
+
+def _choose(obj: Any, fields: dict[str, type[Choice]], prefix: str = "") -> None:
+    """Turn the named fields of the frozen dataclass ``obj`` (plain strings or members) into members of
+    their :class:`Choice`; a value outside it raises naming ``prefix + field`` and the choices."""
+    for name, choice in fields.items():
+        object.__setattr__(obj, name, choice.of(prefix + name, getattr(obj, name)))
 
 
 @dataclass(frozen=True)
@@ -89,31 +75,28 @@ class QuantSpec:
         when the quantizer is installed (SpinQuant's and OSTQuant's o_proj input; activations only).
     """
 
-    format: str = "int"
+    format: Format = "int"
     bits: int = 4
     symmetric: bool = True
     group_size: int = -1
     clip_ratio: float = 1.0
     clip_search: bool = False
-    scale_rule: str = "spec"
-    scale_dtype: str = "float32"
+    scale_rule: ScaleRule = "spec"
+    scale_dtype: ScaleDtype = "float32"
     static: bool = False
     per_head: bool = False
 
     def __post_init__(self) -> None:
-        from .formats import FORMATS
-
-        _one_of("format", self.format, FORMATS.names())
+        _choose(self, {"format": Format, "scale_rule": ScaleRule, "scale_dtype": ScaleDtype})
         _require(self.group_size >= -1, f"group_size={self.group_size}: use -1 (per row), 0 (tensor) or > 0")
         _require(0 < self.clip_ratio <= 1, f"clip_ratio={self.clip_ratio} must lie in (0, 1]")
-        rules = FORMATS.get(self.format).scale_rules
-        if self.scale_rule == "spec":  # the default: each format's own first rule
-            object.__setattr__(self, "scale_rule", rules[0])
+        rules = SCALE_RULES[self.format]
+        if self.scale_rule == ScaleRule.SPEC:  # the default: each format's own first rule
+            object.__setattr__(self, "scale_rule", ScaleRule(rules[0]))
         _require(self.scale_rule in rules,
                  f"scale_rule={self.scale_rule!r} is not a {self.format} rule; choose one of {list(rules)} "
                  "(a preset's rule does not carry over when its format is changed)")
-        _one_of("scale_dtype", self.scale_dtype, ["float32", "float16", "bfloat16", "auto"])
-        FORMATS.get(self.format).check(self)
+        FORMAT_CHECKS[self.format](self)
         _require(not self.per_head or self.group_size == -1,
                  f"per_head=true with group_size={self.group_size}: the group size is the model's head_dim; "
                  "leave group_size at -1")
@@ -169,17 +152,13 @@ class TransformSpec:
     :param block_size: > 0 for a block-diagonal Hadamard of that size (widths with no construction).
     """
 
-    site: str
-    kind: str = "hadamard"
+    site: Site
+    kind: TransformKind = "hadamard"
     seed: int = 0
     block_size: int = 0
 
     def __post_init__(self) -> None:
-        from .transforms.plan import KINDS
-        from .transforms.sites import SITES
-
-        _one_of("transforms.site", self.site, SITES.names())
-        _one_of("transforms.kind", self.kind, KINDS)
+        _choose(self, {"site": Site, "kind": TransformKind}, "transforms.")
         _require(self.block_size >= 0, f"transforms.block_size={self.block_size} must be >= 0")
         _check_seed("transforms.seed", self.seed)
 
@@ -195,21 +174,18 @@ class SolverSpec:
         activation quantizers; their presets set it) or also fake-quantized (``quantized``).
     """
 
-    name: str = "rtn"
+    name: SolverName = "rtn"
     damp: float = 0.01
     blocksize: int = 128
     act_order: bool = False
     static_groups: bool = False
     true_sequential: bool = False
-    propagate: str = "quantized"
+    propagate: Propagate = "quantized"
 
     def __post_init__(self) -> None:
-        from .solvers import SOLVERS
-
-        _one_of("solver.name", self.name, SOLVERS.names())
+        _choose(self, {"name": SolverName, "propagate": Propagate}, "solver.")
         _require(0 < self.damp < 1, f"solver.damp={self.damp} must lie in (0, 1)")
         _require(self.blocksize > 0, f"solver.blocksize={self.blocksize} must be positive")
-        _one_of("solver.propagate", self.propagate, ["fp", "quantized"])
 
 
 @dataclass(frozen=True)
@@ -273,28 +249,28 @@ class FitSpec:
     :param released: a released SpinQuant ``R.bin`` or OSTQuant parameter file to use instead of fitting.
     """
 
-    params: tuple[str, ...] = ("R_res", "R_ov", "S_attn", "S_ffn", "S_ov", "S_qk", "S_up_down")
-    init: str = "hadamard"
-    optimizer: str = "riemannian_adam"
-    loss: str = "kl_top"
+    params: tuple[FitParam, ...] = ("R_res", "R_ov", "S_attn", "S_ffn", "S_ov", "S_qk", "S_up_down")
+    init: FitInit = "hadamard"
+    optimizer: FitOptimizer = "riemannian_adam"
+    loss: FitLoss = "kl_top"
     top_k: int = 1000
     steps: int = 100
     batch_size: int = 4
     grad_accum: int = 4
     lr_rotation: float = 0.016897
     lr_scale: float = 0.0017899
-    schedule: str = "linear"
+    schedule: Schedule = "linear"
     momentum: float = 0.0
     stabilize: int = 10
     train_weights: bool = False
     seed: int = 0
     loss_chunk: int = 1024
     checkpoint_every: int = 10
-    grad_checkpointing: str = "auto"
-    offload: str = "none"
-    autocast: str = "auto"
+    grad_checkpointing: GradCheckpointing = "auto"
+    offload: Offload = "none"
+    autocast: Autocast = "auto"
     qsur_samples: int = 8
-    ste: str = "pass_scale"
+    ste: Ste = "pass_scale"
     max_grad_norm: float = 1.0
     source: str = "wikitext2"
     nsamples: int = 0
@@ -303,21 +279,12 @@ class FitSpec:
     released: str = ""
 
     def __post_init__(self) -> None:
-        from .fitting.losses import LOSSES
-        from .transforms.learnable import PARAMS
-
-        for name in self.params:
-            _one_of("fitting.params", name, PARAMS.names())
+        object.__setattr__(self, "params", tuple(FitParam.of("fitting.params", p) for p in self.params))
         _require(len(set(self.params)) == len(self.params), f"fitting.params repeats a name: {self.params}")
         _require(not {"R_ov", "R2"} <= set(self.params), "fitting.params: choose R_ov or R2, not both")
-        _one_of("fitting.init", self.init, ["hadamard", "klt"])
-        _one_of("fitting.optimizer", self.optimizer, ["riemannian_adam", "cayley_sgd"])
-        _one_of("fitting.loss", self.loss, LOSSES.names())
-        _one_of("fitting.schedule", self.schedule, ["linear", "cosine", "constant"])
-        _one_of("fitting.grad_checkpointing", self.grad_checkpointing, ["auto", "on", "off"])
-        _one_of("fitting.autocast", self.autocast, ["auto", "bfloat16", "off"])
-        _one_of("fitting.offload", self.offload, ["none", "cpu"])
-        _one_of("fitting.ste", self.ste, ["plain", "pass_scale"])
+        _choose(self, {"init": FitInit, "optimizer": FitOptimizer, "loss": FitLoss, "schedule": Schedule,
+                       "grad_checkpointing": GradCheckpointing, "autocast": Autocast, "offload": Offload,
+                       "ste": Ste}, "fitting.")
         _require(self.max_grad_norm >= 0, f"fitting.max_grad_norm={self.max_grad_norm} must be >= 0")
         for name in ("top_k", "batch_size", "grad_accum", "loss_chunk"):
             _require(getattr(self, name) > 0, f"fitting.{name}={getattr(self, name)} must be positive")
@@ -410,42 +377,27 @@ class RefineSpec:
     :param seed: seed of the batch order (each layer derives its own).
     """
 
-    method: str = "round"
+    method: RefineMethod = "round"
     iters: int = 200
     lr: float | None = None
     scale_lr: float | None = None
     batch_size: int = 8
-    optimizer: str = "signsgd"
+    optimizer: RefineOptimizer = "signsgd"
     patience: int = 0
     tune_scales: bool = True
-    target: str = "fp_model"
-    start: str = "solver"
+    target: RefineTarget = "fp_model"
+    start: RefineStart = "solver"
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from .refine import METHODS, OPTIMIZERS, TARGETS
-
-        _one_of("refine.target", self.target, TARGETS)
-        _one_of("refine.start", self.start, ["solver", "rtn"])
-        _one_of("refine.method", self.method, METHODS)
-        _one_of("refine.optimizer", self.optimizer, OPTIMIZERS.names())
+        _choose(self, {"target": RefineTarget, "start": RefineStart, "method": RefineMethod,
+                       "optimizer": RefineOptimizer}, "refine.")
         _require(self.iters >= 0, f"refine.iters={self.iters} must be >= 0")
         _require(self.batch_size > 0, f"refine.batch_size={self.batch_size} must be positive")
         _require(self.patience >= 0, f"refine.patience={self.patience} must be >= 0")
         for name in ("lr", "scale_lr"):
             value = getattr(self, name)
             _require(value is None or value > 0, f"refine.{name}={value} must be positive (or null: auto)")
-
-    def check(self, recipe: "Recipe") -> None:
-        """Raise :class:`ConfigError` when ``recipe``'s weights or solver cannot be refined."""
-        from .refine import REFINABLE_SOLVERS, refinable_formats
-
-        _one_of("solver.name (with refine)", recipe.solver.name, REFINABLE_SOLVERS)
-        specs = [recipe.weights] + [o.weights for o in recipe.overrides]
-        _require(recipe.weights is not None, "refine needs quantized weights: set a weights section")
-        for w in specs:
-            if w is not None:
-                _one_of("weights.format (with refine)", w.format, refinable_formats())
 
 
 # Sections left out of ``Recipe.to_dict`` while they are None, so that recipes and run fingerprints
@@ -487,12 +439,6 @@ class Recipe:
 
     def __post_init__(self) -> None:
         _one_of("version", self.version, [RECIPE_VERSION])
-        if self.refine is not None and self.refine.iters > 0:
-            self.refine.check(self)
-        if self.finetune is not None and self.finetune.active:
-            from .finetune import check_recipe
-
-            check_recipe(self)
         sites = [t.site for t in self.transforms]
         _require(len(sites) == len(set(sites)), f"transforms: each site may appear once, got {sites}")
         dynamic_act_order = self.solver.act_order and not self.solver.static_groups
@@ -534,12 +480,12 @@ class Recipe:
 
     # --- serialisation ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        plain = _to_plain(self)
+        plain = to_plain(self)
         return {k: v for k, v in plain.items() if not (k in _OPTIONAL_SECTIONS and v is None)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Recipe":
-        return _from_plain(cls, _merge_overrides(data), "recipe")
+        return from_plain(cls, merge_overrides(data), "recipe")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -552,106 +498,4 @@ class Recipe:
 
     def with_overrides(self, assignments: typing.Sequence[str]) -> "Recipe":
         """A copy with ``key.path=value`` assignments applied (values parsed as YAML scalars)."""
-        data = self.to_dict()
-        for item in assignments:
-            key, sep, raw = item.partition("=")
-            _require(bool(sep) and bool(key), f"--set {item!r}: expected key.path=value")
-            _set_path(data, key.strip().split("."), parse_yaml(raw, f"--set {item!r}: the value"))
-        return Recipe.from_dict(data)
-
-
-def _to_plain(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, tuple):
-        return [_to_plain(v) for v in obj]
-    return obj
-
-
-def _merge_overrides(data: dict[str, Any]) -> dict[str, Any]:
-    """Override specs in YAML may be partial: fill them in from the recipe's own weights/activations."""
-    if not isinstance(data, dict) or not data.get("overrides"):
-        return data
-    data = dict(data)
-    merged = []
-    for o in data["overrides"]:
-        o = dict(o) if isinstance(o, dict) else o
-        for key in ("weights", "activations"):
-            if isinstance(o, dict) and isinstance(o.get(key), dict) and isinstance(data.get(key), dict):
-                o[key] = {**data[key], **o[key]}
-        merged.append(o)
-    data["overrides"] = merged
-    return data
-
-
-def _from_plain(cls: type, data: Any, where: str) -> Any:
-    _require(isinstance(data, dict), f"{where} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    _require(not unknown, f"unknown key(s) {unknown} in {where}; allowed: {names}")
-    kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where != "recipe" else k) for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise ConfigError(f"{where}: {e}") from None
-    except ConfigError as e:
-        if where == "recipe" or str(e).startswith(where):
-            raise
-        raise ConfigError(f"{where}: {e}") from None
-
-
-def _convert(tp: Any, value: Any, where: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", ())):
-        if value is None:
-            _require(type(None) in args, f"{where} may not be empty")
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(inner, value, where)
-    if origin is tuple:
-        _require(isinstance(value, (list, tuple)), f"{where} must be a list")
-        return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
-    if dataclasses.is_dataclass(tp):
-        return _from_plain(tp, value, where)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
-    _require(ok, f"{where}={value!r} must be of type {tp.__name__}")
-    return value
-
-
-def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
-    for i, key in enumerate(path[:-1]):
-        if data.get(key) is None:
-            data[key] = {}
-        _require(isinstance(data[key], dict), f"--set {'.'.join(path)}: '{key}' is not a section")
-        data = data[key]
-    data[path[-1]] = value
-
-
-# --- presets ----------------------------------------------------------------------------------
-def preset_names() -> list[str]:
-    return sorted(p.name[: -len(".yaml")] for p in resources.files("orthoquant.recipes").iterdir()
-                  if p.name.endswith(".yaml"))
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"recipe file {path} is not UTF-8 text (byte {e.start})") from None
-
-
-def load_recipe(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Recipe:
-    """A preset by name, or a recipe YAML file by path, with ``--set`` overrides applied."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"recipe file {path} {'is not a file' if path.exists() else 'does not exist'}")
-        recipe = Recipe.from_yaml(_read_text(path), f"recipe file {path}")
-    elif name_or_path in preset_names():
-        recipe = Recipe.from_yaml(resources.files("orthoquant.recipes").joinpath(f"{name_or_path}.yaml").read_text())
-    else:
-        raise UnknownNameError(f"unknown recipe preset '{name_or_path}'; known: {', '.join(preset_names())}")
-    return recipe.with_overrides(overrides) if overrides else recipe
+        return Recipe.from_dict(with_assignments(self.to_dict(), assignments))

@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_solvers import synthetic_layer  # noqa: E402
-from orthoquant.config import QuantSpec, SolverSpec, load_recipe  # noqa: E402
+from orthoquant.config import QuantSpec, SolverSpec  # noqa: E402
+from orthoquant.recipes import load_recipe  # noqa: E402
 from orthoquant.data.windows import calibration_windows  # noqa: E402
 from orthoquant.demo import cache_dir  # noqa: E402
 from orthoquant.evaluate.run_eval import evaluate  # noqa: E402

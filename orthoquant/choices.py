@@ -3,8 +3,10 @@
 Each set is a :class:`Choice`, a ``str`` enum: a member equals, hashes and formats as its plain string,
 so recipe YAML, run JSON and comparisons such as ``spec.format == "mxfp4"`` read as before. The sets
 that name an implementation (formats, solvers, transform sites, learnable parameters, fitting losses,
-reconstruction optimizers) are keyed the same way in their registries; ``tests/test_imports.py``
+reconstruction optimizers) are keyed the same way in their registries; ``tests/test_choices.py``
 checks that each set and its registry agree, so the schema checks names without importing what it names.
+Solvers are the one open set (a library user may register a solver of their own): :data:`SOLVER_NAMES`
+starts with the built-in ones and the solver registry adds every name registered to it.
 
 The per-format rules (:data:`FORMAT_CHECKS`, :data:`SCALE_RULES`) are what a recipe may ask of a
 format; the arithmetic lives in :mod:`orthoquant.formats`.
@@ -41,8 +43,6 @@ ScaleRule = _choices("ScaleRule", ["spec", "quarot", "minmax", "three_quarters"]
 ScaleDtype = _choices("ScaleDtype", ["float32", "float16", "bfloat16", "auto"])
 TransformKind = _choices("TransformKind", ["hadamard", "random_hadamard"])
 Site = _choices("Site", ["residual", "attn_value", "o_input", "down_input", "qk"])
-SolverName = _choices("SolverName", ["rtn", "gptq", "ldlq", "ldlq-tune", "blockhad-rtn", "blockhad-gptq", "wush-rtn",
-                                   "wush-gptq", "quip-rtn", "quip-gptq", "quip-ldlq", "quip-ldlq-tune"])
 Propagate = _choices("Propagate", ["fp", "quantized"])
 FitParam = _choices("FitParam", ["R_res", "R_ov", "R2", "S_attn", "S_ffn", "S_ov", "S_qk", "S_up_down"])
 FitInit = _choices("FitInit", ["hadamard", "klt"])
@@ -57,6 +57,11 @@ RefineMethod = _choices("RefineMethod", ["round"])
 RefineOptimizer = _choices("RefineOptimizer", ["signsgd", "adam"])
 RefineTarget = _choices("RefineTarget", ["fp_model", "fp_layer"])
 RefineStart = _choices("RefineStart", ["solver", "rtn"])
+
+
+# Names ``solver.name`` may take: the built-in solvers, and those registered later (Registry(names=...)).
+SOLVER_NAMES: set[str] = {"rtn", "gptq", "ldlq", "ldlq-tune", "blockhad-rtn", "blockhad-gptq", "wush-rtn", "wush-gptq",
+                          "quip-rtn", "quip-gptq", "quip-ldlq", "quip-ldlq-tune"}
 
 
 # --- what each format allows -------------------------------------------------------------------

@@ -3,6 +3,12 @@
 A recipe says what to quantize and how. Every CLI flag maps to one field; ``--set a.b=v`` edits any
 field by its dotted path. Unknown keys, out-of-range values and contradictions raise
 :class:`~orthoquant.errors.ConfigError` naming the field and the allowed values.
+
+The schema is a leaf: it imports no implementation (``tests/test_imports.py`` holds it to that). Its
+fields that name one of a closed set are :mod:`orthoquant.choices` enums, checked here; whether the
+implementations can run a recipe (registered names, refinable solvers, ...) is checked once, by
+:func:`orthoquant.validate.check_recipe`, which ``load_recipe`` and ``quantize`` run. The dict and YAML
+codec is :mod:`orthoquant.config_codec`; presets and ``load_recipe`` are in :mod:`orthoquant.recipes`.
 """
 from __future__ import annotations
 
@@ -14,9 +20,9 @@ from typing import Any
 
 import yaml
 
-from .choices import (FORMAT_CHECKS, SCALE_RULES, Autocast, Choice, FitInit, FitLoss, FitOptimizer, FitParam, Format,
-                      GradCheckpointing, Offload, Propagate, RefineMethod, RefineOptimizer, RefineStart, RefineTarget,
-                      ScaleDtype, ScaleRule, Schedule, Site, SolverName, Ste, TransformKind)
+from .choices import (FORMAT_CHECKS, FP4_BLOCKS, SCALE_RULES, Autocast, Choice, FitInit, FitLoss, FitOptimizer,
+                      FitParam, Format, GradCheckpointing, Offload, Propagate, RefineMethod, RefineOptimizer,
+                      RefineStart, RefineTarget, ScaleDtype, ScaleRule, Schedule, Site, SOLVER_NAMES, Ste, TransformKind)
 from .config_codec import from_plain, merge_overrides, parse_yaml, to_plain, with_assignments
 from .errors import ConfigError
 
@@ -52,7 +58,8 @@ def _choose(obj: Any, fields: dict[str, type[Choice]], prefix: str = "") -> None
 class QuantSpec:
     """How one kind of tensor (weights, activations or KV cache) is quantized.
 
-    :param format: registered number format: ``int``, ``mxfp4``, ``nvfp4``, ``fp8``.
+    :param format: number format (:data:`~orthoquant.choices.Format`): ``int``, ``mxfp4``, ``nvfp4``,
+        ``fp8``, ``e8p``; what each allows is :data:`~orthoquant.choices.FORMAT_CHECKS`.
     :param bits: bits per value (int: 2..8; the float formats fix it).
     :param symmetric: symmetric (no zero point) or asymmetric.
     :param group_size: -1 per row (channel/token), 0 per tensor, g > 0 per group of g columns.
@@ -174,7 +181,7 @@ class SolverSpec:
         activation quantizers; their presets set it) or also fake-quantized (``quantized``).
     """
 
-    name: SolverName = "rtn"
+    name: str = "rtn"
     damp: float = 0.01
     blocksize: int = 128
     act_order: bool = False
@@ -183,7 +190,8 @@ class SolverSpec:
     propagate: Propagate = "quantized"
 
     def __post_init__(self) -> None:
-        _choose(self, {"name": SolverName, "propagate": Propagate}, "solver.")
+        _one_of("solver.name", self.name, sorted(SOLVER_NAMES))
+        _choose(self, {"propagate": Propagate}, "solver.")
         _require(0 < self.damp < 1, f"solver.damp={self.damp} must lie in (0, 1)")
         _require(self.blocksize > 0, f"solver.blocksize={self.blocksize} must be positive")
 
@@ -442,7 +450,7 @@ class Recipe:
         sites = [t.site for t in self.transforms]
         _require(len(sites) == len(set(sites)), f"transforms: each site may appear once, got {sites}")
         dynamic_act_order = self.solver.act_order and not self.solver.static_groups
-        fp_groups = self.weights is not None and self.weights.format in ("mxfp4", "nvfp4")
+        fp_groups = self.weights is not None and self.weights.format in FP4_BLOCKS
         _require(not (dynamic_act_order and fp_groups),
                  "solver.act_order with FP4 weights needs solver.static_groups=true (FP4 layouts have no g_idx)")
         static_weights = [self.weights] + [o.weights for o in self.overrides]

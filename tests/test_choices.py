@@ -21,11 +21,23 @@ from orthoquant.validate import RECIPE_RULES, check_recipe
 
 
 @pytest.mark.parametrize("choice, registry", [
-    (choices.Format, FORMATS), (choices.SolverName, SOLVERS), (choices.Site, SITES), (choices.FitParam, PARAMS),
+    (choices.Format, FORMATS), (choices.Site, SITES), (choices.FitParam, PARAMS),
     (choices.FitLoss, LOSSES), (choices.RefineOptimizer, OPTIMIZERS),
 ])
 def test_each_named_set_is_its_registry(choice, registry):
     assert sorted(choice) == registry.names()
+
+
+def test_solver_names_are_the_registered_ones():
+    assert choices.SOLVER_NAMES == set(SOLVERS.names())
+    with pytest.raises(ConfigError, match="solver.name='mine' is not allowed"):
+        SolverSpec(name="mine")
+    SOLVERS.add("mine", SOLVERS.get("rtn"))  # a solver of one's own: the schema takes its name from then on
+    try:
+        assert SolverSpec(name="mine").name == "mine"
+    finally:
+        SOLVERS._entries.pop("mine")
+        choices.SOLVER_NAMES.discard("mine")
 
 
 def test_format_rules_match_the_formats():

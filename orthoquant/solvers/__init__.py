@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from ..choices import SOLVER_NAMES
 from ..registry import Registry
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ class Solver:
     check: Callable[["QuantFormat", "SolverSpec", int, int], None] = check_format
 
 
-SOLVERS: Registry[Solver] = Registry("solver")
+SOLVERS: Registry[Solver] = Registry("solver", names=SOLVER_NAMES)  # the recipe schema checks names there
 
 
 # Below this many columns proxy_loss multiplies by the whole diagonal block of H; above, it halves.

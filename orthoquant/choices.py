@@ -120,3 +120,25 @@ FORMAT_CHECKS: dict[str, Callable[[Any], None]] = {
     Format.INT: _check_int, Format.MXFP4: _check_fp4, Format.NVFP4: _check_fp4, Format.FP8: _check_fp8,
     Format.E8P: _check_e8p,
 }
+
+
+# --- checks the schema modules share ----------------------------------------------------------
+def require(ok: bool, message: str) -> None:
+    """Raise a :class:`ConfigError` with ``message`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(message)
+
+
+# Seeds go to a 64-bit torch.Generator after per-layer mixing (transforms.plan.layer_seed): keep them well inside
+SEED_LIMIT = 2**32
+
+
+def check_seed(name: str, seed: int) -> None:
+    require(-SEED_LIMIT < seed < SEED_LIMIT, f"{name}={seed}: seeds must lie within ±2**32")
+
+
+def choose(obj: Any, fields: dict[str, type[Choice]], prefix: str = "") -> None:
+    """Turn the named fields of the frozen dataclass ``obj`` (plain strings or members) into members of
+    their :class:`Choice`; a value outside it raises naming ``prefix + field`` and the choices."""
+    for name, choice in fields.items():
+        object.__setattr__(obj, name, choice.of(prefix + name, getattr(obj, name)))

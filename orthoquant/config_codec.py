@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from .choices import require
 from .errors import ConfigError
 
 
@@ -42,11 +43,6 @@ def parse_yaml(text: str, where: str) -> Any:
         raise ConfigError(f"{where} is not valid YAML{at}: {problem}") from None
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
 def to_plain(obj: Any) -> Any:
     """``obj`` as new plain data: dataclasses as dicts in field order, tuples as lists, choices as strings."""
     if dataclasses.is_dataclass(obj):
@@ -62,11 +58,11 @@ def to_plain(obj: Any) -> Any:
 
 def from_plain(cls: type, data: Any, where: str) -> Any:
     """The dataclass ``cls`` built from the mapping ``data``; ``where`` names it in errors."""
-    _require(isinstance(data, dict), f"{where} must be a mapping, got {type(data).__name__}")
+    require(isinstance(data, dict), f"{where} must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
-    _require(not unknown, f"unknown key(s) {unknown} in {where}; allowed: {names}")
+    require(not unknown, f"unknown key(s) {unknown} in {where}; allowed: {names}")
     kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where != "recipe" else k) for k, v in data.items()}
     try:
         return cls(**kwargs)
@@ -82,12 +78,12 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None:
-            _require(type(None) in args, f"{where} may not be empty")
+            require(type(None) in args, f"{where} may not be empty")
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _convert(inner, value, where)
     if origin is tuple:
-        _require(isinstance(value, (list, tuple)), f"{where} must be a list")
+        require(isinstance(value, (list, tuple)), f"{where} must be a list")
         return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
         return from_plain(tp, value, where)
@@ -96,7 +92,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
-    _require(ok, f"{where}={value!r} must be of type {tp.__name__}")
+    require(ok, f"{where}={value!r} must be of type {tp.__name__}")
     return value
 
 
@@ -121,7 +117,7 @@ def with_assignments(data: dict[str, Any], assignments: Sequence[str]) -> dict[s
     data = to_plain(data)  # a deep copy: the caller's dict stays as it was
     for item in assignments:
         key, sep, raw = item.partition("=")
-        _require(bool(sep) and bool(key), f"--set {item!r}: expected key.path=value")
+        require(bool(sep) and bool(key), f"--set {item!r}: expected key.path=value")
         _set_path(data, key.strip().split("."), parse_yaml(raw, f"--set {item!r}: the value"))
     return data
 
@@ -130,6 +126,6 @@ def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
     for key in path[:-1]:
         if data.get(key) is None:
             data[key] = {}
-        _require(isinstance(data[key], dict), f"--set {'.'.join(path)}: '{key}' is not a section")
+        require(isinstance(data[key], dict), f"--set {'.'.join(path)}: '{key}' is not a section")
         data = data[key]
     data[path[-1]] = value

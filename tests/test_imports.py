@@ -20,7 +20,7 @@ import orthoquant
 PACKAGE = Path(orthoquant.__file__).parent
 # The schema and what it is built from: the leaves a recipe needs, importable without torch.
 SCHEMA = "orthoquant.config"
-SCHEMA_MAY_IMPORT = {"orthoquant.choices", "orthoquant.config_codec", "orthoquant.errors"}
+SCHEMA_MAY_IMPORT = {"orthoquant.choices", "orthoquant.config_codec", "orthoquant.config_stages", "orthoquant.errors"}
 SCHEMA_EXTERNAL = {"yaml"}
 
 

@@ -47,7 +47,8 @@ class QuantSpec:
     :param group_size: -1 per row (channel/token), 0 per tensor, g > 0 per group of g columns.
     :param clip_ratio: static clipping of the range (activations 0.9, KV 0.95 in QuaRot), in (0, 1].
     :param clip_search: MSE search for the clip of each group (weights; grid 100 down to 0.2, |e|^2.4).
-    :param scale_rule: how a group's scale follows from its range, one of the format's ``scale_rules``:
+    :param scale_rule: how a group's scale follows from its range, one of the format's rules
+        (:data:`~orthoquant.choices.SCALE_RULES`):
         symmetric ``int``: ``quarot`` (amax/(2^(b-1)-1), amax on the grid) or ``minmax``
         (2·amax/(2^b-1), IST GPTQ and compressed-tensors; the positive max clips to (2^(b-1)-1)/(2^(b-1)-½));
         ``mxfp4``: ``spec`` (OCP MX, 2^(floor(log2 amax)-2)) or ``three_quarters``. The default ``spec``

@@ -8,11 +8,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from .version import __version__
 
 # public name -> the module defining it (imported when the name is first used)
 _LAZY = {
-    "Recipe": "orthoquant.config", "load_recipe": "orthoquant.config",
+    "Recipe": "orthoquant.config", "load_recipe": "orthoquant.recipes",
     "open_run": "orthoquant.pipeline", "quantize": "orthoquant.pipeline",
     "quantize_pretrained": "orthoquant.pipeline", "load_quantized": "orthoquant.export",
     "export_run": "orthoquant.export", "calibration_windows": "orthoquant.data",

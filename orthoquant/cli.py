@@ -88,7 +88,7 @@ def _batch_size(text: str) -> int | str:
 
 
 def recipe_from_args(args: argparse.Namespace):
-    from .config import load_recipe
+    from .recipes import load_recipe
 
     sets = list(args.set) + [f"{field}={getattr(args, flag)}" for flag, field in CALIB_FLAGS.items()
                              if getattr(args, flag) is not None]
@@ -143,15 +143,13 @@ def cmd_eval(args: argparse.Namespace) -> dict:
 
 
 def cmd_recipes(args: argparse.Namespace) -> None:
-    """Name and description of each preset, read from its YAML without building the recipe (which
-    would import the formats and solvers it names, and torch with them)."""
-    from importlib import resources
+    """Name and description of each preset, read from its YAML without loading the recipe (whose
+    validation imports the formats and solvers it names, and torch with them)."""
+    from .config_codec import parse_yaml
+    from .recipes import preset_names, preset_text
 
-    from .config import parse_yaml, preset_names
-
-    folder = resources.files("orthoquant.recipes")
     for name in preset_names():
-        raw = parse_yaml(folder.joinpath(f"{name}.yaml").read_text(encoding="utf-8"), f"preset {name}")
+        raw = parse_yaml(preset_text(name), f"preset {name}")
         show(f"{name:28s} {raw.get('description', '')}")
 
 
@@ -219,7 +217,7 @@ def command_name(argv: list[str]) -> str | None:
 
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     """The parser listing every command; only ``selected``'s flags are added (its module is imported)."""
-    from . import __version__
+    from .version import __version__
 
     parser = argparse.ArgumentParser(prog="orthoquant", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -3,6 +3,14 @@
 A recipe says what to quantize and how. Every CLI flag maps to one field; ``--set a.b=v`` edits any
 field by its dotted path. Unknown keys, out-of-range values and contradictions raise
 :class:`~orthoquant.errors.ConfigError` naming the field and the allowed values.
+
+The schema is a leaf: it imports no implementation (``tests/test_imports.py`` holds it to that). Its
+fields that name one of a closed set are :mod:`orthoquant.choices` enums, checked here; whether the
+implementations can run a recipe (registered names, refinable solvers, ...) is checked once, by
+:func:`orthoquant.validate.check_recipe`, which ``load_recipe`` and ``quantize`` run. The dict and YAML
+codec is :mod:`orthoquant.config_codec`; the sections of the learned stages (fitting, refinement,
+fine-tuning) are :mod:`orthoquant.config_stages`, imported from here; presets and ``load_recipe`` are in
+:mod:`orthoquant.recipes`.
 """
 from __future__ import annotations
 
@@ -10,69 +18,37 @@ import dataclasses
 import re
 import typing
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .errors import ConfigError, UnknownNameError
+from .choices import (FORMAT_CHECKS, FP4_BLOCKS, SCALE_RULES, SOLVER_NAMES, Format, Propagate, ScaleDtype, ScaleRule,
+                      Site, TransformKind, check_seed, choose, require)
+from .config_codec import from_plain, merge_overrides, parse_yaml, to_plain, with_assignments
+from .config_stages import FinetuneSpec, FitSpec, RefineSpec
+from .errors import ConfigError
 
 RECIPE_VERSION = 1
 
 
-class _RecipeLoader(yaml.SafeLoader):
-    """PyYAML's safe loader reading YAML 1.2 floats too: YAML 1.1 needs a dot, so ``1e-30`` would be
-    the string '1e-30' (and ``solver.damp=1e-30`` a type error). Resolvers added here come after the
-    1.1 ones, so only a scalar that 1.1 leaves a string and that is an exponent number changes."""
-
-
-_RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+.0123456789"))
-
-
-def parse_yaml(text: str, where: str) -> Any:
-    """``text`` as YAML (with :class:`_RecipeLoader`); a syntax error is a one-line :class:`ConfigError`
-    naming ``where`` and the line and column."""
-    try:
-        return yaml.load(text, Loader=_RecipeLoader)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{where} is not valid YAML{at}: {problem}") from None
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-# Seeds go to a 64-bit torch.Generator after per-layer mixing (transforms.plan.layer_seed): keep them well inside
-SEED_LIMIT = 2**32
-
-
-def _check_seed(name: str, seed: int) -> None:
-    _require(-SEED_LIMIT < seed < SEED_LIMIT, f"{name}={seed}: seeds must lie within ±2**32")
-
-
 def _one_of(name: str, value: Any, allowed: typing.Iterable[Any]) -> None:
     allowed = list(allowed)
-    _require(value in allowed, f"{name}={value!r} is not allowed; choose one of {allowed}")
+    require(value in allowed, f"{name}={value!r} is not allowed; choose one of {allowed}")
 
 
 @dataclass(frozen=True)
 class QuantSpec:
     """How one kind of tensor (weights, activations or KV cache) is quantized.
 
-    :param format: registered number format: ``int``, ``mxfp4``, ``nvfp4``, ``fp8``.
+    :param format: number format (:data:`~orthoquant.choices.Format`): ``int``, ``mxfp4``, ``nvfp4``,
+        ``fp8``, ``e8p``; what each allows is :data:`~orthoquant.choices.FORMAT_CHECKS`.
     :param bits: bits per value (int: 2..8; the float formats fix it).
     :param symmetric: symmetric (no zero point) or asymmetric.
     :param group_size: -1 per row (channel/token), 0 per tensor, g > 0 per group of g columns.
     :param clip_ratio: static clipping of the range (activations 0.9, KV 0.95 in QuaRot), in (0, 1].
     :param clip_search: MSE search for the clip of each group (weights; grid 100 down to 0.2, |e|^2.4).
-    :param scale_rule: how a group's scale follows from its range, one of the format's ``scale_rules``:
+    :param scale_rule: how a group's scale follows from its range, one of the format's rules
+        (:data:`~orthoquant.choices.SCALE_RULES`):
         symmetric ``int``: ``quarot`` (amax/(2^(b-1)-1), amax on the grid) or ``minmax``
         (2·amax/(2^b-1), IST GPTQ and compressed-tensors; the positive max clips to (2^(b-1)-1)/(2^(b-1)-½));
         ``mxfp4``: ``spec`` (OCP MX, 2^(floor(log2 amax)-2)) or ``three_quarters``. The default ``spec``
@@ -89,41 +65,38 @@ class QuantSpec:
         when the quantizer is installed (SpinQuant's and OSTQuant's o_proj input; activations only).
     """
 
-    format: str = "int"
+    format: Format = "int"
     bits: int = 4
     symmetric: bool = True
     group_size: int = -1
     clip_ratio: float = 1.0
     clip_search: bool = False
-    scale_rule: str = "spec"
-    scale_dtype: str = "float32"
+    scale_rule: ScaleRule = "spec"
+    scale_dtype: ScaleDtype = "float32"
     static: bool = False
     per_head: bool = False
 
     def __post_init__(self) -> None:
-        from .formats import FORMATS
-
-        _one_of("format", self.format, FORMATS.names())
-        _require(self.group_size >= -1, f"group_size={self.group_size}: use -1 (per row), 0 (tensor) or > 0")
-        _require(0 < self.clip_ratio <= 1, f"clip_ratio={self.clip_ratio} must lie in (0, 1]")
-        rules = FORMATS.get(self.format).scale_rules
-        if self.scale_rule == "spec":  # the default: each format's own first rule
-            object.__setattr__(self, "scale_rule", rules[0])
-        _require(self.scale_rule in rules,
+        choose(self, {"format": Format, "scale_rule": ScaleRule, "scale_dtype": ScaleDtype})
+        require(self.group_size >= -1, f"group_size={self.group_size}: use -1 (per row), 0 (tensor) or > 0")
+        require(0 < self.clip_ratio <= 1, f"clip_ratio={self.clip_ratio} must lie in (0, 1]")
+        rules = SCALE_RULES[self.format]
+        if self.scale_rule == ScaleRule.SPEC:  # the default: each format's own first rule
+            object.__setattr__(self, "scale_rule", ScaleRule(rules[0]))
+        require(self.scale_rule in rules,
                  f"scale_rule={self.scale_rule!r} is not a {self.format} rule; choose one of {list(rules)} "
                  "(a preset's rule does not carry over when its format is changed)")
-        _one_of("scale_dtype", self.scale_dtype, ["float32", "float16", "bfloat16", "auto"])
-        FORMATS.get(self.format).check(self)
-        _require(not self.per_head or self.group_size == -1,
+        FORMAT_CHECKS[self.format](self)
+        require(not self.per_head or self.group_size == -1,
                  f"per_head=true with group_size={self.group_size}: the group size is the model's head_dim; "
                  "leave group_size at -1")
         if self.static and self.format not in STATIC_INPUT_FORMATS:
-            _require(self.format in STATIC_FORMATS,
+            require(self.format in STATIC_FORMATS,
                      f"static=True with format={self.format!r}: static scales exist for {list(STATIC_FORMATS)}")
-            _require(self.group_size == 0, f"static=True with group_size={self.group_size}: a static scale is "
+            require(self.group_size == 0, f"static=True with group_size={self.group_size}: a static scale is "
                                            "one per tensor, set group_size=0")
-            _require(self.symmetric, "static=True with symmetric=False: static scales have no zero point")
-            _require(not self.clip_search, "static=True with clip_search=True: the clip search is for weights")
+            require(self.symmetric, "static=True with symmetric=False: static scales have no zero point")
+            require(not self.clip_search, "static=True with clip_search=True: the clip search is for weights")
 
 
     def for_head_dim(self, head_dim: int) -> "QuantSpec":
@@ -169,19 +142,15 @@ class TransformSpec:
     :param block_size: > 0 for a block-diagonal Hadamard of that size (widths with no construction).
     """
 
-    site: str
-    kind: str = "hadamard"
+    site: Site
+    kind: TransformKind = "hadamard"
     seed: int = 0
     block_size: int = 0
 
     def __post_init__(self) -> None:
-        from .transforms.plan import KINDS
-        from .transforms.sites import SITES
-
-        _one_of("transforms.site", self.site, SITES.names())
-        _one_of("transforms.kind", self.kind, KINDS)
-        _require(self.block_size >= 0, f"transforms.block_size={self.block_size} must be >= 0")
-        _check_seed("transforms.seed", self.seed)
+        choose(self, {"site": Site, "kind": TransformKind}, "transforms.")
+        require(self.block_size >= 0, f"transforms.block_size={self.block_size} must be >= 0")
+        check_seed("transforms.seed", self.seed)
 
 
 @dataclass(frozen=True)
@@ -201,15 +170,13 @@ class SolverSpec:
     act_order: bool = False
     static_groups: bool = False
     true_sequential: bool = False
-    propagate: str = "quantized"
+    propagate: Propagate = "quantized"
 
     def __post_init__(self) -> None:
-        from .solvers import SOLVERS
-
-        _one_of("solver.name", self.name, SOLVERS.names())
-        _require(0 < self.damp < 1, f"solver.damp={self.damp} must lie in (0, 1)")
-        _require(self.blocksize > 0, f"solver.blocksize={self.blocksize} must be positive")
-        _one_of("solver.propagate", self.propagate, ["fp", "quantized"])
+        _one_of("solver.name", self.name, sorted(SOLVER_NAMES))
+        choose(self, {"propagate": Propagate}, "solver.")
+        require(0 < self.damp < 1, f"solver.damp={self.damp} must lie in (0, 1)")
+        require(self.blocksize > 0, f"solver.blocksize={self.blocksize} must be positive")
 
 
 @dataclass(frozen=True)
@@ -224,228 +191,10 @@ class CalibSpec:
     moe_all_experts: bool = False  # MoE: every token through every expert while collecting statistics
 
     def __post_init__(self) -> None:
-        _require(self.nsamples > 0, f"calibration.nsamples={self.nsamples} must be positive")
-        _require(self.seqlen > 1, f"calibration.seqlen={self.seqlen} must be at least 2")
-        _require(self.batch_size > 0, f"calibration.batch_size={self.batch_size} must be positive")
-        _check_seed("calibration.seed", self.seed)
-
-
-@dataclass(frozen=True)
-class FitSpec:
-    """End-to-end fitting of learnable transforms (OSTQuant, SpinQuant) before the layer-wise solve.
-
-    Defaults are OSTQuant's (100 steps, global batch 16, RiemannianAdam, lr 0.016897 / 0.0017899,
-    linear decay, KL-Top with k = 1000) on the fit's own data: ``source`` packed into ``seqlen``-token
-    windows (OSTQuant: every window of WikiText-2 train, ``nsamples = 0``; SpinQuant: 800 × 2048),
-    separate from GPTQ's calibration windows. An in-memory :func:`orthoquant.quantize` without
-    ``fit_windows`` trains on its calibration windows.
-
-    :param params: learnable parameters (``orthoquant.transforms.learnable.PARAMS``): R_res, R_ov (one
-        rotation per KV head), R2 (one per layer shared by heads), S_attn, S_ffn, S_ov, S_qk, S_up_down.
-    :param init: rotations start as ``hadamard`` (random) or ``klt`` (weight-covariance eigenvectors x
-        random Hadamard, OSTQuant's W4A4 init); scales start at 1.
-    :param optimizer: ``riemannian_adam`` (geoopt, OSTQuant) or ``cayley_sgd`` (SpinQuant's Cayley SGD:
-        geoopt's canonical-Stiefel Cayley retraction with SpinQuant's step cap min(lr, 1/‖W‖₁), lr in
-        SpinQuant's units; :mod:`orthoquant.fitting.cayley`).
-    :param loss: ``kl_top``, ``kl``, ``ce`` (next-token cross-entropy, SpinQuant) or ``mse`` (logits).
-    :param batch_size: sequences per micro-batch on each process; a step sees
-        batch_size x grad_accum x processes sequences.
-    :param schedule: learning-rate decay to 0 over ``steps``: ``linear``, ``cosine`` or ``constant``.
-    :param train_weights: fake-quantize weights with the recipe's weight format during fitting (W4A16).
-    :param loss_chunk: tokens per chunk of the loss (memory O(chunk x vocab)).
-    :param checkpoint_every: steps between fit checkpoints in the run folder (0: only at the end).
-    :param grad_checkpointing: recompute each decoder layer in backward, keeping only its inputs
-        (``auto`` and ``on``), or keep every layer's graph from the forward (``off``: faster, activation
-        memory of the whole step).
-    :param offload: ``none`` (the frozen weights stay on the device) or ``cpu`` (they stay in CPU memory,
-        pinned on CUDA, and stream to the device one decoder layer at a time, the next one prefetched).
-    :param autocast: ``auto`` (bfloat16 on CUDA, off on CPU), ``bfloat16`` or ``off``.
-    :param qsur_samples: calibration windows QSUR is measured on before and after fitting (0: skip).
-    :param ste: gradient of the activation/KV fake-quantizers: ``plain`` straight-through (SpinQuant)
-        or ``pass_scale``, through the rounding and the dynamic scale (OSTQuant).
-    :param max_grad_norm: clip the transforms' global gradient norm to this before each step (the
-        papers' Trainer default, 1.0; 0: no clipping).
-    :param source: text the fit trains on (any calibration source: wikitext2, c4, pile, a local path).
-    :param nsamples: windows of the fit data; 0 takes every packed window of ``source``.
-    :param seqlen: tokens per fit window.
-    :param eval_samples: fit windows held out from training, whose loss is logged after every step
-        (``eval_losses`` in the metrics; 0: none).
-    :param released: a released SpinQuant ``R.bin`` or OSTQuant parameter file to use instead of fitting.
-    """
-
-    params: tuple[str, ...] = ("R_res", "R_ov", "S_attn", "S_ffn", "S_ov", "S_qk", "S_up_down")
-    init: str = "hadamard"
-    optimizer: str = "riemannian_adam"
-    loss: str = "kl_top"
-    top_k: int = 1000
-    steps: int = 100
-    batch_size: int = 4
-    grad_accum: int = 4
-    lr_rotation: float = 0.016897
-    lr_scale: float = 0.0017899
-    schedule: str = "linear"
-    momentum: float = 0.0
-    stabilize: int = 10
-    train_weights: bool = False
-    seed: int = 0
-    loss_chunk: int = 1024
-    checkpoint_every: int = 10
-    grad_checkpointing: str = "auto"
-    offload: str = "none"
-    autocast: str = "auto"
-    qsur_samples: int = 8
-    ste: str = "pass_scale"
-    max_grad_norm: float = 1.0
-    source: str = "wikitext2"
-    nsamples: int = 0
-    seqlen: int = 2048
-    eval_samples: int = 4
-    released: str = ""
-
-    def __post_init__(self) -> None:
-        from .fitting.losses import LOSSES
-        from .transforms.learnable import PARAMS
-
-        for name in self.params:
-            _one_of("fitting.params", name, PARAMS.names())
-        _require(len(set(self.params)) == len(self.params), f"fitting.params repeats a name: {self.params}")
-        _require(not {"R_ov", "R2"} <= set(self.params), "fitting.params: choose R_ov or R2, not both")
-        _one_of("fitting.init", self.init, ["hadamard", "klt"])
-        _one_of("fitting.optimizer", self.optimizer, ["riemannian_adam", "cayley_sgd"])
-        _one_of("fitting.loss", self.loss, LOSSES.names())
-        _one_of("fitting.schedule", self.schedule, ["linear", "cosine", "constant"])
-        _one_of("fitting.grad_checkpointing", self.grad_checkpointing, ["auto", "on", "off"])
-        _one_of("fitting.autocast", self.autocast, ["auto", "bfloat16", "off"])
-        _one_of("fitting.offload", self.offload, ["none", "cpu"])
-        _one_of("fitting.ste", self.ste, ["plain", "pass_scale"])
-        _require(self.max_grad_norm >= 0, f"fitting.max_grad_norm={self.max_grad_norm} must be >= 0")
-        for name in ("top_k", "batch_size", "grad_accum", "loss_chunk"):
-            _require(getattr(self, name) > 0, f"fitting.{name}={getattr(self, name)} must be positive")
-        _require(self.seqlen > 1, f"fitting.seqlen={self.seqlen} must be at least 2")
-        for name in ("steps", "checkpoint_every", "qsur_samples", "stabilize", "nsamples", "eval_samples"):
-            _require(getattr(self, name) >= 0, f"fitting.{name}={getattr(self, name)} must be >= 0")
-        _require(self.lr_rotation >= 0 and self.lr_scale >= 0, "fitting learning rates must be >= 0")
-        _check_seed("fitting.seed", self.seed)
-
-
-@dataclass(frozen=True)
-class FinetuneSpec:
-    """QuIP#'s fine-tuning of what stays continuous (``lib/algo/finetune.py``; :mod:`orthoquant.finetune`).
-
-    In-layer: the layer's linears are quantized group by group (q/k/v, o, gate/up, down); after each
-    group but the last, the layer's remaining FP linears, its norm weights and the sign vectors SU/SV of
-    its quantized linears (now real-valued) are trained with Adam to reproduce the FP layer's outputs on
-    FP inputs (MSE), one epoch after another, keeping the epoch of least loss on a held-out slice of the
-    calibration rows and stopping after ``patience`` epochs without a better one. End to end: SU/SV and
-    norms of every layer (and ``lm_head`` when ``tune_lm_head``) against the FP model's softmax (soft
-    cross-entropy), the teacher's logits recomputed in chunks from its cached final hidden states.
-    Defaults are the paper's; ``layer_epochs: 0`` and ``e2e_epochs: 0`` turn each part off.
-
-    :param layer_epochs: in-layer epochs (QuIP#: 5). :param e2e_epochs: end-to-end epochs (QuIP#: 1 to 5).
-    :param lr: / :param susv_lr: in-layer Adam learning rates of weights and norms / of SU and SV.
-    :param e2e_lr: / :param e2e_susv_lr: the same end to end.
-    :param batch_size: sequences per optimizer step (QuIP#: batch 4 x update_freq 2).
-    :param holdout: share of the calibration rows held out for selection (QuIP#: 128 of 384).
-    :param patience: epochs without a lower held-out loss before stopping (QuIP#: 3).
-    :param tune_lm_head: train lm_head's weight end to end too.
-    :param loss_chunk: tokens per chunk of the end-to-end loss (memory O(chunk x vocab)).
-    :param seed: seed of the batch order.
-    :param source: / :param nsamples: / :param seqlen: the fine-tuning data (QuIP#'s devset), drawn as
-        calibration windows are; ``source: ""`` fine-tunes on the calibration windows themselves, and
-        ``nsamples`` / ``seqlen`` 0 take the calibration's.
-    """
-
-    layer_epochs: int = 0
-    e2e_epochs: int = 0
-    lr: float = 5e-5
-    susv_lr: float = 5e-4
-    e2e_lr: float = 1e-5
-    e2e_susv_lr: float = 1e-4
-    batch_size: int = 8
-    holdout: float = 1 / 3
-    patience: int = 3
-    tune_lm_head: bool = False
-    loss_chunk: int = 1024
-    seed: int = 0
-    source: str = ""
-    nsamples: int = 0
-    seqlen: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("layer_epochs", "e2e_epochs", "patience", "nsamples"):
-            _require(getattr(self, name) >= 0, f"finetune.{name}={getattr(self, name)} must be >= 0")
-        for name in ("lr", "susv_lr", "e2e_lr", "e2e_susv_lr"):
-            _require(getattr(self, name) > 0, f"finetune.{name}={getattr(self, name)} must be positive")
-        _require(self.batch_size > 0 and self.loss_chunk > 0, "finetune.batch_size and loss_chunk must be positive")
-        _require(0 < self.holdout < 1, f"finetune.holdout={self.holdout} must lie in (0, 1)")
-        _require(self.seqlen == 0 or self.seqlen > 1, f"finetune.seqlen={self.seqlen} must be 0 or at least 2")
-        _require(bool(self.source) or not (self.nsamples or self.seqlen),
-                 "finetune.nsamples/seqlen choose windows of finetune.source: set it too")
-
-    @property
-    def active(self) -> bool:
-        return self.layer_epochs > 0 or self.e2e_epochs > 0
-
-
-@dataclass(frozen=True)
-class RefineSpec:
-    """Learned rounding by block reconstruction after each layer's solve (AutoRound's SignRound on top
-    of RTN/GPTQ and the recipe's transforms; :mod:`orthoquant.refine`). ``iters: 0`` turns it off.
-
-    :param method: what is learned: ``round`` (per-weight offsets in [-1/2, 1/2] and per-group scale
-        factors; the zero point follows them for asymmetric INT).
-    :param iters: optimizer steps per layer (AutoRound: 200).
-    :param lr: step size of the offsets; None: 1/iters (AutoRound's default), linearly decayed to 0.
-    :param scale_lr: step size of the scale factors; None: ``lr``.
-    :param batch_size: calibration sequences per step (AutoRound: 8).
-    :param optimizer: ``signsgd`` (AutoRound) or ``adam``.
-    :param patience: stop a layer after this many steps without a lower batch loss (0: run every step).
-    :param tune_scales: learn the per-group scale factors too (AutoRound's min-max tuning).
-    :param target: what the quantized layer (fed the quantized model's activations) is fit to:
-        ``fp_model``, the FP model's output at that depth (AutoRound: each layer also corrects the error
-        its inputs carry), or ``fp_layer``, the FP layer's output on the same quantized inputs.
-    :param start: codes the learning starts from: ``solver`` (the solver's) or ``rtn`` (round to nearest in
-        the same format, AutoRound's start, anchored at the FP weights); either way the layer keeps the
-        solver's codes where they reconstruct better, so GPTQ + ``start: rtn`` is the better of the two.
-    :param seed: seed of the batch order (each layer derives its own).
-    """
-
-    method: str = "round"
-    iters: int = 200
-    lr: float | None = None
-    scale_lr: float | None = None
-    batch_size: int = 8
-    optimizer: str = "signsgd"
-    patience: int = 0
-    tune_scales: bool = True
-    target: str = "fp_model"
-    start: str = "solver"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        from .refine import METHODS, OPTIMIZERS, TARGETS
-
-        _one_of("refine.target", self.target, TARGETS)
-        _one_of("refine.start", self.start, ["solver", "rtn"])
-        _one_of("refine.method", self.method, METHODS)
-        _one_of("refine.optimizer", self.optimizer, OPTIMIZERS.names())
-        _require(self.iters >= 0, f"refine.iters={self.iters} must be >= 0")
-        _require(self.batch_size > 0, f"refine.batch_size={self.batch_size} must be positive")
-        _require(self.patience >= 0, f"refine.patience={self.patience} must be >= 0")
-        for name in ("lr", "scale_lr"):
-            value = getattr(self, name)
-            _require(value is None or value > 0, f"refine.{name}={value} must be positive (or null: auto)")
-
-    def check(self, recipe: "Recipe") -> None:
-        """Raise :class:`ConfigError` when ``recipe``'s weights or solver cannot be refined."""
-        from .refine import REFINABLE_SOLVERS, refinable_formats
-
-        _one_of("solver.name (with refine)", recipe.solver.name, REFINABLE_SOLVERS)
-        specs = [recipe.weights] + [o.weights for o in recipe.overrides]
-        _require(recipe.weights is not None, "refine needs quantized weights: set a weights section")
-        for w in specs:
-            if w is not None:
-                _one_of("weights.format (with refine)", w.format, refinable_formats())
+        require(self.nsamples > 0, f"calibration.nsamples={self.nsamples} must be positive")
+        require(self.seqlen > 1, f"calibration.seqlen={self.seqlen} must be at least 2")
+        require(self.batch_size > 0, f"calibration.batch_size={self.batch_size} must be positive")
+        check_seed("calibration.seed", self.seed)
 
 
 # Sections left out of ``Recipe.to_dict`` while they are None, so that recipes and run fingerprints
@@ -487,26 +236,20 @@ class Recipe:
 
     def __post_init__(self) -> None:
         _one_of("version", self.version, [RECIPE_VERSION])
-        if self.refine is not None and self.refine.iters > 0:
-            self.refine.check(self)
-        if self.finetune is not None and self.finetune.active:
-            from .finetune import check_recipe
-
-            check_recipe(self)
         sites = [t.site for t in self.transforms]
-        _require(len(sites) == len(set(sites)), f"transforms: each site may appear once, got {sites}")
+        require(len(sites) == len(set(sites)), f"transforms: each site may appear once, got {sites}")
         dynamic_act_order = self.solver.act_order and not self.solver.static_groups
-        fp_groups = self.weights is not None and self.weights.format in ("mxfp4", "nvfp4")
-        _require(not (dynamic_act_order and fp_groups),
+        fp_groups = self.weights is not None and self.weights.format in FP4_BLOCKS
+        require(not (dynamic_act_order and fp_groups),
                  "solver.act_order with FP4 weights needs solver.static_groups=true (FP4 layouts have no g_idx)")
         static_weights = [self.weights] + [o.weights for o in self.overrides]
-        _require(not any(w is not None and w.static for w in static_weights),
+        require(not any(w is not None and w.static for w in static_weights),
                  "weights.static=true: weight scales are always stored; static scales are for kv_cache")
         static_inputs = [self.activations] + [o.activations for o in self.overrides]
-        _require(not any(a is not None and a.static and a.format not in STATIC_INPUT_FORMATS for a in static_inputs),
+        require(not any(a is not None and a.static and a.format not in STATIC_INPUT_FORMATS for a in static_inputs),
                  f"activations.static=true is supported for {list(STATIC_INPUT_FORMATS)} activations (a static "
                  "global scale) and kv_cache.static=true; other activations are quantized per call")
-        _require(self.kv_cache is None or not self.kv_cache.static or self.kv_cache.format in STATIC_FORMATS,
+        require(self.kv_cache is None or not self.kv_cache.static or self.kv_cache.format in STATIC_FORMATS,
                  f"kv_cache.static=true with format={getattr(self.kv_cache, 'format', None)!r}: static "
                  f"scales exist for {list(STATIC_FORMATS)} in the KV cache")
 
@@ -534,12 +277,12 @@ class Recipe:
 
     # --- serialisation ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        plain = _to_plain(self)
+        plain = to_plain(self)
         return {k: v for k, v in plain.items() if not (k in _OPTIONAL_SECTIONS and v is None)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Recipe":
-        return _from_plain(cls, _merge_overrides(data), "recipe")
+        return from_plain(cls, merge_overrides(data), "recipe")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -547,111 +290,9 @@ class Recipe:
     @classmethod
     def from_yaml(cls, text: str, where: str = "the recipe") -> "Recipe":
         data = parse_yaml(text, where) or {}
-        _require(isinstance(data, dict), f"{where} must hold a mapping at the top level")
+        require(isinstance(data, dict), f"{where} must hold a mapping at the top level")
         return cls.from_dict(data)
 
     def with_overrides(self, assignments: typing.Sequence[str]) -> "Recipe":
         """A copy with ``key.path=value`` assignments applied (values parsed as YAML scalars)."""
-        data = self.to_dict()
-        for item in assignments:
-            key, sep, raw = item.partition("=")
-            _require(bool(sep) and bool(key), f"--set {item!r}: expected key.path=value")
-            _set_path(data, key.strip().split("."), parse_yaml(raw, f"--set {item!r}: the value"))
-        return Recipe.from_dict(data)
-
-
-def _to_plain(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, tuple):
-        return [_to_plain(v) for v in obj]
-    return obj
-
-
-def _merge_overrides(data: dict[str, Any]) -> dict[str, Any]:
-    """Override specs in YAML may be partial: fill them in from the recipe's own weights/activations."""
-    if not isinstance(data, dict) or not data.get("overrides"):
-        return data
-    data = dict(data)
-    merged = []
-    for o in data["overrides"]:
-        o = dict(o) if isinstance(o, dict) else o
-        for key in ("weights", "activations"):
-            if isinstance(o, dict) and isinstance(o.get(key), dict) and isinstance(data.get(key), dict):
-                o[key] = {**data[key], **o[key]}
-        merged.append(o)
-    data["overrides"] = merged
-    return data
-
-
-def _from_plain(cls: type, data: Any, where: str) -> Any:
-    _require(isinstance(data, dict), f"{where} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    _require(not unknown, f"unknown key(s) {unknown} in {where}; allowed: {names}")
-    kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where != "recipe" else k) for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise ConfigError(f"{where}: {e}") from None
-    except ConfigError as e:
-        if where == "recipe" or str(e).startswith(where):
-            raise
-        raise ConfigError(f"{where}: {e}") from None
-
-
-def _convert(tp: Any, value: Any, where: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", ())):
-        if value is None:
-            _require(type(None) in args, f"{where} may not be empty")
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(inner, value, where)
-    if origin is tuple:
-        _require(isinstance(value, (list, tuple)), f"{where} must be a list")
-        return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
-    if dataclasses.is_dataclass(tp):
-        return _from_plain(tp, value, where)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
-    _require(ok, f"{where}={value!r} must be of type {tp.__name__}")
-    return value
-
-
-def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
-    for i, key in enumerate(path[:-1]):
-        if data.get(key) is None:
-            data[key] = {}
-        _require(isinstance(data[key], dict), f"--set {'.'.join(path)}: '{key}' is not a section")
-        data = data[key]
-    data[path[-1]] = value
-
-
-# --- presets ----------------------------------------------------------------------------------
-def preset_names() -> list[str]:
-    return sorted(p.name[: -len(".yaml")] for p in resources.files("orthoquant.recipes").iterdir()
-                  if p.name.endswith(".yaml"))
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"recipe file {path} is not UTF-8 text (byte {e.start})") from None
-
-
-def load_recipe(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Recipe:
-    """A preset by name, or a recipe YAML file by path, with ``--set`` overrides applied."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"recipe file {path} {'is not a file' if path.exists() else 'does not exist'}")
-        recipe = Recipe.from_yaml(_read_text(path), f"recipe file {path}")
-    elif name_or_path in preset_names():
-        recipe = Recipe.from_yaml(resources.files("orthoquant.recipes").joinpath(f"{name_or_path}.yaml").read_text())
-    else:
-        raise UnknownNameError(f"unknown recipe preset '{name_or_path}'; known: {', '.join(preset_names())}")
-    return recipe.with_overrides(overrides) if overrides else recipe
+        return Recipe.from_dict(with_assignments(self.to_dict(), assignments))

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import __version__
+from .version import __version__
 from .integrity import sha256_file
 
 FORMAT = 2

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__
+from .version import __version__
 from .autoscale import resolve_auto_scales
 from .config import Recipe
 from .data import calibration_windows, fitting_windows
@@ -28,7 +28,8 @@ from .layerwise import capture_inputs, final_hidden
 from .models.loading import InMemorySource, WeightSource, open_model
 from .models.layout import to_layout_
 from .models.support import check_support
-from .models.spec import ArchSpec, spec_for
+from .models.spec import ArchSpec
+from .models.generic import spec_for
 from .models.surgery import fold_final_norm, get_module, untie_embeddings
 from .layerfile import SolvedLinear, save_module
 from .runfolder import RunFolder

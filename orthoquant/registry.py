@@ -12,11 +12,14 @@ class Registry(Generic[T]):
     """A table of named entries (classes, factories, specs).
 
     :param kind: what the entries are, used in error messages ("number format", "solver", ...).
+    :param names: a set to add every registered name to: how a module that must not import the
+        entries (the recipe schema) learns the names registered after it was written.
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, names: set[str] | None = None) -> None:
         self.kind = kind
         self._entries: dict[str, T] = {}
+        self._names = names if names is not None else set()
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator registering an entry under ``name``; a second entry with the same name is an error."""
@@ -31,6 +34,7 @@ class Registry(Generic[T]):
         if name in self._entries:
             raise ValueError(f"{self.kind} '{name}' is registered twice")
         self._entries[name] = entry
+        self._names.add(name)
 
     def get(self, name: str) -> T:
         try:

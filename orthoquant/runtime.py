@@ -25,7 +25,8 @@ from .fakequant.inputs import input_pipeline, output_pipeline
 from .fakequant.install import install_layer_quantizers, prepare_layer_scales
 from .layerfile import SolvedLinear, Transforms, decoded_state, load_module
 from .models.loading import WeightSource, build_skeleton
-from .models.spec import ArchSpec, spec_for
+from .models.generic import spec_for
+from .models.spec import ArchSpec
 from .models.surgery import layers_of
 from .runfolder import RunFolder
 from .transforms.plan import TransformPlan

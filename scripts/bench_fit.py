@@ -116,7 +116,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from orthoquant import load_recipe
 from orthoquant.fitting import fit_transforms
 from orthoquant.models.loading import InMemorySource
-from orthoquant.models.spec import spec_for
+from orthoquant.models.generic import spec_for
 from orthoquant.pipeline import make_plan, prepare_model
 config = LlamaConfig(vocab_size=a["vocab"], hidden_size=a["hidden"], intermediate_size=a["intermediate"],
                      num_hidden_layers=a["layers"], num_attention_heads=a["hidden"] // 64,

@@ -80,7 +80,7 @@ def memory_rows(args, tmp: Path, calib: Path, tokenizer) -> list[dict]:
 
 
 def layer_seconds(config, windows, out: Path) -> list[float]:
-    from orthoquant.config import load_recipe
+    from orthoquant.recipes import load_recipe
     from orthoquant.pipeline import quantize
 
     recipe = load_recipe("gptq-w4a16", ["weights.clip_search=false"])

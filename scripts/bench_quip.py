@@ -29,12 +29,13 @@ from pathlib import Path
 import torch
 
 from _bench import markdown_table, synthetic_layer, timed  # first: orthoquant on the path
-from orthoquant.config import QuantSpec, SolverSpec, load_recipe
+from orthoquant.config import QuantSpec, SolverSpec
 from orthoquant.data.windows import calibration_windows
 from orthoquant.demo import cache_dir
 from orthoquant.evaluate.run_eval import evaluate
 from orthoquant.formats import make_format
 from orthoquant.pipeline import quantize_pretrained
+from orthoquant.recipes import load_recipe
 from orthoquant.progress import setup_logging, setup_threads
 from orthoquant.solvers import SOLVERS, proxy_loss
 from orthoquant.stats import collect_input_stats

@@ -36,7 +36,7 @@ from orthoquant.data import calibration_windows, evaluation_tokens, perplexity_w
 from orthoquant.demo import build_test_model, cache_dir
 from orthoquant.evaluate.ppl import perplexity
 from orthoquant.formats import make_format
-from orthoquant.models.spec import spec_for
+from orthoquant.models.generic import spec_for
 from orthoquant.models.surgery import fold_all_norms, layers_of, linears_of
 from orthoquant.solvers import SOLVERS
 from orthoquant.solvers.block_transformed import BlockRule, solve_gptq_blocks

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from orthoquant.config import preset_names
+from orthoquant.recipes import preset_names
 from orthoquant.demo import build_demo_model, cache_dir
 from orthoquant.errors import UserError
 from orthoquant.evaluate.preset_table import (parse_case, preset_perplexities, run_folder_name, table_header,

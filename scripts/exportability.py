@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from orthoquant import quantize
-from orthoquant.config import load_recipe, preset_names
+from orthoquant.recipes import load_recipe, preset_names
 from orthoquant.device import DTYPES
 from orthoquant.models.tiny import tiny_model
 from orthoquant.progress import setup_threads

@@ -71,7 +71,7 @@ def section_hadamard(args) -> dict:
     """The CUDA kernel (where it is provably our matrix) against the torch butterfly, fp32 rows."""
     from orthoquant.hadamard import hadamard_factor
     from orthoquant.hadamard.cuda import hadamard_transform, kernel_usable
-    from orthoquant.hadamard.fwht import _fast
+    from orthoquant.hadamard.butterfly import butterfly as _fast
 
     rows, out = (64 if args.tiny else 8192), {}
     for n in ((256, 512) if args.tiny else (4096, 8192, 14336)):

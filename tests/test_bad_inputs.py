@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from orthoquant.cli import main
-from orthoquant.config import load_recipe
+from orthoquant.recipes import load_recipe
 from orthoquant.models.tiny import tiny_model
 
 

@@ -1,6 +1,7 @@
 import pytest
 
-from orthoquant.config import CalibSpec, QuantSpec, Recipe, load_recipe, preset_names
+from orthoquant.config import CalibSpec, QuantSpec, Recipe
+from orthoquant.recipes import load_recipe, preset_names
 from orthoquant.errors import ConfigError, UnknownNameError
 
 

@@ -156,7 +156,7 @@ def _demo_script():
 
 
 def test_demo_rows_are_one_per_method_family_at_separating_settings():
-    from orthoquant.config import load_recipe
+    from orthoquant.recipes import load_recipe
     from orthoquant.evaluate.preset_table import run_folder_name
 
     cases = _demo_script().DEFAULT_CASES

@@ -5,7 +5,8 @@ import json
 import torch
 
 import orthoquant
-from orthoquant.config import Recipe, load_recipe
+from orthoquant.config import Recipe
+from orthoquant.recipes import load_recipe
 from orthoquant.models.tiny import tiny_model
 
 from helpers import token_windows

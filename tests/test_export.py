@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM
 from orthoquant import open_run
 from orthoquant.autoscale import resolve_auto_scales
 from orthoquant.cli import main
-from orthoquant.config import Recipe, load_recipe, preset_names
+from orthoquant.config import Recipe
+from orthoquant.recipes import load_recipe, preset_names
 from orthoquant.errors import UserError
 from orthoquant.export import export_run, load_quantized
 from orthoquant.export.command import format_report

@@ -7,7 +7,7 @@ import pytest
 
 from orthoquant import quantize
 from orthoquant.cli import main
-from orthoquant.config import load_recipe
+from orthoquant.recipes import load_recipe
 from orthoquant.errors import UserError
 from orthoquant.export import export_run, load_quantized, streamed
 from orthoquant.export.verify import FAILED_MANIFEST, MANIFEST, ExportCheckError

@@ -8,7 +8,8 @@ import torch
 
 from orthoquant import quantize
 from orthoquant.autoscale import auto_scale_dtype, resolve_auto_scales
-from orthoquant.config import ConfigError, QuantSpec, Recipe, load_recipe, preset_names
+from orthoquant.config import ConfigError, QuantSpec, Recipe
+from orthoquant.recipes import load_recipe, preset_names
 from orthoquant.errors import UserError
 from orthoquant.export import export_run
 from orthoquant.export.contents import exact_in

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from orthoquant import quantize
-from orthoquant.config import FitSpec, Recipe, load_recipe, preset_names
+from orthoquant.config import FitSpec, Recipe
+from orthoquant.recipes import load_recipe, preset_names
 from orthoquant.errors import UserError
-from orthoquant.models.spec import spec_for
+from orthoquant.models.generic import spec_for
 from orthoquant.models.support import check_support
 from orthoquant.models.tiny import tiny_config, tiny_model
 

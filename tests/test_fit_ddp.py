@@ -9,7 +9,7 @@ from torch.distributed.tensor import DTensor
 from orthoquant.config import FitSpec, QuantSpec, Recipe, TransformSpec
 from orthoquant.fitting import loop, prepare_session
 from orthoquant.models.loading import InMemorySource
-from orthoquant.models.spec import spec_for
+from orthoquant.models.generic import spec_for
 from orthoquant.models.tiny import tiny_model
 from orthoquant.pipeline import make_plan, prepare_model
 

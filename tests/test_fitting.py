@@ -15,7 +15,7 @@ from orthoquant.fitting import loop, prepare_session
 from orthoquant.fitting.checkpoint import read_checkpoint
 from orthoquant.fitting.qsur import log_qsur, qsur_per_axis
 from orthoquant.models.loading import InMemorySource
-from orthoquant.models.spec import spec_for
+from orthoquant.models.generic import spec_for
 from orthoquant.models.tiny import tiny_model
 from orthoquant.pipeline import make_plan, prepare_model
 from orthoquant.transforms.base import Hadamard

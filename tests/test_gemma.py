@@ -9,13 +9,14 @@ from transformers import AutoModelForCausalLM
 
 from orthoquant import open_run
 from orthoquant.cli import main
-from orthoquant.config import Recipe, TransformSpec, load_recipe
+from orthoquant.config import Recipe, TransformSpec
+from orthoquant.recipes import load_recipe
 from orthoquant.errors import UserError
 from orthoquant.evaluate.ppl import perplexity, streamed_perplexity
 from orthoquant.export import export_run
 from orthoquant.layerwise import capture_inputs
 from orthoquant.models.layout import to_layout_
-from orthoquant.models.spec import spec_for
+from orthoquant.models.generic import spec_for
 from orthoquant.models.surgery import layers_of
 from orthoquant.models.tiny import tiny_model
 from orthoquant.pipeline import quantize, quantize_pretrained

@@ -8,11 +8,11 @@ from transformers import AutoModelForCausalLM
 
 from orthoquant import open_run
 from orthoquant.cli import main
-from orthoquant.config import load_recipe
+from orthoquant.recipes import load_recipe
 from orthoquant.evaluate.ppl import perplexity, streamed_perplexity
 from orthoquant.export import export_run
 from orthoquant.models.generic import discover_input_groups, linearize_conv1d_
-from orthoquant.models.spec import spec_for
+from orthoquant.models.generic import spec_for
 from orthoquant.models.surgery import layers_of, linears_of
 from orthoquant.models.tiny import GENERIC_FAMILIES, tiny_model
 from orthoquant.pipeline import quantize_pretrained

@@ -10,7 +10,7 @@ from orthoquant.fitting.step import LayerMajorStep
 from orthoquant.layerwise import capture_inputs
 from orthoquant.models.layout import to_layout_
 from orthoquant.models.loading import InMemorySource
-from orthoquant.models.spec import spec_for
+from orthoquant.models.generic import spec_for
 from orthoquant.models.surgery import fold_all_norms
 from orthoquant.models.tiny import FAMILIES, tiny_model
 from orthoquant.pipeline import make_plan, prepare_model

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from orthoquant.errors import UnknownNameError
-from orthoquant.models.spec import ARCHITECTURES, spec_for
+from orthoquant.models.spec import ARCHITECTURES
+from orthoquant.models.generic import spec_for
 from orthoquant.models.surgery import fold_all_norms, untie_embeddings
 from orthoquant.models.tiny import FAMILIES, TINY_CONFIGS, tiny_config, tiny_model
 

@@ -10,11 +10,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from orthoquant import open_run
-from orthoquant.config import load_recipe
+from orthoquant.recipes import load_recipe
 from orthoquant.export import export_run
 from orthoquant.models.experts import ExpertList
 from orthoquant.models.layout import to_layout_
-from orthoquant.models.spec import spec_for
+from orthoquant.models.generic import spec_for
 from orthoquant.models.tiny import tiny_model
 from orthoquant.pipeline import quantize, quantize_pretrained
 

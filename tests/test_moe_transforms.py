@@ -11,7 +11,8 @@ import torch
 
 from orthoquant import open_run
 from orthoquant.cli import main
-from orthoquant.config import FitSpec, QuantSpec, Recipe, TransformSpec, load_recipe
+from orthoquant.config import FitSpec, QuantSpec, Recipe, TransformSpec
+from orthoquant.recipes import load_recipe
 from orthoquant.errors import UserError
 from orthoquant.evaluate.run_eval import evaluate
 from orthoquant.export import export_run
@@ -21,7 +22,7 @@ from orthoquant.fitting.step import LayerMajorStep
 from orthoquant.layerwise import capture_inputs
 from orthoquant.models.layout import to_layout_
 from orthoquant.models.loading import InMemorySource
-from orthoquant.models.spec import spec_for
+from orthoquant.models.generic import spec_for
 from orthoquant.models.tiny import tiny_model
 from orthoquant.pipeline import make_plan, prepare_model, quantize, quantize_pretrained
 from orthoquant.runner import LayerwiseQuantizer

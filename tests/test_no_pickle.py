@@ -14,7 +14,7 @@ from orthoquant.errors import UserError
 from orthoquant.fitting import loop, prepare_session
 from orthoquant.fitting.fit import CHECKPOINT
 from orthoquant.models.loading import InMemorySource
-from orthoquant.models.spec import spec_for
+from orthoquant.models.generic import spec_for
 from orthoquant.models.tiny import tiny_model
 from orthoquant.pipeline import make_plan, prepare_model
 

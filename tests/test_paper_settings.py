@@ -47,7 +47,7 @@ def test_the_o_proj_input_is_grouped_by_the_models_head_dim(preset):
     the deployed model and in the fit alike."""
     from orthoquant.fitting import prepare_session
     from orthoquant.models.loading import InMemorySource
-    from orthoquant.models.spec import spec_for
+    from orthoquant.models.generic import spec_for
     from orthoquant.pipeline import make_plan, prepare_model
 
     recipe = load_recipe(preset, ["fitting.steps=0", "fitting.qsur_samples=0", "fitting.eval_samples=0"]

@@ -8,11 +8,12 @@ from transformers import AutoModelForCausalLM
 
 from orthoquant import open_run
 from orthoquant.cli import main
-from orthoquant.config import Recipe, TransformSpec, load_recipe
+from orthoquant.config import Recipe, TransformSpec
+from orthoquant.recipes import load_recipe
 from orthoquant.export import export_run
 from orthoquant.formats import make_format
 from orthoquant.models.fused import FusedLinear, split_fused_
-from orthoquant.models.spec import spec_for
+from orthoquant.models.generic import spec_for
 from orthoquant.models.tiny import tiny_model
 from orthoquant.pipeline import quantize, quantize_pretrained
 from orthoquant.solvers import SOLVERS

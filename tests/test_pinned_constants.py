@@ -17,7 +17,8 @@ import torch
 import yaml
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from orthoquant.config import QuantSpec, Recipe, preset_names
+from orthoquant.config import QuantSpec, Recipe
+from orthoquant.recipes import preset_names
 from orthoquant.errors import ConfigError
 from orthoquant.export import export_run, load_quantized
 from orthoquant.fakequant.attention import set_kv_quantizers, use_orthoquant_attention
@@ -28,7 +29,7 @@ from orthoquant.formats.lattice import E81B, E8P, LATTICE_CODEBOOKS
 from orthoquant.formats.quipsharp import (e81b_from_quipsharp, e81b_to_quipsharp, e8p_from_quipsharp,
                                           e8p_to_quipsharp, from_quipsharp, quipsharp_e81b_points, to_quipsharp)
 from orthoquant.hadamard import random_signs
-from orthoquant.models.spec import spec_for
+from orthoquant.models.generic import spec_for
 from orthoquant.models.tiny import tiny_model
 from orthoquant.transforms.base import Hadamard
 from orthoquant.transforms.sites import SITES

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from orthoquant import open_run, quantize
-from orthoquant.config import QuantSpec, SolverSpec, load_recipe
+from orthoquant.config import QuantSpec, SolverSpec
+from orthoquant.recipes import load_recipe
 from orthoquant.errors import ConfigError
 from orthoquant.fakequant.inputs import input_pipeline, output_pipeline
 from orthoquant.formats import make_format

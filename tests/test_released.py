@@ -8,7 +8,7 @@ import torch
 from orthoquant import quantize
 from orthoquant.config import FitSpec, Recipe
 from orthoquant.errors import UserError
-from orthoquant.models.spec import spec_for
+from orthoquant.models.generic import spec_for
 from orthoquant.models.surgery import fold_all_norms
 from orthoquant.models.tiny import tiny_model
 

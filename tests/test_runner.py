@@ -5,7 +5,8 @@ import torch
 
 from orthoquant import open_run, quantize
 from orthoquant.autoscale import resolve_auto_scales
-from orthoquant.config import QuantSpec, Recipe, load_recipe
+from orthoquant.config import QuantSpec, Recipe
+from orthoquant.recipes import load_recipe
 from orthoquant.evaluate.ppl import perplexity, streamed_perplexity
 from orthoquant.formats import make_format
 from orthoquant.models.tiny import FAMILIES, tiny_model

@@ -6,7 +6,7 @@ import torch
 
 from orthoquant import open_run, quantize
 from orthoquant.cli import main
-from orthoquant.config import load_recipe
+from orthoquant.recipes import load_recipe
 from orthoquant.errors import UserError
 from orthoquant.export.contents import RunContents
 from orthoquant.fakequant.kvcache import kv_scales

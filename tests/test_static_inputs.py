@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 
 from orthoquant import open_run, quantize
-from orthoquant.config import load_recipe
+from orthoquant.recipes import load_recipe
 from orthoquant.errors import UserError
 from orthoquant.evaluate.ppl import perplexity
 from orthoquant.export import export_run, load_quantized
@@ -49,7 +49,7 @@ def static_run(tmp_path):
 
 
 def test_every_nvfp4_activation_preset_is_static():
-    from orthoquant.config import preset_names
+    from orthoquant.recipes import preset_names
 
     nvfp4 = [n for n in preset_names() if (a := load_recipe(n).activations) is not None and a.format == "nvfp4"]
     assert nvfp4 and all(load_recipe(n).activations.static for n in nvfp4)
@@ -127,7 +127,7 @@ def test_a_dynamic_run_still_loads_and_exports_with_scales_calibrated_at_export(
 def test_a_static_recipe_on_a_layer_without_scales_is_an_error(tmp_path):
     from orthoquant.config import Recipe
     from orthoquant.fakequant.install import install_layer_quantizers
-    from orthoquant.models.spec import spec_for
+    from orthoquant.models.generic import spec_for
 
     model, run = nvfp4_run(tmp_path, static=False)
     static = Recipe.from_yaml((run / "recipe.yaml").read_text()).with_overrides(["activations.static=true"])

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from orthoquant.cli import main
-from orthoquant.config import load_recipe
+from orthoquant.recipes import load_recipe
 from orthoquant.errors import UserError
 from orthoquant.export import load_quantized
 from orthoquant.export.verify import FAILED_MANIFEST, MANIFEST, PROVISIONAL_MANIFEST, CorruptExportError

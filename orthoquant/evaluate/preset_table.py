@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from ..config import load_recipe
+from ..recipes import load_recipe
 from ..pipeline import quantize_pretrained
 from .run_eval import measure
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import transformers
 
-from .. import __version__
+from ..version import __version__
 from ..runfolder import write_json
 from .lm_eval import SEEDS, lm_eval_version, suite_averages
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import __version__
+from ..version import __version__
 from ..device import DTYPES, resolve_device
 from ..models.loading import build_skeleton
 from ..errors import UserError

@@ -1,7 +1,8 @@
 """QuIP#'s fine-tuning of what quantization leaves continuous: in-layer (:mod:`.layer`) and end to end
 (:mod:`.e2e`), both through the block-reconstruction mechanism of :mod:`orthoquant.refine.reconstruct`.
 
-Only what the recipe schema needs is imported here, so ``orthoquant.config`` stays light.
+Only what the validate step needs (:func:`check_recipe`) is imported here, so checking a recipe loads
+no training code.
 """
 from __future__ import annotations
 

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 
+from ..config import QuantSpec
 from ..errors import ConfigError
 from ..registry import Registry
 from .packing import pack_codes, unpack_codes
-
-if TYPE_CHECKING:
-    from ..config import QuantSpec
 
 FORMATS: Registry[type["QuantFormat"]] = Registry("number format")
 
@@ -85,11 +83,9 @@ class QuantFormat(ABC):
     name: ClassVar[str]
     # weights coded together along a row: 1 for scalar formats, 8 for the E8 lattice (solvers step by it)
     vector_size: ClassVar[int] = 1
-    # the values ``spec.scale_rule`` may take; the first is what the field's default ``spec`` means here
-    scale_rules: ClassVar[tuple[str, ...]] = ("spec",)
 
-    def __init__(self, spec: "QuantSpec") -> None:
-        self.check(spec)
+    def __init__(self, spec: QuantSpec) -> None:
+        # what ``spec`` may ask of this format was checked when it was built (orthoquant.choices.FORMAT_CHECKS)
         self.spec = spec
         self.bits = spec.bits
         self.group_size = spec.group_size
@@ -97,10 +93,6 @@ class QuantFormat(ABC):
             raise ConfigError(f"scale_dtype={spec.scale_dtype!r} has no dtype yet: quantize resolves 'auto' from "
                               "the model's dtype (orthoquant.autoscale.resolve_auto_scales)")
         self.scale_dtype = _SCALE_DTYPES[spec.scale_dtype]
-
-    @classmethod
-    def check(cls, spec: "QuantSpec") -> None:
-        """Raise :class:`ConfigError` when ``spec`` asks for something this format cannot do."""
 
     def check_shape(self, rows: int, cols: int) -> None:
         """Raise :class:`ConfigError` when a (rows, cols) tensor cannot be quantized in this format:
@@ -189,8 +181,7 @@ class QuantFormat(ABC):
         return unpack_codes(packed, self.bits, cols)
 
 
-def make_format(spec: "QuantSpec") -> QuantFormat:
-    """The format object described by ``spec`` (looked up by ``spec.format``)."""
-    from .. import formats  # noqa: F401  (registers every format)
-
+def make_format(spec: QuantSpec) -> QuantFormat:
+    """The format object described by ``spec`` (looked up by ``spec.format``; importing this module ran
+    ``orthoquant.formats``' ``__init__`` first, which registers every format)."""
     return FORMATS.get(spec.format)(spec)

@@ -25,7 +25,7 @@ import logging
 
 import torch
 
-from ..errors import ConfigError
+from ..choices import FP4_BLOCKS
 from .base import FORMATS, QParams, QuantFormat
 
 logger = logging.getLogger(__name__)
@@ -73,20 +73,6 @@ class FP4Format(QuantFormat):
 
     group: int
 
-    @classmethod
-    def check(cls, spec) -> None:
-        name = spec.format
-        if spec.bits != 4:
-            raise ConfigError(f"bits={spec.bits}: {name} is a 4-bit format, set bits=4")
-        if spec.group_size != cls.group:
-            raise ConfigError(
-                f"group_size={spec.group_size}: {name} uses blocks of {cls.group}, set group_size={cls.group}"
-            )
-        if not spec.symmetric:
-            raise ConfigError(f"symmetric=False: {name} has no zero point, set symmetric=True")
-        if spec.clip_search:
-            raise ConfigError(f"clip_search=True: the clip search exists for the int format only, not {name}")
-
     def block_amax(self, x: torch.Tensor) -> torch.Tensor:
         """(rows, n_blocks) clipped absolute maximum of each block of ``x`` (rows, cols)."""
         return self.grouped(x.float()).abs().amax(-1) * self.spec.clip_ratio
@@ -110,8 +96,7 @@ class MXFP4Format(FP4Format):
     """MXFP4: blocks of 32 with a power-of-two (E8M0) scale; see the module docstring for the rules."""
 
     name = "mxfp4"
-    group = 32
-    scale_rules = ("spec", "three_quarters")
+    group = FP4_BLOCKS[name]
 
     def global_scale(self, x: torch.Tensor) -> torch.Tensor | None:
         """() float32 4/3 under the three-quarters rule (the dequantisation factor), else None."""
@@ -130,7 +115,7 @@ class NVFP4Format(FP4Format):
     """NVFP4: blocks of 16 with E4M3 scales under a per-tensor FP32 scale."""
 
     name = "nvfp4"
-    group = 16
+    group = FP4_BLOCKS[name]
 
     def global_scale(self, x: torch.Tensor) -> torch.Tensor:
         """() float32 per-tensor scale ``amax / (448·6)`` (1 for an all-zero tensor).

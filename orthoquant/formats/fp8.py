@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError
 from .base import FORMATS, QParams, QuantFormat
 
 E4M3_MAX = 448.0
@@ -20,15 +19,6 @@ class FP8Format(QuantFormat):
     """FP8 E4M3; see the module docstring."""
 
     name = "fp8"
-
-    @classmethod
-    def check(cls, spec) -> None:
-        if spec.bits != 8:
-            raise ConfigError(f"bits={spec.bits}: fp8 is an 8-bit format, set bits=8")
-        if not spec.symmetric:
-            raise ConfigError("symmetric=False: fp8 has no zero point, set symmetric=True")
-        if spec.clip_search:
-            raise ConfigError("clip_search=True: the clip search is implemented for the int format only, not fp8")
 
     def fit(self, x: torch.Tensor, global_scale: torch.Tensor | None = None) -> QParams:
         """Scales (rows or 1, n_groups) of ``x`` (rows, cols); ``global_scale`` is unused."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError
 from .base import FORMATS, QParams, QuantFormat
 
 # MSE clip search of GPTQ/QuaRot: candidates p = 1 - i/grid, error |q - x|^norm per group.
@@ -39,15 +38,6 @@ class IntFormat(QuantFormat):
     """Integer format; see the module docstring for the code convention."""
 
     name = "int"
-    scale_rules = tuple(SYMMETRIC_DIVISORS)
-
-    @classmethod
-    def check(cls, spec) -> None:
-        if not 2 <= spec.bits <= 8:
-            raise ConfigError(f"bits={spec.bits}: the int format takes bits in [2, 8]")
-        if not spec.symmetric and spec.scale_rule != cls.scale_rules[0]:
-            raise ConfigError(f"scale_rule={spec.scale_rule!r} with symmetric=False: the rule is for symmetric "
-                              "int; asymmetric scales are always (max - min)/(2^b - 1)")
 
     @property
     def maxq(self) -> int:

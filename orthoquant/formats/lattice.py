@@ -90,16 +90,6 @@ class LatticeFormat(QuantFormat):
         self.stages, self.opt_scale = LATTICE_CODEBOOKS[spec.bits]
         self.code_bits = sum(s.bits for s in self.stages)
 
-    @classmethod
-    def check(cls, spec) -> None:
-        if spec.bits not in LATTICE_CODEBOOKS:
-            raise ConfigError(f"bits={spec.bits}: the e8p format takes bits in {sorted(LATTICE_CODEBOOKS)}")
-        if spec.group_size not in (0, -1):
-            raise ConfigError(f"group_size={spec.group_size}: the e8p format has one scale per tensor (0) "
-                              "or per row (-1)")
-        if spec.clip_search or spec.clip_ratio != 1.0:
-            raise ConfigError("the e8p format takes no clipping: its scale is RMS / opt_scale (QuIP#)")
-
     def check_shape(self, rows: int, cols: int) -> None:
         super().check_shape(rows, cols)
         _vectors(torch.empty(rows, cols, device="meta"))

@@ -19,6 +19,8 @@ from typing import Callable
 
 import torch
 
+from .butterfly import butterfly
+
 __all__ = ["hadamard_transform", "kernel_applies", "kernel_usable"]
 
 logger = logging.getLogger(__name__)
@@ -46,8 +48,6 @@ def kernel_applies(n: int, dtype: torch.dtype) -> bool:
 @lru_cache(maxsize=None)
 def _probe(n: int, dtype: torch.dtype, device: torch.device) -> bool:
     """Run the kernel on 4 random rows and compare with the torch path (both fp32 inside)."""
-    from .fwht import _fast  # circular at import time, fine at call time
-
     g = torch.Generator().manual_seed(n)
     x = torch.randn(4, n, generator=g).to(device=device, dtype=dtype)
     try:
@@ -55,7 +55,7 @@ def _probe(n: int, dtype: torch.dtype, device: torch.device) -> bool:
     except RuntimeError as e:  # e.g. built for another GPU architecture
         logger.warning("fast-hadamard-transform failed on Had_%d (%s): not used", n, e)
         return False
-    want = _fast(x.float(), 1, n, transpose=False, use_out=True)  # apply_hadamard would re-probe
+    want = butterfly(x.float(), 1, n, transpose=False, use_out=True)  # apply_hadamard would re-probe
     eps = torch.finfo(dtype).eps
     # rounding differences are a few eps of the largest entry; a different matrix is off by O(max)
     ok = bool((got - want).abs().max() <= 8 * eps * want.abs().max() + 1e-5)

@@ -24,12 +24,10 @@ float64 stays float64; the result has x's dtype. Every fast function has a ``_re
 """
 from __future__ import annotations
 
-import math
-from functools import lru_cache
-
 import torch
 
 from . import cuda
+from .butterfly import butterfly, compute_dtype
 from .construct import hadamard_base, hadamard_factor, hadamard_matrix
 
 __all__ = [
@@ -43,70 +41,8 @@ __all__ = [
     "random_signs",
 ]
 
-MAX_RADIX = 64  # GEMM stages of ≤ 64×64: cheap in flops, and few passes over memory
 DENSE_REF_MAX = 2048  # above this the reference uses factors, never an n×n matrix
 _REF_FACTOR_MAX = 1024  # largest dense Sylvester factor in the two-factor reference
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32/float64 stay; other floating dtypes compute in float32."""
-    if dtype in (torch.float32, torch.float64):
-        return dtype
-    if dtype.is_floating_point:
-        return torch.float32  # bf16/fp16 stages would round after every stage
-    raise TypeError(f"Hadamard transform needs a floating tensor, got {dtype}")
-
-
-@lru_cache(maxsize=64)
-def _pm1(k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Cached ±1 H_k (stored, Paley or Sylvester) in dtype on device: [k, k]."""
-    return hadamard_base(k).to(device=device, dtype=dtype)
-
-
-def _radices(m: int) -> list[int]:
-    """Split 2^m-sized Sylvester into balanced power-of-two radices ≤ MAX_RADIX, slowest first."""
-    bits = m.bit_length() - 1
-    if bits == 0:
-        return []
-    stages = -(-bits // (MAX_RADIX.bit_length() - 1))
-    q, extra = divmod(bits, stages)
-    return [1 << (q + (i < extra)) for i in range(stages)]
-
-
-def _stages(x2: torch.Tensor, factors: list[torch.Tensor], use_out: bool) -> torch.Tensor:
-    """``x2 @ (A_0 ⊗ A_1 ⊗ …)`` one Kronecker factor (one axis) at a time, A_0 the slowest.
-
-    :param x2: [R, n] in the compute dtype, n = Π dᵢ; never written to.
-    :param factors: the dᵢ×dᵢ matrices Aᵢ in x2's dtype/device.
-    :param use_out: write into two ping-pong buffers with ``out=`` (no autograd) instead of
-        allocating a new tensor per stage.
-    :returns: a new [R, n] tensor.
-    """
-    n = x2.shape[-1]
-    dims = [a.shape[0] for a in factors]
-    y = x2.contiguous()
-    buffers = [torch.empty_like(y) for _ in range(min(2, len(factors)))] if use_out else []
-    for i, a in enumerate(factors):
-        inner = math.prod(dims[i + 1 :])
-        out = buffers[i % 2].view(-1, dims[i], inner) if use_out else None
-        if inner == 1:  # innermost axis: one plain GEMM, y_j' = Σ_j y_j A[j, j']
-            y = torch.matmul(y.view(-1, dims[i]), a, out=None if out is None else out.view(-1, dims[i]))
-        else:  # axis i of [outer, dᵢ, inner]: y_k' = Σ_k A[k, k'] y_k, i.e. Aᵀ @ view
-            y = torch.matmul(a.T, y.view(-1, dims[i], inner), out=out)
-    return y.reshape(-1, n)
-
-
-def _fast(x2: torch.Tensor, k: int, m: int, transpose: bool, use_out: bool) -> torch.Tensor:
-    """``x2 @ Had_n`` (or ``@ Had_nᵀ``) for x2 [R, n] in the compute dtype: a new [R, n] tensor."""
-    n = k * m
-    factors = [_pm1(r, x2.dtype, x2.device) for r in _radices(m)]
-    if k > 1:  # x @ Had_nᵀ = x @ (H_Kᵀ ⊗ H_M): only the K factor changes, H_M is symmetric
-        hk = _pm1(k, x2.dtype, x2.device)
-        factors.insert(0, hk.T if transpose else hk)
-    if not factors:  # n = 1
-        return x2.clone()
-    factors[-1] = factors[-1] * n**-0.5  # fold the normalisation into the smallest matrix
-    return _stages(x2, factors, use_out)
 
 
 def _apply(x: torch.Tensor, transpose: bool, differentiable: bool | None) -> torch.Tensor:
@@ -119,8 +55,8 @@ def _apply(x: torch.Tensor, transpose: bool, differentiable: bool | None) -> tor
         raise ValueError("differentiable=False but x requires grad: the no-grad path writes with out=")
     if x.is_cuda and k == 1 and cuda.kernel_usable(n, x.dtype, x.device):
         return cuda.hadamard_transform(x)  # Sylvester: symmetric, so forward == transpose
-    x2 = x.reshape(-1, n).to(_compute_dtype(x.dtype))
-    y = _fast(x2, k, m, transpose, use_out=not differentiable)
+    x2 = x.reshape(-1, n).to(compute_dtype(x.dtype))
+    y = butterfly(x2, k, m, transpose, use_out=not differentiable)
     return y.reshape(x.shape).to(x.dtype)
 
 
@@ -188,7 +124,7 @@ def _two_factor_ref(x: torch.Tensor, transpose: bool) -> torch.Tensor:
 
 def _ref(x: torch.Tensor, transpose: bool) -> torch.Tensor:
     n = x.shape[-1]
-    xc = x.to(_compute_dtype(x.dtype))
+    xc = x.to(compute_dtype(x.dtype))
     if n > DENSE_REF_MAX:
         return _two_factor_ref(xc, transpose).to(x.dtype)
     h = hadamard_matrix(n, xc.dtype).to(xc.device)

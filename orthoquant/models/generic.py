@@ -20,8 +20,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..errors import UnknownNameError, UserError
 from .experts import unstack_experts_
+from .spec import ARCHITECTURES, ArchSpec, dense_mlp_layers, full_support
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -110,13 +111,11 @@ def _rotary(model: nn.Module, layers: str) -> str:
     return rotary[0] if rotary else ""
 
 
-def generic_spec(model: nn.Module, transposed: tuple[str, ...] = ()):
+def generic_spec(model: nn.Module, transposed: tuple[str, ...] = ()) -> ArchSpec:
     """The ArchSpec of a model without a registered one, found from its (linearized) module tree.
 
     :param transposed: paths of the modules that were Conv1D (from :func:`linearize_conv1d_`).
     """
-    from .spec import ArchSpec  # spec imports this module lazily
-
     layers = find_layers(model)
     embed = _path_of(model, model.get_input_embeddings(), "input embeddings")
     lm_head = _path_of(model, model.get_output_embeddings(), "output embeddings (lm_head)")
@@ -149,11 +148,23 @@ def _spec_of_config_json(config_json: str, model_type: str):
     return generic_spec(model, linearize_conv1d_(model))
 
 
-def generic_spec_for_config(config):
+def generic_spec_for_config(config) -> ArchSpec:
     """The generic spec of a config's model, found on an empty (meta) instance of it."""
     state = config.to_dict()
     model_type = state.pop("model_type", None) or config.model_type
     return _spec_of_config_json(json.dumps(state, sort_keys=True, default=str), model_type)
+
+
+def spec_for(config) -> ArchSpec:
+    """The spec of a transformers config (its ``architectures[0]``); an architecture without a
+    registered one (:data:`~orthoquant.models.spec.ARCHITECTURES`) gets the generic spec found here."""
+    archs = getattr(config, "architectures", None) or []
+    if not archs:
+        raise UnknownNameError(f"the model config names no architecture; full support: {', '.join(full_support())}")
+    spec = ARCHITECTURES.get(archs[0]) if archs[0] in ARCHITECTURES else None
+    if spec is None or (spec.experts is not None and dense_mlp_layers(config)):
+        return generic_spec_for_config(config)
+    return spec.for_config(config)
 
 
 def discover_input_groups(linears: dict[str, nn.Linear], forward: Callable[[], object]) -> tuple[tuple[str, ...], ...]:

@@ -25,7 +25,8 @@ from .checkpoint import TensorEntry, check_skeleton, open_checkpoint, read_entry
 from .experts import renamed_legacy
 from .layout import StoredViews, stored_views, to_layout_
 from .multimodal import is_multimodal, text_config, text_entries
-from .spec import ArchSpec, spec_for
+from .spec import ArchSpec
+from .generic import spec_for
 
 log = logging.getLogger(__name__)
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]

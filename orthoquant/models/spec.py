@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..errors import UnknownNameError
 from ..registry import Registry
 from .fused import FusedSpec
 
@@ -200,16 +199,3 @@ def full_support() -> list[str]:
     """The architectures with an ArchSpec (transforms, KV cache, fitting)."""
     return list(ARCHITECTURES.names())
 
-
-def spec_for(config) -> ArchSpec:
-    """The spec of a transformers config (its ``architectures[0]``); an architecture without one gets
-    the generic spec found from its module tree (:mod:`.generic`)."""
-    from .generic import generic_spec_for_config
-
-    archs = getattr(config, "architectures", None) or []
-    if not archs:
-        raise UnknownNameError(f"the model config names no architecture; full support: {', '.join(full_support())}")
-    spec = ARCHITECTURES.get(archs[0]) if archs[0] in ARCHITECTURES else None
-    if spec is None or (spec.experts is not None and dense_mlp_layers(config)):
-        return generic_spec_for_config(config)
-    return spec.for_config(config)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from ..choices import SOLVER_NAMES
 from ..registry import Registry
 
 if TYPE_CHECKING:
@@ -51,5 +52,5 @@ class Solver:
     check: Callable[["QuantFormat", "SolverSpec", int, int], None] = check_format
 
 
-SOLVERS: Registry[Solver] = Registry("solver")
+SOLVERS: Registry[Solver] = Registry("solver", names=SOLVER_NAMES)  # the recipe schema checks names there
 

@@ -23,7 +23,6 @@ from .sites import SITE_ORDER, SITES, Dims, fuse_residual_rest, site_of
 if TYPE_CHECKING:
     from ..config import TransformSpec
 
-KINDS = ("hadamard", "random_hadamard")
 GLOBAL = -1  # the layer index of model-level transforms (the residual site)
 
 

@@ -3,6 +3,9 @@
 eigenbasis decorrelates, the Hadamard then spreads outliers evenly over the channels)."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+from typing import Callable, ContextManager
+
 import torch
 from torch import nn
 
@@ -48,19 +51,26 @@ def _o_blocks(o: nn.Linear, dims: Dims) -> torch.Tensor:
     return w.permute(1, 0, 2, 3).reshape(dims.kv_heads, -1, dims.head_dim)
 
 
-def klt_init(model: nn.Module, spec: ArchSpec, dims: Dims, seed: int,
-             device: torch.device | None = None) -> RotationInit:
+def klt_init(model: nn.Module, spec: ArchSpec, dims: Dims, seed: int, device: torch.device | None = None,
+             use: Callable[[int], ContextManager] = lambda index: nullcontext()) -> RotationInit:
     """OSTQuant's KLT init from the (norm-folded) weights of ``model``, accumulated on ``device``
-    (default: where the weights are; offloaded weights sit in CPU memory but are summed on the device)."""
+    (default: where the weights are).
+
+    :param use: makes layer i's weights readable within its block (a fit's residency: offloaded
+        layers are copied in, sharded ones gathered), one layer at a time.
+    """
     fallback = hadamard_init(dims, seed)
     layers = layers_of(model, spec)
 
     def residual() -> torch.Tensor:
-        where = device or linears_of(layers[0], spec)["q"].weight.device
-        moments = Moments(dims.hidden, where)  # accumulated, never stacking all layers' rows
-        for layer in layers:
-            for role in ("q", "k", "v", "gate", "up"):
-                moments.add(linears_of(layer, spec)[role].weight.double())
+        moments = None  # accumulated, never stacking all layers' rows
+        for i, layer in enumerate(layers):
+            with use(i):
+                for role in ("q", "k", "v", "gate", "up"):
+                    weight = linears_of(layer, spec)[role].weight
+                    if moments is None:
+                        moments = Moments(dims.hidden, device or weight.device)
+                    moments.add(weight.double())
         return _eigenvectors(moments).cpu() @ random_hadamard(dims.hidden, _seed(seed, GLOBAL))
 
     def per_head(index: int, head: int, blocks: torch.Tensor) -> torch.Tensor:
@@ -71,10 +81,11 @@ def klt_init(model: nn.Module, spec: ArchSpec, dims: Dims, seed: int,
     def init(kind: ParamKind, index: int) -> torch.Tensor:
         if kind.name == "R_res":
             return residual()
-        blocks = _o_blocks(linears_of(layers[index], spec)["o"], dims)
-        if kind.name == "R_ov":
-            return torch.stack([per_head(index, h, blocks[h]) for h in range(dims.kv_heads)])
-        if kind.name == "R2":
+        if kind.name not in ("R_ov", "R2"):
+            return fallback(kind, index)
+        with use(index):
+            blocks = _o_blocks(linears_of(layers[index], spec)["o"], dims)
+            if kind.name == "R_ov":
+                return torch.stack([per_head(index, h, blocks[h]) for h in range(dims.kv_heads)])
             return per_head(index, 0, blocks.reshape(-1, dims.head_dim))
-        return fallback(kind, index)
     return init

@@ -4,7 +4,7 @@ eigenbasis decorrelates, the Hadamard then spreads outliers evenly over the chan
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -51,26 +51,35 @@ def _o_blocks(o: nn.Linear, dims: Dims) -> torch.Tensor:
     return w.permute(1, 0, 2, 3).reshape(dims.kv_heads, -1, dims.head_dim)
 
 
+class ReadLayers:
+    """Decoder layers whose weights ``use(i)`` makes readable (a fit's residency: offloaded layers are
+    copied in, sharded ones gathered); a loop over them holds each one readable while it is at it."""
+
+    def __init__(self, layers: nn.ModuleList, use: Callable[[int], ContextManager]) -> None:
+        self.layers, self.use = layers, use
+
+    def __getitem__(self, index: int) -> nn.Module:
+        return self.layers[index]
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        for i, layer in enumerate(self.layers):
+            with self.use(i):
+                yield layer
+
+
 def klt_init(model: nn.Module, spec: ArchSpec, dims: Dims, seed: int, device: torch.device | None = None,
              use: Callable[[int], ContextManager] = lambda index: nullcontext()) -> RotationInit:
     """OSTQuant's KLT init from the (norm-folded) weights of ``model``, accumulated on ``device``
-    (default: where the weights are).
-
-    :param use: makes layer i's weights readable within its block (a fit's residency: offloaded
-        layers are copied in, sharded ones gathered), one layer at a time.
-    """
+    (default: where the weights are), reading one layer at a time through ``use`` (see :class:`ReadLayers`)."""
     fallback = hadamard_init(dims, seed)
-    layers = layers_of(model, spec)
+    layers = ReadLayers(layers_of(model, spec), use)
 
     def residual() -> torch.Tensor:
-        moments = None  # accumulated, never stacking all layers' rows
-        for i, layer in enumerate(layers):
-            with use(i):
-                for role in ("q", "k", "v", "gate", "up"):
-                    weight = linears_of(layer, spec)[role].weight
-                    if moments is None:
-                        moments = Moments(dims.hidden, device or weight.device)
-                    moments.add(weight.double())
+        where = device or linears_of(layers[0], spec)["q"].weight.device
+        moments = Moments(dims.hidden, where)  # accumulated, never stacking all layers' rows
+        for layer in layers:
+            for role in ("q", "k", "v", "gate", "up"):
+                moments.add(linears_of(layer, spec)[role].weight.double())
         return _eigenvectors(moments).cpu() @ random_hadamard(dims.hidden, _seed(seed, GLOBAL))
 
     def per_head(index: int, head: int, blocks: torch.Tensor) -> torch.Tensor:

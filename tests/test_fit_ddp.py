@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
 from orthoquant.config import FitSpec, QuantSpec, Recipe, TransformSpec
-from orthoquant.fitting import loop, prepare_session
+from orthoquant.fitting import fit as fit_module, loop, prepare_session
 from orthoquant.models.loading import InMemorySource, open_model
 from orthoquant.models.spec import spec_for
 from orthoquant.models.surgery import layers_of
@@ -157,3 +157,20 @@ def test_a_streamed_model_is_sharded_as_it_is_read(saved_model, tmp_path):
     assert len(result["transforms"]) == len(list(single.learned.parameters()))
     for a, b in zip(result["transforms"], single.learned.parameters()):
         torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
+
+
+def test_a_streamed_fit_releases_its_layers_before_deploy(saved_model, monkeypatch):
+    """deploy folds the residual into embedding and lm_head in float64: no layer needs to be loaded then."""
+    model, _, spec, source, _ = open_model(str(saved_model("llama")), "float32", CPU)
+    recipe = fit_recipe()
+    plan = make_plan(model, spec, recipe)
+    prepare_model(model, spec, source, CPU, plan)
+    loaded_at_deploy, deploy = [], fit_module.deploy
+
+    def spy(model, *args):
+        loaded_at_deploy.append(any(not p.is_meta for p in layers_of(model, spec).parameters()))
+        deploy(model, *args)
+
+    monkeypatch.setattr(fit_module, "deploy", spy)
+    fit_module.fit_transforms(model, spec, recipe, plan, source, WINDOWS, CPU)
+    assert loaded_at_deploy == [False]

@@ -111,11 +111,11 @@ def fit_transforms(model: nn.Module, spec: ArchSpec, recipe: Recipe, plan: Trans
             report["qsur_after"] = measure(session, windows)
         session.remove_quantizers()
         session.residency.finish(restore=not source.streaming)
-        deploy(model, spec, plan, session.learned.frozen())
     finally:
-        if source.streaming:
+        if source.streaming:  # before deploy's float64 folds of embedding and lm_head, which need no layer
             for layer in layers:
                 source.release(layer)
+    deploy(model, spec, plan, session.learned.frozen())
     report["peak_memory_bytes"] = peak_memory(device)
     log.info("fitted %s in %d steps: loss %s -> %s", ", ".join(fit.params), len(report["losses"]),
              f"{report['losses'][0]:.4f}" if report["losses"] else "-",

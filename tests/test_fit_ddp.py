@@ -2,11 +2,13 @@
 gradients, and after a few steps the transforms, of one process running the same global batch — the
 transforms' gradients are all-reduced, not left per rank. A streamed model is sharded as it is read:
 no process ever holds a layer whole besides the one being read."""
+import gc
 import math
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
 from torch.distributed.tensor import DTensor
 
 from orthoquant.config import FitSpec, QuantSpec, Recipe, TransformSpec
@@ -131,11 +133,14 @@ def _load_worker(rank: int, world: int, init: str, folder: str, out: str) -> Non
         after = holdings(s.layers)
         transforms = [p.detach().clone() for p in s.learned.parameters()]
         s.residency.finish(restore=False)  # a streamed model: the solve reads its layers again
+        gc.collect()
+        fsdp_params = sum(isinstance(o, FSDPParam) for o in gc.get_objects())  # nothing holds the shards
         params = [p for layer in s.layers for p in layer.parameters()]
         unloaded = all(p.is_meta and not isinstance(p, DTensor) for p in params)
         unloaded = unloaded and all(not type(layer).__name__.startswith("FSDP") for layer in s.layers)
         if rank == 0:
-            torch.save({"held": held, "after": after, "transforms": transforms, "unloaded": unloaded}, out)
+            torch.save({"held": held, "after": after, "transforms": transforms, "unloaded": unloaded,
+                        "fsdp_params": fsdp_params}, out)
     finally:
         dist.destroy_process_group()
 
@@ -152,6 +157,7 @@ def test_a_streamed_model_is_sharded_as_it_is_read(saved_model, tmp_path):
     after = result["after"]  # each shard owns its own storage: the whole copy it was cut from is freed
     assert after["whole"] == 0 and after["shard_storage"] == after["padded_shards"]
     assert result["unloaded"]  # plain modules on the meta device again, nothing gathered
+    assert result["fsdp_params"] == 0  # FSDP's state is gone with its shards while the session lives on
     # the KLT init read every layer through its gathered shards: the same transforms as one process
     single, _ = streamed_session(str(folder))
     assert len(result["transforms"]) == len(list(single.learned.parameters()))

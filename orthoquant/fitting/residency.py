@@ -191,6 +191,7 @@ class Sharded(Resident):
 
     def finish(self, restore: bool = True) -> None:
         """Plain layers again: gathered whole (``restore``, a collective) or left on the meta device."""
+        from torch.distributed._composable.contract import REGISTRY_KEY, STATE_KEY
         from torch.distributed._composable_state import _module_state_mapping
 
         for layer, cls in zip(self.layers, self.classes):
@@ -201,6 +202,8 @@ class Sharded(Resident):
             for module in layer.modules():
                 _drop_fsdp_hooks(module)
             _module_state_mapping.pop(layer, None)
+            for key in (STATE_KEY, REGISTRY_KEY):  # the layer's own reference to its FSDP state (and shards)
+                layer.__dict__.pop(key, None)
             for (module, name), value in plain.items():
                 module._parameters[name] = nn.Parameter(value, requires_grad=False)
         self.layers, self.classes = [], []

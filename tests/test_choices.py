@@ -19,6 +19,8 @@ from orthoquant.transforms.learnable import PARAMS
 from orthoquant.transforms.sites import SITES
 from orthoquant.validate import RECIPE_RULES, check_recipe
 
+from helpers import token_windows
+
 
 @pytest.mark.parametrize("choice, registry", [
     (choices.Format, FORMATS), (choices.Site, SITES), (choices.FitParam, PARAMS),
@@ -92,12 +94,10 @@ def test_every_rule_passes_every_preset():
 
 
 def test_a_recipe_built_in_python_is_checked_before_quantize_writes(tmp_path):
-    import torch
-
     from orthoquant import quantize
     from orthoquant.models.tiny import tiny_model
 
-    windows = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(0))
+    windows = token_windows(2, 16)
     recipe = Recipe(weights=QuantSpec(bits=4, per_head=True))  # the schema alone accepts it
     with pytest.raises(ConfigError, match="weights.per_head=true"):
         quantize(tiny_model("llama"), recipe, windows, out=tmp_path / "run")

@@ -1,15 +1,21 @@
 """Distributed fitting: two CPU processes (gloo) shard the frozen layers with FSDP2 and produce the
 gradients, and after a few steps the transforms, of one process running the same global batch — the
-transforms' gradients are all-reduced, not left per rank."""
+transforms' gradients are all-reduced, not left per rank. A streamed model is sharded as it is read:
+no process ever holds a layer whole besides the one being read."""
+import gc
+import math
+
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
 from torch.distributed.tensor import DTensor
 
 from orthoquant.config import FitSpec, QuantSpec, Recipe, TransformSpec
-from orthoquant.fitting import loop, prepare_session
-from orthoquant.models.loading import InMemorySource
+from orthoquant.fitting import fit as fit_module, loop, prepare_session
+from orthoquant.models.loading import InMemorySource, open_model
 from orthoquant.models.generic import spec_for
+from orthoquant.models.surgery import layers_of
 from orthoquant.models.tiny import tiny_model
 from orthoquant.pipeline import make_plan, prepare_model
 
@@ -19,12 +25,16 @@ CPU = torch.device("cpu")
 WINDOWS = token_windows(6, 12, 4)
 
 
+def fit_recipe(grad_accum: int = 1, steps: int = 1, init: str = "hadamard") -> Recipe:
+    fit = FitSpec(batch_size=2, grad_accum=grad_accum, top_k=20, qsur_samples=0, eval_samples=0, steps=steps,
+                  schedule="constant", init=init)
+    return Recipe(activations=QuantSpec(bits=4, symmetric=False), kv_cache=QuantSpec(bits=4, symmetric=False),
+                  transforms=(TransformSpec("down_input"),), fitting=fit)
+
+
 def session(grad_accum: int, steps: int = 1):
     model = tiny_model("llama", dtype=torch.float64)
-    fit = FitSpec(batch_size=2, grad_accum=grad_accum, top_k=20, qsur_samples=0, eval_samples=0, steps=steps,
-                  schedule="constant")
-    recipe = Recipe(activations=QuantSpec(bits=4, symmetric=False), kv_cache=QuantSpec(bits=4, symmetric=False),
-                    transforms=(TransformSpec("down_input"),), fitting=fit)
+    recipe = fit_recipe(grad_accum, steps)
     spec = spec_for(model.config)
     plan = make_plan(model, spec, recipe)
     prepare_model(model, spec, InMemorySource(), CPU, plan)
@@ -79,3 +89,96 @@ def test_two_fsdp_processes_fit_as_one_process_on_the_same_global_batch(tmp_path
     # guard: each rank alone sees half the batch, whose gradient differs
     half = step_gradients(grad_accum=1)
     assert max((a - b).abs().max().item() for a, b in zip(half, single)) > 1e-6
+
+
+def streamed_session(folder: str, spy: bool = False):
+    """A fit session on ``folder``'s model read layer by layer from its safetensors (KLT init, which
+    reads every layer's weights); with ``spy``, also what the layers already read held at each read."""
+    model, _, spec, source, _ = open_model(folder, "float32", CPU)
+    recipe = fit_recipe(init="klt")
+    plan = make_plan(model, spec, recipe)
+    prepare_model(model, spec, source, CPU, plan)
+    held = spy_on_reads(source, layers_of(model, spec)) if spy else []
+    return prepare_session(model, spec, recipe, plan, CPU, source), held
+
+
+def spy_on_reads(source, layers) -> list[dict[str, int]]:
+    """``source`` records the layers' :func:`holdings` before each layer it reads (in the returned list)."""
+    held, read = [], source.materialize
+
+    def materialize(module, prefix, device):
+        held.append(holdings(layers))
+        read(module, prefix, device)
+
+    source.materialize = materialize
+    return held
+
+
+def holdings(layers) -> dict[str, int]:
+    """Bytes the decoder layers' parameters hold: whole (loaded, unsharded) tensors, the storage behind
+    their FSDP shards, and the padded shards FSDP2 keeps of the sharded ones (ceil(rows / 2) rows)."""
+    out = dict.fromkeys(("whole", "shard_storage", "padded_shards"), 0)
+    for p in (p for layer in layers for p in layer.parameters()):
+        if isinstance(p, DTensor):
+            out["shard_storage"] += p.to_local().untyped_storage().nbytes()
+            out["padded_shards"] += math.ceil(p.shape[0] / 2) * math.prod(p.shape[1:]) * p.element_size()
+        elif not p.is_meta:
+            out["whole"] += p.numel() * p.element_size()
+    return out
+
+
+def _load_worker(rank: int, world: int, init: str, folder: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        s, held = streamed_session(folder, spy=True)
+        after = holdings(s.layers)
+        transforms = [p.detach().clone() for p in s.learned.parameters()]
+        s.residency.finish(restore=False)  # a streamed model: the solve reads its layers again
+        gc.collect()
+        fsdp_params = sum(isinstance(o, FSDPParam) for o in gc.get_objects())  # nothing holds the shards
+        params = [p for layer in s.layers for p in layer.parameters()]
+        unloaded = all(p.is_meta and not isinstance(p, DTensor) for p in params)
+        unloaded = unloaded and all(not type(layer).__name__.startswith("FSDP") for layer in s.layers)
+        if rank == 0:
+            torch.save({"held": held, "after": after, "transforms": transforms, "unloaded": unloaded,
+                        "fsdp_params": fsdp_params}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_streamed_model_is_sharded_as_it_is_read(saved_model, tmp_path):
+    folder = saved_model("llama", num_hidden_layers=3)
+    out = tmp_path / "result.pt"
+    mp.start_processes(_load_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", str(folder), str(out)), nprocs=2,
+                       start_method="fork")
+    result = torch.load(out)
+    assert len(result["held"]) == 3
+    assert all(h["whole"] == 0 for h in result["held"])  # every layer read before was sharded already
+    assert result["held"][-1]["shard_storage"] > 0
+    after = result["after"]  # each shard owns its own storage: the whole copy it was cut from is freed
+    assert after["whole"] == 0 and after["shard_storage"] == after["padded_shards"]
+    assert result["unloaded"]  # plain modules on the meta device again, nothing gathered
+    assert result["fsdp_params"] == 0  # FSDP's state is gone with its shards while the session lives on
+    # the KLT init read every layer through its gathered shards: the same transforms as one process
+    single, _ = streamed_session(str(folder))
+    assert len(result["transforms"]) == len(list(single.learned.parameters()))
+    for a, b in zip(result["transforms"], single.learned.parameters()):
+        torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
+
+
+def test_a_streamed_fit_releases_its_layers_before_deploy(saved_model, monkeypatch):
+    """deploy folds the residual into embedding and lm_head in float64: no layer needs to be loaded then."""
+    model, _, spec, source, _ = open_model(str(saved_model("llama")), "float32", CPU)
+    recipe = fit_recipe()
+    plan = make_plan(model, spec, recipe)
+    prepare_model(model, spec, source, CPU, plan)
+    loaded_at_deploy, deploy = [], fit_module.deploy
+
+    def spy(model, *args):
+        loaded_at_deploy.append(any(not p.is_meta for p in layers_of(model, spec).parameters()))
+        deploy(model, *args)
+
+    monkeypatch.setattr(fit_module, "deploy", spy)
+    fit_module.fit_transforms(model, spec, recipe, plan, source, WINDOWS, CPU)
+    assert loaded_at_deploy == [False]

@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from orthoquant.cli import main
+from orthoquant.fitting.checkpoint import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,6 +44,10 @@ def test_two_processes_under_torchrun_fit_as_one_process_on_the_same_global_batc
     assert two["steps_run"] == 3 and two["orthogonality_error"] < 1e-5
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)  # float32 transforms, gloo sums
     assert len(set(one["losses"])) == 3  # the transforms moved between steps
+    fitted = [read_checkpoint(tmp_path / r / "fit.safetensors")["params"] for r in ("two", "one")]
+    assert fitted[0].keys() == fitted[1].keys()
+    for name, value in fitted[0].items():  # the KLT init read the layers through their gathered shards
+        torch.testing.assert_close(value, fitted[1][name], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("recipe,sets,message", [

@@ -30,7 +30,7 @@ from orthoquant.transforms.learnable import LearnedTransforms
 from orthoquant.transforms.base import Diagonal
 from orthoquant.transforms.sites import Dims, site_of
 
-from helpers import relative
+from helpers import relative, token_windows
 
 CPU = torch.device("cpu")
 MOE = ("qwen3-moe", "mixtral")
@@ -38,8 +38,8 @@ BIASES = {"qwen3-moe": {"attention_bias": True}, "mixtral": {}}  # Mixtral's lin
 SITES = ("residual", "attn_value", "o_input", "down_input", "qk")
 OST = ("R_res", "R_ov", "S_attn", "S_ffn", "S_ov", "S_qk", "S_up_down")
 ONLINE = (TransformSpec("qk"), TransformSpec("down_input"))
-IDS = torch.randint(0, 101, (2, 21), generator=torch.Generator().manual_seed(0))
-CALIB = torch.randint(0, 101, (4, 12), generator=torch.Generator().manual_seed(1))
+IDS = token_windows(2, 21)
+CALIB = token_windows(4, 12, 1)
 TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
 
 
@@ -178,7 +178,7 @@ def test_a_learned_fit_runs_and_reports_its_metrics(tmp_path):
     sets = ["fitting.steps=2", "fitting.batch_size=2", "fitting.grad_accum=1", "fitting.top_k=20",
             "fitting.qsur_samples=2", "fitting.eval_samples=1", "overrides=[]", "calibration.nsamples=4",
             "calibration.seqlen=16"]
-    windows = torch.randint(0, 101, (8, 16), generator=torch.Generator().manual_seed(2))
+    windows = token_windows(8, 16, 2)
     quantize(tiny_model("qwen3-moe"), load_recipe("ostquant-w4a4kv4", sets), windows, out=tmp_path / "run")
     metrics = json.loads((tmp_path / "run" / "run.json").read_text())["metrics"]["fitting"]
     assert len(metrics["losses"]) == 2 and metrics["orthogonality_error"] < 1e-5
@@ -209,7 +209,7 @@ def test_a_moe_with_dense_mlp_layers_is_generic_and_a_transform_is_refused_sayin
 
 
 def test_fused_rotations_export_to_compressed_tensors_and_an_online_r4_is_refused(tmp_path):
-    windows = torch.randint(0, 101, (8, 16), generator=torch.Generator().manual_seed(2))
+    windows = token_windows(8, 16, 2)
     sets = ["calibration.nsamples=4", "calibration.seqlen=16", "weights.group_size=32"]
     quantize(tiny_model("qwen3-moe"), load_recipe("quarot-w4a16", sets), windows, out=tmp_path / "fused")
     report = export_run(tmp_path / "fused", tmp_path / "ct", "compressed-tensors", verify="stock")

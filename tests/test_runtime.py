@@ -13,7 +13,7 @@ from orthoquant.fakequant.kvcache import kv_scales
 from orthoquant.models.tiny import tiny_model
 from orthoquant.runner import LayerwiseQuantizer
 
-from helpers import Interrupt
+from helpers import Interrupt, token_windows
 
 CPU = torch.device("cpu")
 # QuaRot W4A4KV4 with the KV scales static: online Hadamards (Q/K, o_proj and down_proj inputs), stored
@@ -22,7 +22,7 @@ OVERRIDES = ["calibration.batch_size=4", "kv_cache.static=true", "kv_cache.group
 
 
 def windows(n=8, seqlen=24, seed=0):
-    return torch.randint(0, 101, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+    return token_windows(n, seqlen, seed)
 
 
 @pytest.fixture

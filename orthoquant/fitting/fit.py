@@ -11,7 +11,7 @@ from torch import nn
 from ..config import Recipe
 from ..device import peak_memory, use_mmap_for_large_blocks
 from ..errors import ConfigError
-from ..models.loading import WeightSource
+from ..models.loading import InMemorySource, WeightSource
 from ..models.spec import ArchSpec
 from ..models.surgery import fold_layer_norms, layers_of
 from ..transforms.base import Transform
@@ -22,7 +22,7 @@ from .init import hadamard_init, klt_init
 from .loop import train
 from .qsur import measure_qsur
 from .released import check_released, import_released
-from .residency import residency_for, world
+from .residency import Resident, residency_for
 from .session import FitSession
 from .step import LayerMajorStep
 
@@ -41,19 +41,30 @@ def check_fitting(recipe: Recipe, plan: TransformPlan) -> None:
         check_released(Path(recipe.fitting.released))
 
 
-def prepare_session(model: nn.Module, spec: ArchSpec, recipe: Recipe, plan: TransformPlan,
-                    device: torch.device) -> FitSession:
-    """Fold the layers' norms in place (exact; the layer-wise run's own fold then finds γ = 1),
-    freeze the model, initialise the learnable transforms and install the fitting-time runtime."""
-    fit, layers = recipe.fitting, layers_of(model, spec)
-    for layer in layers:
+def load_layers(model: nn.Module, spec: ArchSpec, source: WeightSource, residency: Resident,
+                device: torch.device) -> None:
+    """Read the decoder layers one at a time: each is materialised at the residency's home, its norms
+    folded (exact; the layer-wise run's own fold then finds γ = 1), frozen, and handed over before the
+    next is read, so a sharded process never holds more than one whole layer besides its shards."""
+    for i, layer in enumerate(layers_of(model, spec)):
+        source.materialize(layer, f"{spec.layers}.{i}.", residency.home(device))
         fold_layer_norms(layer, spec)
+        layer.requires_grad_(False)
+        residency.adopt(layer)
+
+
+def prepare_session(model: nn.Module, spec: ArchSpec, recipe: Recipe, plan: TransformPlan,
+                    device: torch.device, source: WeightSource | None = None) -> FitSession:
+    """Load the layers (:func:`load_layers`; an in-memory model by default), freeze the model,
+    initialise the learnable transforms and install the fitting-time runtime."""
+    fit = recipe.fitting
     model.requires_grad_(False)
-    init = (klt_init(model, spec, plan.dims, fit.seed, device) if fit.init == "klt"
-            else hadamard_init(plan.dims, fit.seed))
-    learned = LearnedTransforms(fit.params, plan.dims, spec, len(layers), init, device)
     residency = residency_for(fit.offload, device)
-    residency.prepare(layers)
+    load_layers(model, spec, source or InMemorySource(), residency, device)
+    n_layers = len(layers_of(model, spec))
+    init = (klt_init(model, spec, plan.dims, fit.seed, device, residency.use) if fit.init == "klt"
+            else hadamard_init(plan.dims, fit.seed))
+    learned = LearnedTransforms(fit.params, plan.dims, spec, n_layers, init, device)
     session = FitSession(model, spec, recipe, plan, learned, device, residency)
     session.install()
     return session
@@ -78,8 +89,9 @@ def fit_transforms(model: nn.Module, spec: ArchSpec, recipe: Recipe, plan: Trans
                    windows: torch.Tensor, device: torch.device, run_dir: Path | None = None) -> dict:
     """Fit ``recipe.fitting``'s transforms (or import released ones) and add them to ``plan``.
 
-    The whole model is materialised for fitting (streamed layers are released afterwards and
-    reloaded fresh by the layer-wise run). Returns the fit's metrics.
+    The decoder layers are read from ``source`` one at a time into the fit's residency (whole on the
+    device, offloaded, or sharded across processes as each is read); streamed layers are released
+    afterwards and read again by the layer-wise run. Returns the fit's metrics.
 
     :param windows: (n, seqlen) training token windows.
     :param run_dir: where the fit checkpoint lives (None: no checkpoint, no resume).
@@ -91,23 +103,19 @@ def fit_transforms(model: nn.Module, spec: ArchSpec, recipe: Recipe, plan: Trans
         return {"released": fit.released}
     use_mmap_for_large_blocks()  # freed folds and activations go back to the system, not a growing heap
     layers = layers_of(model, spec)
-    # offloaded layers never sit on the device whole, and sharded ones only as their shards (FSDP2 moves them)
-    home = torch.device("cpu") if fit.offload == "cpu" or world()[1] > 1 else device
-    for i, layer in enumerate(layers):
-        source.materialize(layer, f"{spec.layers}.{i}.", home)
     try:
-        session = prepare_session(model, spec, recipe, plan, device)
+        session = prepare_session(model, spec, recipe, plan, device, source)
         report = {"qsur_before": measure(session, windows)} if fit.qsur_samples else {}
         report.update(train(session, windows, run_dir / CHECKPOINT if run_dir is not None else None))
         if fit.qsur_samples:
             report["qsur_after"] = measure(session, windows)
         session.remove_quantizers()
         session.residency.finish(restore=not source.streaming)
-        deploy(model, spec, plan, session.learned.frozen())
     finally:
-        if source.streaming:
+        if source.streaming:  # before deploy's float64 folds of embedding and lm_head, which need no layer
             for layer in layers:
                 source.release(layer)
+    deploy(model, spec, plan, session.learned.frozen())
     report["peak_memory_bytes"] = peak_memory(device)
     log.info("fitted %s in %d steps: loss %s -> %s", ", ".join(fit.params), len(report["losses"]),
              f"{report['losses'][0]:.4f}" if report["losses"] else "-",

@@ -3,6 +3,9 @@
 eigenbasis decorrelates, the Hadamard then spreads outliers evenly over the channels)."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Iterator
+
 import torch
 from torch import nn
 
@@ -48,12 +51,28 @@ def _o_blocks(o: nn.Linear, dims: Dims) -> torch.Tensor:
     return w.permute(1, 0, 2, 3).reshape(dims.kv_heads, -1, dims.head_dim)
 
 
-def klt_init(model: nn.Module, spec: ArchSpec, dims: Dims, seed: int,
-             device: torch.device | None = None) -> RotationInit:
+class ReadLayers:
+    """Decoder layers whose weights ``use(i)`` makes readable (a fit's residency: offloaded layers are
+    copied in, sharded ones gathered); a loop over them holds each one readable while it is at it."""
+
+    def __init__(self, layers: nn.ModuleList, use: Callable[[int], ContextManager]) -> None:
+        self.layers, self.use = layers, use
+
+    def __getitem__(self, index: int) -> nn.Module:
+        return self.layers[index]
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        for i, layer in enumerate(self.layers):
+            with self.use(i):
+                yield layer
+
+
+def klt_init(model: nn.Module, spec: ArchSpec, dims: Dims, seed: int, device: torch.device | None = None,
+             use: Callable[[int], ContextManager] = lambda index: nullcontext()) -> RotationInit:
     """OSTQuant's KLT init from the (norm-folded) weights of ``model``, accumulated on ``device``
-    (default: where the weights are; offloaded weights sit in CPU memory but are summed on the device)."""
+    (default: where the weights are), reading one layer at a time through ``use`` (see :class:`ReadLayers`)."""
     fallback = hadamard_init(dims, seed)
-    layers = layers_of(model, spec)
+    layers = ReadLayers(layers_of(model, spec), use)
 
     def residual() -> torch.Tensor:
         where = device or linears_of(layers[0], spec)["q"].weight.device
@@ -71,10 +90,11 @@ def klt_init(model: nn.Module, spec: ArchSpec, dims: Dims, seed: int,
     def init(kind: ParamKind, index: int) -> torch.Tensor:
         if kind.name == "R_res":
             return residual()
-        blocks = _o_blocks(linears_of(layers[index], spec)["o"], dims)
-        if kind.name == "R_ov":
-            return torch.stack([per_head(index, h, blocks[h]) for h in range(dims.kv_heads)])
-        if kind.name == "R2":
+        if kind.name not in ("R_ov", "R2"):
+            return fallback(kind, index)
+        with use(index):
+            blocks = _o_blocks(linears_of(layers[index], spec)["o"], dims)
+            if kind.name == "R_ov":
+                return torch.stack([per_head(index, h, blocks[h]) for h in range(dims.kv_heads)])
             return per_head(index, 0, blocks.reshape(-1, dims.head_dim))
-        return fallback(kind, index)
     return init

@@ -2,14 +2,17 @@
 
 The fit visits the layers in order (forward) and in reverse (backward), one at a time
 (:mod:`.step`); a residency makes layer i's weights usable on the device for the duration of
-``use(i)`` and says which layer comes next, so it can be fetched while i computes.
+``use(i)`` and says which layer comes next, so it can be fetched while i computes. Layers enter a
+residency one at a time as they are read (:meth:`Resident.adopt`, after :meth:`Resident.home`), so a
+process never holds more of the model than its residency keeps plus the one layer being read.
 
 - :class:`Resident`: every layer stays on the device (the model as loaded).
 - :class:`Offloaded` (``fitting.offload: cpu``): the weights stay in CPU memory (pinned on CUDA) and
   are copied in for each use on a side stream, the next layer's copy overlapping the current layer's
   compute. Device memory ≈ two layers of weights plus what the step itself holds.
-- :class:`Sharded` (under ``torchrun``): each layer is ``fully_shard``-ed over the processes (FSDP2);
-  ``use`` all-gathers it and reshards afterwards. The layer is then called without FSDP's hooks,
+- :class:`Sharded` (under ``torchrun``): each layer is ``fully_shard``-ed over the processes (FSDP2)
+  as soon as it is read, which frees its whole copy: a process holds 1/N of the layers (shard on
+  load); ``use`` all-gathers one and reshards it afterwards. The layer is then called without FSDP's hooks,
   which would otherwise re-register its own parameters over the folded ones the step swaps in.
 """
 from __future__ import annotations
@@ -43,8 +46,12 @@ class Resident:
 
     name = "none"
 
-    def prepare(self, layers: nn.ModuleList) -> None:
-        pass
+    def home(self, device: torch.device) -> torch.device:
+        """Where a layer is read to before :meth:`adopt` takes it."""
+        return device
+
+    def adopt(self, layer: nn.Module) -> None:
+        """Take the next decoder layer (read at :meth:`home`, norms folded, frozen) into this residency."""
 
     def use(self, index: int, following: int | None = None):
         return nullcontext()
@@ -78,16 +85,18 @@ class Offloaded(Resident):
         self.pending: dict[int, tuple[dict[Key, torch.Tensor], Any]] = {}
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def prepare(self, layers: nn.ModuleList) -> None:
-        """Move every layer's parameters to CPU memory (pinned when the device is CUDA)."""
-        for layer in layers:
-            host = {}
-            for module, name in _parameters(layer):
-                value = module._parameters[name].detach().to("cpu")
-                if self.stream is not None:
-                    value = value.pin_memory()
-                host[(module, name)] = module._parameters[name] = nn.Parameter(value, requires_grad=False)
-            self.host.append(host)
+    def home(self, device: torch.device) -> torch.device:
+        return torch.device("cpu")  # an offloaded layer never sits on the device whole
+
+    def adopt(self, layer: nn.Module) -> None:
+        """Keep the layer's parameters in CPU memory (pinned when the device is CUDA)."""
+        host = {}
+        for module, name in _parameters(layer):
+            value = module._parameters[name].detach().to("cpu")
+            if self.stream is not None:
+                value = value.pin_memory()
+            host[(module, name)] = module._parameters[name] = nn.Parameter(value, requires_grad=False)
+        self.host.append(host)
 
     def _fetch(self, index: int) -> None:
         """Start copying layer ``index`` to the device (asynchronously on CUDA)."""
@@ -141,25 +150,32 @@ class Offloaded(Resident):
 class Sharded(Resident):
     """FSDP2: every layer ``fully_shard``-ed over the default process group; a use all-gathers it.
 
-    The layers are sharded once their norms are folded and the transforms initialised (each process
-    holds the model whole until then). :meth:`finish` gathers them back into plain parameters and
-    removes FSDP from them, for the layer-wise solve that follows.
+    Each layer is sharded as soon as it is read and its norms folded: ``fully_shard`` keeps this
+    process's shard and drops the whole copy, so the next layer is read into the memory the last one
+    left. Layers are read in CPU memory (FSDP2 moves each to the process's GPU when sharding it under
+    NCCL). :meth:`finish` removes FSDP from them, gathering them back into plain parameters (an
+    in-memory model) or leaving them unloaded (a streamed one, which the layer-wise solve reads again).
     """
 
     name = "fsdp"
 
     def __init__(self, device: torch.device) -> None:
-        self.device, self.layers = device, None
+        self.device, self.mesh = device, None
+        self.layers: list[nn.Module] = []
+        self.classes: list[type] = []
 
-    def prepare(self, layers: nn.ModuleList) -> None:
+    def home(self, device: torch.device) -> torch.device:
+        return torch.device("cpu")
+
+    def adopt(self, layer: nn.Module) -> None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh(self.device.type, (world()[1],))
-        self.layers = layers
-        self.classes = [type(layer) for layer in layers]
-        for layer in layers:
-            fully_shard(layer, mesh=mesh)
+        if self.mesh is None:
+            self.mesh = init_device_mesh(self.device.type, (world()[1],))
+        self.layers.append(layer)
+        self.classes.append(type(layer))
+        fully_shard(layer, mesh=self.mesh)
 
     @contextmanager
     def use(self, index: int, following: int | None = None) -> Iterator[None]:
@@ -174,17 +190,30 @@ class Sharded(Resident):
         return call_layer(layer, hidden, kwargs, hooks=False)  # FSDP's hooks would undo the swap
 
     def finish(self, restore: bool = True) -> None:
+        """Plain layers again: gathered whole (``restore``, a collective) or left on the meta device."""
+        from torch.distributed._composable.contract import REGISTRY_KEY, STATE_KEY
         from torch.distributed._composable_state import _module_state_mapping
 
         for layer, cls in zip(self.layers, self.classes):
-            layer.unshard()
-            full = {key: key[0]._parameters[key[1]].detach().clone() for key in _parameters(layer)}
+            if restore:
+                layer.unshard()
+            plain = {key: _plain(key[0]._parameters[key[1]], restore) for key in _parameters(layer)}
             layer.__class__ = cls
             for module in layer.modules():
                 _drop_fsdp_hooks(module)
             _module_state_mapping.pop(layer, None)
-            for (module, name), value in full.items():
+            for key in (STATE_KEY, REGISTRY_KEY):  # the layer's own reference to its FSDP state (and shards)
+                layer.__dict__.pop(key, None)
+            for (module, name), value in plain.items():
                 module._parameters[name] = nn.Parameter(value, requires_grad=False)
+        self.layers, self.classes = [], []
+
+
+def _plain(param: torch.Tensor, whole: bool) -> torch.Tensor:
+    """A gathered parameter's copy (``whole``), else an unloaded (meta) tensor of its shape and dtype."""
+    if whole:
+        return param.detach().clone()
+    return torch.empty(param.shape, dtype=param.dtype, device="meta")
 
 
 _HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_state_dict_pre_hooks", "_state_dict_hooks",

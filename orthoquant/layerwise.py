@@ -102,14 +102,14 @@ def _record_other_kinds(store: LayerInputs, layers: list[nn.Module], records: di
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor], device: torch.device,
+def capture_inputs(model: nn.Module, arch: ArchSpec, batches: list[torch.Tensor], device: torch.device,
                    cache: torch.device | str = "cpu") -> LayerInputs:
     """Run the model's embedding on each batch of token ids and record what layer 0 receives, and the
     keyword arguments of every layer that gets other ones than layer 0 (its own mask or RoPE).
 
     The non-layer modules (embedding, rotary) must be materialised on ``device``.
     """
-    layers = layers_of(model, spec)
+    layers = layers_of(model, arch)
     originals = list(layers)
     records: dict[int, tuple] = {}
     for i, layer in enumerate(originals):
@@ -144,6 +144,6 @@ def run_layer(layer: nn.Module, inputs: LayerInputs, device: torch.device, keep:
 
 
 @torch.no_grad()
-def final_hidden(model: nn.Module, spec: ArchSpec, hidden: torch.Tensor) -> torch.Tensor:
+def final_hidden(model: nn.Module, arch: ArchSpec, hidden: torch.Tensor) -> torch.Tensor:
     """The final norm applied to the last layer's output (what lm_head reads)."""
-    return get_module(model, spec.final_norm)(hidden)
+    return get_module(model, arch.final_norm)(hidden)

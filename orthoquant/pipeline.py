@@ -44,69 +44,69 @@ from .stats import InputStats
 log = logging.getLogger(__name__)
 
 
-def make_plan(model: nn.Module, spec: ArchSpec, recipe: Recipe) -> TransformPlan:
+def make_plan(model: nn.Module, arch: ArchSpec, recipe: Recipe) -> TransformPlan:
     """The recipe's transforms for ``model`` (a fit adds its learned ones to it)."""
-    return Runtime.of(model.config, recipe, spec).plan
+    return Runtime.of(model.config, recipe, arch).plan
 
 
-def prepare_model(model: nn.Module, spec: ArchSpec, source: WeightSource, device: torch.device,
+def prepare_model(model: nn.Module, arch: ArchSpec, source: WeightSource, device: torch.device,
                   plan: TransformPlan) -> None:
     """Materialise the non-layer modules, untie lm_head, fold the final norm into it and fuse the
     model-level part of the transforms (residual rotation of embeddings and lm_head)."""
-    for path in rest_paths(spec):
+    for path in rest_paths(arch):
         source.materialize(get_module(model, path), f"{path}.", device)
-    untie_embeddings(model, spec)
-    if not spec.generic:  # a generic model takes no transform, so its (maybe biased) norm stays as it is
-        fold_final_norm(model, spec)
+    untie_embeddings(model, arch)
+    if not arch.generic:  # a generic model takes no transform, so its (maybe biased) norm stays as it is
+        fold_final_norm(model, arch)
     plan.fuse_rest(model)
     use_orthoquant_attention(model)
 
 
-def run_quantization(model: nn.Module, spec: ArchSpec, recipe: Recipe, source: WeightSource,
+def run_quantization(model: nn.Module, arch: ArchSpec, recipe: Recipe, source: WeightSource,
                      windows: torch.Tensor, device: torch.device, run: RunFolder | None,
                      fit_windows: torch.Tensor | None = None, finetune_windows: torch.Tensor | None = None) -> dict:
     """Prepare the model, quantize it layer by layer, then lm_head if the recipe targets it.
 
     :param fit_windows: the fit's training sequences (None: the calibration ``windows``).
     :param finetune_windows: QuIP#'s fine-tuning data (None: the calibration ``windows``)."""
-    plan = make_plan(model, spec, recipe)
-    prepare_model(model, spec, source, device, plan)
+    plan = make_plan(model, arch, recipe)
+    prepare_model(model, arch, source, device, plan)
     fit_data = windows if fit_windows is None else fit_windows
-    fitted = (fit_transforms(model, spec, recipe, plan, source, fit_data, device, run.path if run else None)
+    fitted = (fit_transforms(model, arch, recipe, plan, source, fit_data, device, run.path if run else None)
               if recipe.fitting is not None else None)  # learned transforms join the plan
     if world()[0] != 0:  # under torchrun the other processes only share the fit
         return {}
     if fitted is not None and run is not None:
         run.record_new_files()  # the finished fit checkpoint: a resume checks it before reading it
     batches = list(windows.split(recipe.calibration.batch_size))
-    inputs = capture_inputs(model, spec, batches, device)
-    runner = LayerwiseQuantizer(model, spec, recipe, source, device, plan, run)
+    inputs = capture_inputs(model, arch, batches, device)
+    runner = LayerwiseQuantizer(model, arch, recipe, source, device, plan, run)
     if finetune_windows is not None:
-        runner.finetune_inputs = capture_inputs(model, spec, list(finetune_windows.split(recipe.calibration.batch_size)),
+        runner.finetune_inputs = capture_inputs(model, arch, list(finetune_windows.split(recipe.calibration.batch_size)),
                                                 device)
     if fitted is not None:
         runner.metrics["fitting"] = fitted
     last = runner.run_layers(inputs)
-    quantized = _quantize_lm_head(model, spec, recipe, last.hidden, device)
+    quantized = _quantize_lm_head(model, arch, recipe, last.hidden, device)
     if run is not None:
-        save_module(run.rest_path, model, quantized, exclude=f"{spec.layers}.")
+        save_module(run.rest_path, model, quantized, exclude=f"{arch.layers}.")
     return runner.metrics
 
 
-def _quantize_lm_head(model, spec, recipe, hidden, device) -> dict:
-    q_spec = recipe.weights_for(spec.lm_head)
+def _quantize_lm_head(model, arch, recipe, hidden, device) -> dict:
+    q_spec = recipe.weights_for(arch.lm_head)
     if q_spec is None:
         return {}
-    head = get_module(model, spec.lm_head)
+    head = get_module(model, arch.lm_head)
     stats = InputStats(head.in_features, device)
     for h in hidden:
-        stats.update(final_hidden(model, spec, h.to(device)))
+        stats.update(final_hidden(model, arch, h.to(device)))
     result = SOLVERS.get(recipe.solver.name).solve(head.weight.detach().float(), stats.H,
                                                     make_format(q_spec), recipe.solver)
     head.weight.data = result.weight.to(head.weight.dtype)
     solved = SolvedLinear(result.qweight, q_spec, result.input_transform, result.output_transform)
-    attach_solved(model, solved_transforms({spec.lm_head: solved}))
-    return {spec.lm_head: solved}
+    attach_solved(model, solved_transforms({arch.lm_head: solved}))
+    return {arch.lm_head: solved}
 
 
 def quantize(model: nn.Module, recipe: Recipe, windows: torch.Tensor, out: Path | str | None = None,
@@ -120,14 +120,14 @@ def quantize(model: nn.Module, recipe: Recipe, windows: torch.Tensor, out: Path 
     ``finetune.source`` are read only by :func:`quantize_pretrained`, which has the tokenizer).
     """
     device = torch.device(device)
-    spec = spec_for(model.config)
-    to_layout_(model, spec)
-    check_support(spec, model.config, recipe)
+    arch = spec_for(model.config)
+    to_layout_(model, arch)
+    check_support(arch, model.config, recipe)
     recipe = resolve_auto_scales(recipe, next(model.parameters()).dtype)  # what the run records
     check_seqlen(model, windows.shape[1])
-    check_request(model, spec, recipe, out, device)  # before the run folder exists: nothing to clean up
+    check_request(model, arch, recipe, out, device)  # before the run folder exists: nothing to clean up
     if out is None:
-        run_quantization(model, spec, recipe, InMemorySource(), windows, device, None, fit_windows, finetune_windows)
+        run_quantization(model, arch, recipe, InMemorySource(), windows, device, None, fit_windows, finetune_windows)
         return model
     name = f"in-memory:{type(model).__name__}"
     fingerprint = run_fingerprint({"in_memory": name}, calibration_fingerprint(None, windows),
@@ -135,7 +135,7 @@ def quantize(model: nn.Module, recipe: Recipe, windows: torch.Tensor, out: Path 
     run = RunFolder(out)
     with run.locked():
         run.start(fingerprint, recipe.to_yaml(), legacy={"model": name, "recipe": recipe.to_dict()})
-        metrics = run_quantization(model, spec, recipe, InMemorySource(), windows, device, run, fit_windows,
+        metrics = run_quantization(model, arch, recipe, InMemorySource(), windows, device, run, fit_windows,
                                    finetune_windows)
         if tokenizer is not None:
             tokenizer.save_pretrained(run.path)
@@ -151,10 +151,10 @@ def quantize_pretrained(model_id: str, recipe: Recipe, out: Path | str, device: 
     run = RunFolder(out)
     if world()[0] == 0:
         run.refuse_if_busy()  # before loading and tokenizing: a second process fails at once
-    model, tokenizer, spec, source, path = open_model(model_id, dtype, device)
-    check_support(spec, model.config, recipe)
+    model, tokenizer, arch, source, path = open_model(model_id, dtype, device)
+    check_support(arch, model.config, recipe)
     recipe = absolute_calibration(resolve_auto_scales(recipe, next(model.parameters()).dtype))  # as recorded
-    check_request(model, spec, recipe, out, device)  # before the run folder exists: nothing to clean up
+    check_request(model, arch, recipe, out, device)  # before the run folder exists: nothing to clean up
     cal = recipe.calibration
     check_seqlen(model, cal.seqlen)
     windows = calibration_windows(tokenizer, cal.source, cal.nsamples, cal.seqlen, cal.seed)
@@ -167,7 +167,7 @@ def quantize_pretrained(model_id: str, recipe: Recipe, out: Path | str, device: 
         if on_first_process(lambda: run.start(fingerprint, recipe.to_yaml(), legacy=legacy), device):
             log.info("%s is already complete; nothing to do", run.path)
             return run
-        metrics = run_quantization(model, spec, recipe, source, windows, device, run, fit_windows, finetune_windows)
+        metrics = run_quantization(model, arch, recipe, source, windows, device, run, fit_windows, finetune_windows)
         if not first:
             return run
         tokenizer.save_pretrained(run.path)

@@ -49,7 +49,7 @@ class LayerwiseQuantizer:
     """
 
     model: nn.Module
-    spec: ArchSpec
+    arch: ArchSpec
     recipe: Recipe
     source: WeightSource
     device: torch.device
@@ -61,8 +61,8 @@ class LayerwiseQuantizer:
     _bar: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.refine = RefineStage(self.recipe, self.spec, self.device)  # carries FP activations across layers
-        self.runtime = Runtime(self.spec, self.recipe, self.plan)  # what each finished layer runs
+        self.refine = RefineStage(self.recipe, self.arch, self.device)  # carries FP activations across layers
+        self.runtime = Runtime(self.arch, self.recipe, self.plan)  # what each finished layer runs
 
     def _stage(self, stage: str) -> None:
         """Name the stage the current layer is in on the progress bar (calibrate / solve / propagate)."""
@@ -71,17 +71,17 @@ class LayerwiseQuantizer:
 
     def run_layers(self, inputs: LayerInputs) -> LayerInputs:
         """Quantize every layer; returns the inputs of the final norm (the last layer's outputs)."""
-        layers = layers_of(self.model, self.spec)
+        layers = layers_of(self.model, self.arch)
         ft = self.recipe.finetune
         if ft is not None and ft.active:  # the full-precision stream starts where the quantized one does
             if ft.e2e_epochs and self.source.streaming and self.run is None:
                 raise UserError("finetune.e2e_epochs > 0 on a streamed model reopens its layers from the run "
                                 "folder: give an output folder")
-            self.finetune = LayerFinetune(self.recipe, self.spec, self.device, self.finetune_inputs or inputs)
+            self.finetune = LayerFinetune(self.recipe, self.arch, self.device, self.finetune_inputs or inputs)
         first, solved_layers = inputs, []
         self._bar = bar = tqdm(range(len(layers)), desc="quantize", unit="layer")
         for i in bar:
-            layer, prefix = layers[i], f"{self.spec.layers}.{i}."
+            layer, prefix = layers[i], f"{self.arch.layers}.{i}."
             self.source.materialize(layer, prefix, self.device)
             if self._finished_before(i):
                 self._stage("resumed")
@@ -114,7 +114,7 @@ class LayerwiseQuantizer:
         access = LayerAccess(len(layers), lambda i: self._reopen(layers, i, solved_layers[i]),
                              lambda i: self.source.release(layers[i]), solved_layers)
         e2e, self.metrics["finetune_e2e"] = finetune_end_to_end(
-            self.model, self.spec, access, self.finetune_inputs or first, self.finetune.fp_inputs,
+            self.model, self.arch, access, self.finetune_inputs or first, self.finetune.fp_inputs,
             self.recipe.finetune, self.device)
         e2e.write_final()
         inputs = first
@@ -131,7 +131,7 @@ class LayerwiseQuantizer:
         """A finished layer ready to run: from the run folder when the model is streamed."""
         layer = layers[index]
         if not self.source.streaming:
-            self.source.materialize(layer, f"{self.spec.layers}.{index}.", self.device)
+            self.source.materialize(layer, f"{self.arch.layers}.{index}.", self.device)
             return layer
         self.runtime.load(layer, index, self._stored(index, solved))
         return layer
@@ -155,7 +155,7 @@ class LayerwiseQuantizer:
 
     def _prepare(self, layer: nn.Module, index: int) -> None:
         """Fold the norms and put the recipe's transforms in: the layer as it is calibrated."""
-        fold_layer_norms(layer, self.spec)
+        fold_layer_norms(layer, self.arch)
         self.plan.fuse_layer(layer, index)
         self.plan.attach_layer(layer, index)  # calibrate on what the layer will see at inference
 
@@ -173,7 +173,7 @@ class LayerwiseQuantizer:
         if self.finetune is not None and self.finetune.metrics:
             extra["finetune"] = self.finetune.metrics
         self._stage("calibrate static scales")
-        calibrate_static_scales(layer, prefix, self.spec, self.recipe,  # static KV/input scales, saved with it
+        calibrate_static_scales(layer, prefix, self.arch, self.recipe,  # static KV/input scales, saved with it
                             lambda: run_layer(layer, inputs, self.device, keep=False))
         self.metrics[str(index)] = {"seconds": time.perf_counter() - start, "linears": losses, **extra}
         if self.run is not None:
@@ -185,13 +185,13 @@ class LayerwiseQuantizer:
                     index: int = 0) -> tuple[Quantized, dict]:
         """Calibrate and solve the layer's linears, in true-sequential steps if the recipe asks (or
         in-layer fine-tuning, which trains what is left after each step)."""
-        linears = linears_of(layer, self.spec)
+        linears = linears_of(layer, self.arch)
         one_batch = LayerInputs(inputs.hidden[:1], inputs.kwargs_for(layer)[:1])
 
         def probe() -> None:  # one batch through every expert, so that each one's linears are grouped
             with route_all(layer, True):
                 run_layer(layer, one_batch, self.device, keep=False)
-        groups = self.spec.input_groups() or discover_input_groups(linears, probe)  # generic: by hooks
+        groups = self.arch.input_groups() or discover_input_groups(linears, probe)  # generic: by hooks
         tuning = self.finetune is not None and self.finetune.layer_active
         grouped = self.recipe.solver.true_sequential or tuning
         steps = groups if grouped else (tuple(r for g in groups for r in g),)
@@ -199,7 +199,7 @@ class LayerwiseQuantizer:
         quantized: Quantized = {}
         losses: dict[str, dict[str, float]] = {}
         for roles in steps:
-            todo = [r for r in roles if self.recipe.weights_for(prefix + self.spec.path(r)) is not None]
+            todo = [r for r in roles if self.recipe.weights_for(prefix + self.arch.path(r)) is not None]
             if not todo:
                 continue
             watched = {owner[r]: linears[owner[r]] for r in todo}
@@ -208,7 +208,7 @@ class LayerwiseQuantizer:
                 run_layer(layer, inputs, self.device, keep=False)
             self._stage("solve " + ",".join(todo))
             for role in todo:
-                path, seen = self.spec.path(role), stats[owner[role]]
+                path, seen = self.arch.path(role), stats[owner[role]]
                 H = sparse_hessian(seen.H, seen.tokens, prefix + path)  # a rarely routed expert: damped, logged
                 quantized[path], losses[path] = self._solve(linears[role], H, self.recipe.weights_for(prefix + path))
             # later steps (true-sequential) calibrate on what these linears will compute at inference

@@ -37,15 +37,15 @@ from .transforms.plan import TransformPlan
 from .transforms.sites import SITES, Dims
 
 
-def check_request(model: nn.Module, spec: ArchSpec, recipe: Recipe, out: Path | str | None,
+def check_request(model: nn.Module, arch: ArchSpec, recipe: Recipe, out: Path | str | None,
                   device: torch.device | str = "cpu") -> None:
     """Raise naming the first problem of quantizing ``model`` (a skeleton will do) with ``recipe``
     on ``device`` into the run folder ``out`` (None: no folder)."""
     check_recipe(recipe)  # a recipe built in Python never went through load_recipe
     resolve_device(str(device))  # library callers pass devices the CLI never checked
-    plan = check_transforms(recipe, Dims.of(model.config), spec)
-    check_weights(model, spec, recipe)
-    check_inputs(model, spec, recipe, plan.dims)
+    plan = check_transforms(recipe, Dims.of(model.config), arch)
+    check_weights(model, arch, recipe)
+    check_inputs(model, arch, recipe, plan.dims)
     if recipe.fitting is not None:
         from .fitting.fit import check_fitting
 
@@ -131,18 +131,18 @@ def _require_one_of(name: str, value: str, allowed: Sequence[str]) -> None:
 
 
 # --- the recipe on the model ---------------------------------------------------------------------
-def check_transforms(recipe: Recipe, dims: Dims, spec: ArchSpec) -> TransformPlan:
+def check_transforms(recipe: Recipe, dims: Dims, arch: ArchSpec) -> TransformPlan:
     """The recipe's transform plan, whose construction builds every Hadamard; an error names the site."""
     for t in recipe.transforms:
         _check_shape(f"transform at {t.site} (width {SITES.get(t.site).width(dims)})",
-                     lambda: TransformPlan((t,), dims, spec))
-    return TransformPlan(recipe.transforms, dims, spec)
+                     lambda: TransformPlan((t,), dims, arch))
+    return TransformPlan(recipe.transforms, dims, arch)
 
 
-def _layer_linears(model: nn.Module, spec: ArchSpec) -> Iterator[tuple[str, nn.Linear]]:
-    for i, layer in enumerate(layers_of(model, spec)):
-        for role, linear in linears_of(layer, spec).items():
-            yield f"{spec.layers}.{i}.{spec.path(role)}", linear
+def _layer_linears(model: nn.Module, arch: ArchSpec) -> Iterator[tuple[str, nn.Linear]]:
+    for i, layer in enumerate(layers_of(model, arch)):
+        for role, linear in linears_of(layer, arch).items():
+            yield f"{arch.layers}.{i}.{arch.path(role)}", linear
 
 
 def _check_shape(name: str, check: Callable[[], None]) -> None:
@@ -152,11 +152,11 @@ def _check_shape(name: str, check: Callable[[], None]) -> None:
         raise ConfigError(f"{name}: {e}") from None
 
 
-def check_weights(model: nn.Module, spec: ArchSpec, recipe: Recipe) -> None:
+def check_weights(model: nn.Module, arch: ArchSpec, recipe: Recipe) -> None:
     """Each quantized weight's shape against its solver and format (lm_head too when targeted)."""
     solver, seen = SOLVERS.get(recipe.solver.name), set()
-    head = get_module(model, spec.lm_head)
-    for name, linear in [*_layer_linears(model, spec), (spec.lm_head, head)]:
+    head = get_module(model, arch.lm_head)
+    for name, linear in [*_layer_linears(model, arch), (arch.lm_head, head)]:
         q_spec = recipe.weights_for(name)
         key = (q_spec, linear.out_features, linear.in_features)
         if q_spec is not None and key not in seen:  # layers repeat shapes: check each once
@@ -165,10 +165,10 @@ def check_weights(model: nn.Module, spec: ArchSpec, recipe: Recipe) -> None:
                          lambda: solver.check(make_format(q_spec), recipe.solver, *key[1:]))
 
 
-def check_inputs(model: nn.Module, spec: ArchSpec, recipe: Recipe, dims: Dims) -> None:
+def check_inputs(model: nn.Module, arch: ArchSpec, recipe: Recipe, dims: Dims) -> None:
     """Activation formats against each linear's input width, the KV-cache format against head_dim."""
     seen = set()
-    for name, linear in _layer_linears(model, spec):
+    for name, linear in _layer_linears(model, arch):
         a_spec, width = recipe.activations_for(name), linear.in_features
         if a_spec is not None and (a_spec, width) not in seen:
             seen.add((a_spec, width))

@@ -102,11 +102,11 @@ def synthetic(sizes: list[tuple[int, int]], tokens: int) -> dict[str, dict]:
 @torch.no_grad()
 def captured_inputs(model, windows: torch.Tensor, max_tokens: int) -> dict[str, torch.Tensor]:
     """Inputs (≤ max_tokens, in) of every decoder-layer linear over ``windows``."""
-    spec = spec_for(model.config)
+    arch = spec_for(model.config)
     seen: dict[str, list[torch.Tensor]] = {}
     hooks = []
-    for i, layer in enumerate(layers_of(model, spec)):
-        for role, lin in linears_of(layer, spec).items():
+    for i, layer in enumerate(layers_of(model, arch)):
+        for role, lin in linears_of(layer, arch).items():
             name = f"{i}.{role}"
             hooks.append(lin.register_forward_pre_hook(
                 lambda _m, args, name=name: seen.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1]))))
@@ -121,11 +121,11 @@ def real_layers(model_dir: Path, calib: torch.Tensor, held_out: torch.Tensor, ma
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    spec = spec_for(model.config)
-    fold_all_norms(model, spec)  # the pipeline solves linears with the norm gains folded in
+    arch = spec_for(model.config)
+    fold_all_norms(model, arch)  # the pipeline solves linears with the norm gains folded in
     H_in, X_in = captured_inputs(model, calib, 10**9), captured_inputs(model, held_out, max_tokens)
-    weights = {f"{i}.{r}": lin.weight.detach().float() for i, layer in enumerate(layers_of(model, spec))
-               for r, lin in linears_of(layer, spec).items()}
+    weights = {f"{i}.{r}": lin.weight.detach().float() for i, layer in enumerate(layers_of(model, arch))
+               for r, lin in linears_of(layer, arch).items()}
     per = {name: layer_rows(W, second_moment(H_in[name]), X_in[name]) for name, W in weights.items()}
     summary = {}
     for fname in FORMATS:

@@ -35,10 +35,10 @@ def fit_recipe(grad_accum: int = 1, steps: int = 1, init: str = "hadamard") -> R
 def session(grad_accum: int, steps: int = 1):
     model = tiny_model("llama", dtype=torch.float64)
     recipe = fit_recipe(grad_accum, steps)
-    spec = spec_for(model.config)
-    plan = make_plan(model, spec, recipe)
-    prepare_model(model, spec, InMemorySource(), CPU, plan)
-    return prepare_session(model, spec, recipe, plan, CPU)
+    arch = spec_for(model.config)
+    plan = make_plan(model, arch, recipe)
+    prepare_model(model, arch, InMemorySource(), CPU, plan)
+    return prepare_session(model, arch, recipe, plan, CPU)
 
 
 def step_gradients(grad_accum: int) -> list[torch.Tensor]:
@@ -94,12 +94,12 @@ def test_two_fsdp_processes_fit_as_one_process_on_the_same_global_batch(tmp_path
 def streamed_session(folder: str, spy: bool = False):
     """A fit session on ``folder``'s model read layer by layer from its safetensors (KLT init, which
     reads every layer's weights); with ``spy``, also what the layers already read held at each read."""
-    model, _, spec, source, _ = open_model(folder, "float32", CPU)
+    model, _, arch, source, _ = open_model(folder, "float32", CPU)
     recipe = fit_recipe(init="klt")
-    plan = make_plan(model, spec, recipe)
-    prepare_model(model, spec, source, CPU, plan)
-    held = spy_on_reads(source, layers_of(model, spec)) if spy else []
-    return prepare_session(model, spec, recipe, plan, CPU, source), held
+    plan = make_plan(model, arch, recipe)
+    prepare_model(model, arch, source, CPU, plan)
+    held = spy_on_reads(source, layers_of(model, arch)) if spy else []
+    return prepare_session(model, arch, recipe, plan, CPU, source), held
 
 
 def spy_on_reads(source, layers) -> list[dict[str, int]]:
@@ -169,16 +169,16 @@ def test_a_streamed_model_is_sharded_as_it_is_read(saved_model, tmp_path):
 
 def test_a_streamed_fit_releases_its_layers_before_deploy(saved_model, monkeypatch):
     """deploy folds the residual into embedding and lm_head in float64: no layer needs to be loaded then."""
-    model, _, spec, source, _ = open_model(str(saved_model("llama")), "float32", CPU)
+    model, _, arch, source, _ = open_model(str(saved_model("llama")), "float32", CPU)
     recipe = fit_recipe()
-    plan = make_plan(model, spec, recipe)
-    prepare_model(model, spec, source, CPU, plan)
+    plan = make_plan(model, arch, recipe)
+    prepare_model(model, arch, source, CPU, plan)
     loaded_at_deploy, deploy = [], fit_module.deploy
 
     def spy(model, *args):
-        loaded_at_deploy.append(any(not p.is_meta for p in layers_of(model, spec).parameters()))
+        loaded_at_deploy.append(any(not p.is_meta for p in layers_of(model, arch).parameters()))
         deploy(model, *args)
 
     monkeypatch.setattr(fit_module, "deploy", spy)
-    fit_module.fit_transforms(model, spec, recipe, plan, source, WINDOWS, CPU)
+    fit_module.fit_transforms(model, arch, recipe, plan, source, WINDOWS, CPU)
     assert loaded_at_deploy == [False]

@@ -32,10 +32,10 @@ SMALL = dict(batch_size=2, grad_accum=1, top_k=20, qsur_samples=0, eval_samples=
 def session_for(fit: FitSpec, family="llama", dtype=torch.float32, **overrides):
     model = tiny_model(family, dtype=dtype, **overrides)
     recipe = Recipe(**QUANT, fitting=fit)
-    spec = spec_for(model.config)
-    plan = make_plan(model, spec, recipe)
-    prepare_model(model, spec, InMemorySource(), CPU, plan)
-    return prepare_session(model, spec, recipe, plan, CPU)
+    arch = spec_for(model.config)
+    plan = make_plan(model, arch, recipe)
+    prepare_model(model, arch, InMemorySource(), CPU, plan)
+    return prepare_session(model, arch, recipe, plan, CPU)
 
 
 def decreased(losses, n=5) -> bool:

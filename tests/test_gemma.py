@@ -106,8 +106,8 @@ def test_streamed_checkpoint_and_perplexity_match_the_model(family, saved_model,
         assert relative(stock(ids).logits, model(ids).logits) < 1e-5  # (1 + γ) read, soft-caps, windows
     run = quantize_pretrained(str(folder), recipe(rotated("gptq"), text_file), tmp_path / "q", CPU)
     model, *_ = open_run(run.path, CPU)
-    skeleton, _, spec, source = open_run(run.path, CPU, stream=True)
-    assert streamed_perplexity(skeleton, spec, source, ids, CPU, 2) == pytest.approx(perplexity(model, ids, CPU, 2), rel=1e-6)
+    skeleton, _, arch, source = open_run(run.path, CPU, stream=True)
+    assert streamed_perplexity(skeleton, arch, source, ids, CPU, 2) == pytest.approx(perplexity(model, ids, CPU, 2), rel=1e-6)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

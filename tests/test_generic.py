@@ -32,13 +32,13 @@ def recipe(name, text_file, *sets):
                                             ("phi", "model.layers")])
 def test_layers_and_model_parts_are_found_from_the_module_tree(family, layers):
     model = tiny_model(family)
-    spec = spec_for(model.config)
-    assert spec.generic and spec.layers == layers
-    assert model.get_submodule(spec.embed) is model.get_input_embeddings()
-    assert model.get_submodule(spec.lm_head) is model.get_output_embeddings()
+    arch = spec_for(model.config)
+    assert arch.generic and arch.layers == layers
+    assert model.get_submodule(arch.embed) is model.get_input_embeddings()
+    assert model.get_submodule(arch.lm_head) is model.get_output_embeddings()
     linearize_conv1d_(model)
-    every = {n for n, m in layers_of(model, spec)[0].named_modules() if isinstance(m, torch.nn.Linear)}
-    assert set(dict(spec.linears)) == every and every
+    every = {n for n, m in layers_of(model, arch)[0].named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(dict(arch.linears)) == every and every
 
 
 @torch.no_grad()
@@ -58,10 +58,10 @@ def test_conv1d_becomes_an_exact_linear():
 def test_linears_reading_one_tensor_share_a_group(family, shared):
     model = tiny_model(family)
     linearize_conv1d_(model)
-    spec = spec_for(model.config)
-    groups = discover_input_groups(linears_of(layers_of(model, spec)[0], spec), lambda: model(token_windows(4, 32, 3)))
+    arch = spec_for(model.config)
+    groups = discover_input_groups(linears_of(layers_of(model, arch)[0], arch), lambda: model(token_windows(4, 32, 3)))
     assert shared in [set(g) for g in groups]
-    assert sorted(n for g in groups for n in g) == sorted(dict(spec.linears))  # each linear once
+    assert sorted(n for g in groups for n in g) == sorted(dict(arch.linears))  # each linear once
 
 
 @pytest.mark.parametrize("family", GENERIC_FAMILIES)
@@ -73,11 +73,11 @@ def test_rtn_and_gptq_quantize_evaluate_and_export(family, saved_model, text_fil
     for solver in ("rtn", "gptq"):
         run = quantize_pretrained(str(folder), recipe(f"{solver}-w4a16", text_file), tmp_path / solver, CPU)
         losses[solver] = {k: v["loss"] for k, v in run.info()["metrics"]["0"]["linears"].items()}
-        model, _, spec, _ = open_run(run.path, CPU)
+        model, _, arch, _ = open_run(run.path, CPU)
         in_memory = perplexity(model, tokens, CPU, batch_size=4)
         assert in_memory != fp and in_memory < 2 * fp  # quantized, and still the model
-        skeleton, _, spec, source = open_run(run.path, CPU, stream=True)
-        assert streamed_perplexity(skeleton, spec, source, tokens, CPU, batch_size=4) == pytest.approx(in_memory, rel=1e-6)
+        skeleton, _, arch, source = open_run(run.path, CPU, stream=True)
+        assert streamed_perplexity(skeleton, arch, source, tokens, CPU, batch_size=4) == pytest.approx(in_memory, rel=1e-6)
         assert export_run(run.path, tmp_path / f"{solver}-native", "native")["checks"]["load_quantized"]["bit_exact"]
     assert losses["gptq"].keys() == losses["rtn"].keys()  # layer 0: both solved on the same inputs
     assert all(losses["gptq"][k] < losses["rtn"][k] for k in losses["rtn"]), losses

@@ -34,11 +34,11 @@ def random_learned(model, names, seed=0) -> LearnedTransforms:
     g = torch.Generator().manual_seed(seed)
 
     def init(kind, index):
-        q, r = torch.linalg.qr(torch.randn(kind.shape(dims, spec), generator=g, dtype=torch.float64))
+        q, r = torch.linalg.qr(torch.randn(kind.shape(dims, arch), generator=g, dtype=torch.float64))
         return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
 
-    spec, dims = spec_for(model.config), Dims.of(model.config)
-    learned = LearnedTransforms(names, dims, spec, model.config.num_hidden_layers, init)
+    arch, dims = spec_for(model.config), Dims.of(model.config)
+    learned = LearnedTransforms(names, dims, arch, model.config.num_hidden_layers, init)
     with torch.no_grad():
         for p in learned.scales():
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
@@ -47,12 +47,12 @@ def random_learned(model, names, seed=0) -> LearnedTransforms:
 
 def deployed(model, recipe, transforms):
     """The pipeline's own path after fitting: prepare, hand the transforms to the plan, run the layers."""
-    spec = spec_for(model.config)
-    plan = make_plan(model, spec, recipe)
-    prepare_model(model, spec, InMemorySource(), CPU, plan)
-    deploy(model, spec, plan, transforms)
-    inputs = capture_inputs(model, spec, [CALIB], CPU)
-    LayerwiseQuantizer(model, spec, recipe, InMemorySource(), CPU, plan).run_layers(inputs)
+    arch = spec_for(model.config)
+    plan = make_plan(model, arch, recipe)
+    prepare_model(model, arch, InMemorySource(), CPU, plan)
+    deploy(model, arch, plan, transforms)
+    inputs = capture_inputs(model, arch, [CALIB], CPU)
+    LayerwiseQuantizer(model, arch, recipe, InMemorySource(), CPU, plan).run_layers(inputs)
     with torch.no_grad():
         return model(IDS).logits
 
@@ -147,10 +147,10 @@ def test_fitting_time_forward_equals_the_deployed_forward(family, offload):
     deployed model's forward, in float64 on every family."""
     recipe = Recipe(**QUANTIZED, fitting=FitSpec(train_weights=True, qsur_samples=0, offload=offload))
     model, _ = reference(family, dtype=torch.float64)
-    spec = spec_for(model.config)
-    plan = make_plan(model, spec, recipe)
-    prepare_model(model, spec, InMemorySource(), CPU, plan)
-    session = prepare_session(model, spec, recipe, plan, CPU)
+    arch = spec_for(model.config)
+    plan = make_plan(model, arch, recipe)
+    prepare_model(model, arch, InMemorySource(), CPU, plan)
+    session = prepare_session(model, arch, recipe, plan, CPU)
     session.learned.load_state_dict(random_learned(model, OST).state_dict())
     fitting = LayerMajorStep(session, [IDS]).logits(quantized=True)[0]
     clean = LayerMajorStep(session, [IDS]).logits(quantized=False)[0]

@@ -16,8 +16,8 @@ from orthoquant.models.tiny import tiny_config
 CPU = torch.device("cpu")
 
 
-def materialized_layers(model, spec) -> int:
-    return sum(any(not p.is_meta for p in layer.parameters()) for layer in layers_of(model, spec))
+def materialized_layers(model, arch) -> int:
+    return sum(any(not p.is_meta for p in layer.parameters()) for layer in layers_of(model, arch))
 
 
 @pytest.mark.parametrize("extra", [[], ["refine.iters=3"]], ids=["solve", "refine"])
@@ -32,20 +32,20 @@ def test_quantize_pretrained_holds_one_decoder_layer_at_a_time(saved_model, text
 
     def counting_materialize(self, module, prefix, target):
         materialize(self, module, prefix, target)
-        model, _, spec = opened[0][:3]
-        counts.append(materialized_layers(model, spec))
+        model, _, arch = opened[0][:3]
+        counts.append(materialized_layers(model, arch))
 
     monkeypatch.setattr(pipeline, "open_model", recording_open)
     monkeypatch.setattr(SafetensorsSource, "materialize", counting_materialize)
     recipe = load_recipe("gptq-w4a16", ["weights.clip_search=false", f"calibration.source={text_file}",
                                         "calibration.nsamples=2", "calibration.seqlen=16", *extra])
     quantize_pretrained(str(folder), recipe, tmp_path / "run", CPU)
-    model, _, spec = opened[0][:3]
+    model, _, arch = opened[0][:3]
     assert counts and max(counts) == 1  # each layer is released before the next is read (also when refined)
     if extra:
         metrics = json.loads((tmp_path / "run" / "run.json").read_text())["metrics"]
         assert all("refine" in metrics[str(i)] for i in range(3))
-    assert materialized_layers(model, spec) == 0  # and the last one too
+    assert materialized_layers(model, arch) == 0  # and the last one too
 
 
 def test_the_mmap_threshold_is_fixed_before_the_skeleton_allocates(monkeypatch):
@@ -86,8 +86,8 @@ def test_quip_finetuning_holds_one_decoder_layer_at_a_time(saved_model, text_fil
         return opened[-1]
 
     def count():
-        model, _, spec = opened[0][:3]
-        counts.append(materialized_layers(model, spec))
+        model, _, arch = opened[0][:3]
+        counts.append(materialized_layers(model, arch))
 
     def counting_materialize(self, module, prefix, target):
         materialize(self, module, prefix, target)
@@ -107,6 +107,6 @@ def test_quip_finetuning_holds_one_decoder_layer_at_a_time(saved_model, text_fil
     run = quantize_pretrained(str(folder), recipe, tmp_path / "run", CPU)
     metrics = run.info()["metrics"]
     assert "finetune" in metrics["0"] and metrics["finetune_e2e"]["epochs"] == 1
-    model, _, spec = opened[0][:3]
+    model, _, arch = opened[0][:3]
     assert len(counts) > 2 * 3 and max(counts) == 1  # e2e reopened layers, never two at once
-    assert materialized_layers(model, spec) == 0
+    assert materialized_layers(model, arch) == 0

@@ -21,11 +21,11 @@ def logits(model):
 def test_norm_folding_preserves_logits(family):
     model = tiny_model(family)
     before = logits(model)
-    spec = spec_for(model.config)
-    fold_all_norms(model, spec)
+    arch = spec_for(model.config)
+    fold_all_norms(model, arch)
     after = logits(model)
     assert (after - before).abs().max() < 1e-5 * before.abs().max()
-    folded = {f".{g.norm}.weight" for g in spec.norm_groups}  # Gemma's sandwich norms are not folded
+    folded = {f".{g.norm}.weight" for g in arch.norm_groups}  # Gemma's sandwich norms are not folded
     for name, p in model.named_parameters():
         if name.endswith(tuple(folded)) or name == "model.norm.weight":
             assert torch.equal(p, torch.ones_like(p)), name
@@ -56,16 +56,16 @@ def test_skipping_a_fold_is_detected():
 def test_tied_embeddings_are_untied_before_edits():
     model = tiny_model("llama-tied")
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    spec = spec_for(model.config)
-    untie_embeddings(model, spec)
+    arch = spec_for(model.config)
+    untie_embeddings(model, arch)
     assert model.lm_head.weight is not model.model.embed_tokens.weight
     model.lm_head.weight.data.mul_(2)
     assert not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
 
 
 def test_an_architecture_without_a_spec_gets_the_generic_one():
-    spec = spec_for(tiny_config("gpt2"))
-    assert spec.generic and spec.layers == "transformer.h" and spec.norm_groups == ()
+    arch = spec_for(tiny_config("gpt2"))
+    assert arch.generic and arch.layers == "transformer.h" and arch.norm_groups == ()
     with pytest.raises(UnknownNameError, match="names no architecture; full support: .*LlamaForCausalLM.*Qwen3ForCausalLM"):
         spec_for(tiny_config("llama", architectures=[]))
 

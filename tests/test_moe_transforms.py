@@ -78,10 +78,10 @@ def test_all_sites_together_preserve_the_function(family, dtype):
 def test_the_mlp_sites_fold_into_every_expert_and_the_router(site, moved):
     """Function preservation cannot see an expert the fold skipped (its own pair, or nothing, is as exact)."""
     model, _ = reference("qwen3-moe")
-    spec, dims, layer = spec_for(model.config), Dims.of(model.config), model.model.layers[0]
+    arch, dims, layer = spec_for(model.config), Dims.of(model.config), model.model.layers[0]
     before = {n: p.detach().clone() for n, p in layer.named_parameters() if n.startswith("mlp.")}
     scale = torch.rand(site_of(site).width(dims), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    site_of(site).fuse(layer, spec, dims, Diagonal(scale + 0.5))
+    site_of(site).fuse(layer, arch, dims, Diagonal(scale + 0.5))
     changed = {n for n, p in layer.named_parameters() if n in before and not torch.equal(p, before[n])}
     experts = {f"mlp.experts.{e}.{leaf}.weight" for e in range(len(layer.mlp.experts)) for leaf in moved}
     assert changed == {n for n in experts if "router" not in n} | ({"mlp.gate.weight"} if "router" in moved else set())
@@ -90,13 +90,13 @@ def test_the_mlp_sites_fold_into_every_expert_and_the_router(site, moved):
 def random_learned(model, names, seed=0) -> LearnedTransforms:
     """Random orthogonal rotations (QR of Gaussians) and scales exp(θ), θ ~ N(0, 0.5²)."""
     g = torch.Generator().manual_seed(seed)
-    spec, dims = spec_for(model.config), Dims.of(model.config)
+    arch, dims = spec_for(model.config), Dims.of(model.config)
 
     def init(kind, index):
-        q, r = torch.linalg.qr(torch.randn(kind.shape(dims, spec), generator=g, dtype=torch.float64))
+        q, r = torch.linalg.qr(torch.randn(kind.shape(dims, arch), generator=g, dtype=torch.float64))
         return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
 
-    learned = LearnedTransforms(names, dims, spec, model.config.num_hidden_layers, init)
+    learned = LearnedTransforms(names, dims, arch, model.config.num_hidden_layers, init)
     with torch.no_grad():
         for p in learned.scales():
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
@@ -105,12 +105,12 @@ def random_learned(model, names, seed=0) -> LearnedTransforms:
 
 def deployed(model, recipe, transforms):
     """The pipeline's path after a fit: prepare, hand the transforms to the plan, run the layers."""
-    spec = spec_for(model.config)
-    plan = make_plan(model, spec, recipe)
-    prepare_model(model, spec, InMemorySource(), CPU, plan)
-    deploy(model, spec, plan, transforms)
-    LayerwiseQuantizer(model, spec, recipe, InMemorySource(), CPU, plan).run_layers(
-        capture_inputs(model, spec, [CALIB], CPU))
+    arch = spec_for(model.config)
+    plan = make_plan(model, arch, recipe)
+    prepare_model(model, arch, InMemorySource(), CPU, plan)
+    deploy(model, arch, plan, transforms)
+    LayerwiseQuantizer(model, arch, recipe, InMemorySource(), CPU, plan).run_layers(
+        capture_inputs(model, arch, [CALIB], CPU))
     with torch.no_grad():
         return model(IDS).logits
 
@@ -134,10 +134,10 @@ def test_fitting_time_forward_equals_the_deployed_forward(family):
     """The fit folds every expert and the router on the fly, as deployment folds them in place."""
     recipe = Recipe(**QUANTIZED, fitting=FitSpec(train_weights=True, qsur_samples=0))
     model, _ = reference(family, torch.float64)
-    spec = spec_for(model.config)
-    plan = make_plan(model, spec, recipe)
-    prepare_model(model, spec, InMemorySource(), CPU, plan)
-    session = prepare_session(model, spec, recipe, plan, CPU)
+    arch = spec_for(model.config)
+    plan = make_plan(model, arch, recipe)
+    prepare_model(model, arch, InMemorySource(), CPU, plan)
+    session = prepare_session(model, arch, recipe, plan, CPU)
     session.learned.load_state_dict(random_learned(model, OST).state_dict())
     fitting = LayerMajorStep(session, [IDS]).logits(quantized=True)[0]
     transforms = session.learned.frozen()

@@ -42,10 +42,10 @@ def plant(path: pathlib.Path, marker: pathlib.Path) -> None:
 def fit_session(fit: FitSpec):
     model = tiny_model("llama", num_hidden_layers=1)
     recipe = Recipe(activations=QuantSpec(bits=4, symmetric=False), transforms=(TransformSpec("qk"),), fitting=fit)
-    spec = spec_for(model.config)
-    plan = make_plan(model, spec, recipe)
-    prepare_model(model, spec, InMemorySource(), torch.device("cpu"), plan)
-    return prepare_session(model, spec, recipe, plan, torch.device("cpu"))
+    arch = spec_for(model.config)
+    plan = make_plan(model, arch, recipe)
+    prepare_model(model, arch, InMemorySource(), torch.device("cpu"), plan)
+    return prepare_session(model, arch, recipe, plan, torch.device("cpu"))
 
 
 def test_a_planted_pickle_fit_checkpoint_is_refused_and_never_runs(tmp_path):

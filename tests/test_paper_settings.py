@@ -59,10 +59,10 @@ def test_the_o_proj_input_is_grouped_by_the_models_head_dim(preset):
     assert model.model.layers[1].self_attn.q_proj.orthoquant_inputs.quantizer.__self__.group_size == -1
     if recipe.fitting is not None:
         fresh = tiny_model("llama")
-        spec = spec_for(fresh.config)
-        plan = make_plan(fresh, spec, recipe)
-        prepare_model(fresh, spec, InMemorySource(), torch.device("cpu"), plan)
-        session = prepare_session(fresh, spec, recipe, plan, torch.device("cpu"))
+        arch = spec_for(fresh.config)
+        plan = make_plan(fresh, arch, recipe)
+        prepare_model(fresh, arch, InMemorySource(), torch.device("cpu"), plan)
+        session = prepare_session(fresh, arch, recipe, plan, torch.device("cpu"))
         assert session.layers[0].self_attn.o_proj.orthoquant_inputs.quantizer.args[0].group_size == 16
 
 

@@ -220,10 +220,10 @@ def test_compressed_tensors_mx_scale_rounds_the_exponent_up_from_mantissa_1_75()
 def test_kv_quantizer_receives_hadamard_rotated_post_rope_keys():
     model = tiny_model("llama")
     use_orthoquant_attention(model)
-    spec, layer = spec_for(model.config), model.model.layers[0]
+    arch, layer = spec_for(model.config), model.model.layers[0]
     head_dim = model.config.hidden_size // model.config.num_attention_heads
     t = Hadamard(head_dim, random_signs(head_dim, 3))
-    SITES.get("qk").attach(layer, spec, None, t)  # R3 as a recipe installs it
+    SITES.get("qk").attach(layer, arch, None, t)  # R3 as a recipe installs it
     seen = {}
 
     def record_rope_keys(q, k):

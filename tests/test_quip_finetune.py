@@ -164,13 +164,13 @@ def test_finetune_source_is_the_data_fine_tuning_trains_on(saved_model, text_fil
     seen = {}
     init, e2e = LayerFinetune.__init__, runner.finetune_end_to_end
 
-    def record_init(self, recipe, spec, device, inputs):
+    def record_init(self, recipe, arch, device, inputs):
         seen["layer"] = [tuple(h.shape[:2]) for h in inputs.hidden]
-        init(self, recipe, spec, device, inputs)
+        init(self, recipe, arch, device, inputs)
 
-    def record_e2e(model, spec, layers, inputs, *rest):
+    def record_e2e(model, arch, layers, inputs, *rest):
         seen["e2e"] = [tuple(h.shape[:2]) for h in inputs.hidden]
-        return e2e(model, spec, layers, inputs, *rest)
+        return e2e(model, arch, layers, inputs, *rest)
 
     monkeypatch.setattr(LayerFinetune, "__init__", record_init)
     monkeypatch.setattr(runner, "finetune_end_to_end", record_e2e)

@@ -90,13 +90,13 @@ def test_run_folder_reloads_bit_exactly_and_streams_the_same_numbers(tmp_path):
     w = token_windows(8, 24, 1)
     with torch.no_grad():
         ref = model(w).logits
-    loaded, _, spec, source = open_run(tmp_path / "run", CPU)
+    loaded, _, arch, source = open_run(tmp_path / "run", CPU)
     with torch.no_grad():
         assert torch.equal(loaded(w).logits, ref)
     in_memory = perplexity(loaded, w, CPU, batch_size=4)
-    skeleton, _, spec, source = open_run(tmp_path / "run", CPU, stream=True)
+    skeleton, _, arch, source = open_run(tmp_path / "run", CPU, stream=True)
     assert all(p.is_meta for p in skeleton.model.layers.parameters())
-    streamed = streamed_perplexity(skeleton, spec, source, w, CPU, batch_size=4)
+    streamed = streamed_perplexity(skeleton, arch, source, w, CPU, batch_size=4)
     assert streamed == pytest.approx(in_memory, rel=1e-6)
 
 

@@ -52,26 +52,26 @@ def soft_cap(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def streamed_window_losses(model: nn.Module, spec: ArchSpec, source: WeightSource, windows: torch.Tensor,
+def streamed_window_losses(model: nn.Module, arch: ArchSpec, source: WeightSource, windows: torch.Tensor,
                            device: torch.device, batch_size: int = 1) -> torch.Tensor:
     """The same numbers as :func:`window_losses`, holding only one decoder layer at a time.
 
     The non-layer modules (embedding, final norm, lm_head) must already be materialised on ``device``.
     """
     batches = list(windows.split(batch_size))
-    inputs = capture_inputs(model, spec, batches, device)
-    layers = layers_of(model, spec)
+    inputs = capture_inputs(model, arch, batches, device)
+    layers = layers_of(model, arch)
     for i in tqdm(range(len(layers)), desc="perplexity (streamed)", unit="layer"):
-        source.materialize(layers[i], f"{spec.layers}.{i}.", device)
+        source.materialize(layers[i], f"{arch.layers}.{i}.", device)
         inputs.hidden = run_layer(layers[i], inputs, device)
         source.release(layers[i])
-    head = get_module(model, spec.lm_head)
-    sums = [window_nll(soft_cap(model, head(final_hidden(model, spec, hidden.to(device)))), ids)
+    head = get_module(model, arch.lm_head)
+    sums = [window_nll(soft_cap(model, head(final_hidden(model, arch, hidden.to(device)))), ids)
             for hidden, ids in zip(inputs.hidden, batches)]
     return torch.cat(sums) / (windows.shape[1] - 1)
 
 
-def streamed_perplexity(model: nn.Module, spec: ArchSpec, source: WeightSource, windows: torch.Tensor,
+def streamed_perplexity(model: nn.Module, arch: ArchSpec, source: WeightSource, windows: torch.Tensor,
                         device: torch.device, batch_size: int = 1) -> float:
     """The same number as :func:`perplexity`, holding only one decoder layer at a time."""
-    return ppl_of(streamed_window_losses(model, spec, source, windows, device, batch_size))
+    return ppl_of(streamed_window_losses(model, arch, source, windows, device, batch_size))

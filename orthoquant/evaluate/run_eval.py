@@ -32,6 +32,7 @@ from ..errors import UserError
 from ..export import load_quantized
 from ..export.verify import MANIFESTS
 from ..models.loading import WeightSource, open_model, read_config_json
+from ..models.spec import ArchSpec
 from ..models.surgery import get_module
 from ..runtime import check_seqlen, open_run, rest_paths
 from ..validate import check_eval_options
@@ -49,7 +50,7 @@ class Loaded:
     model: nn.Module
     tokenizer: Any
     recipe: dict | None = None
-    spec: Any = None
+    arch: ArchSpec | None = None
     source: WeightSource | None = None
 
 
@@ -79,23 +80,23 @@ def config_dtype(folder: Path) -> torch.dtype:
 def _load_run(target: str, device: torch.device, dtype: str, stream: bool | None) -> Loaded:
     # the model's own dtype unless asked (a bfloat16 model evaluates in half float32's memory)
     dt = config_dtype(Path(target)) if dtype == "auto" else resolve_dtype(dtype, device)
-    model, tokenizer, spec, source = open_run(target, device, dt, stream=bool(stream))
+    model, tokenizer, arch, source = open_run(target, device, dt, stream=bool(stream))
     if tokenizer is None:
         raise UserError(f"run {target} has no tokenizer files")
-    return Loaded(model, tokenizer, _recipe_yaml(Path(target)), spec, source if stream else None)
+    return Loaded(model, tokenizer, _recipe_yaml(Path(target)), arch, source if stream else None)
 
 
 def _load_model(target: str, device: torch.device, dtype: str, stream: bool | None) -> Loaded:
-    model, tokenizer, spec, source, _ = open_model(target, dtype, device)
+    model, tokenizer, arch, source, _ = open_model(target, dtype, device)
     if stream is None:
         n_params = sum(p.numel() for p in model.parameters())
         stream = not _fits_in_memory(n_params, next(model.parameters()).dtype)
-    for path in rest_paths(spec):
+    for path in rest_paths(arch):
         source.materialize(get_module(model, path), f"{path}.", device)
     if not stream:
         for name, module in model.named_children():
             source.materialize(module, f"{name}.", device)
-    return Loaded(model, tokenizer, None, spec, source if stream else None)
+    return Loaded(model, tokenizer, None, arch, source if stream else None)
 
 
 def _load_hf_quantized(target: str, device: torch.device, dtype: str, stream: bool | None) -> Loaded:
@@ -162,7 +163,7 @@ def _window_losses(loaded: Loaded, src: str, seqlen: int, device: torch.device, 
     if loaded.source is None:
         losses = window_losses(loaded.model, windows, device, batch_size)
     else:
-        losses = streamed_window_losses(loaded.model, loaded.spec, loaded.source, windows, device, batch_size)
+        losses = streamed_window_losses(loaded.model, loaded.arch, loaded.source, windows, device, batch_size)
     log.info("perplexity %s (seqlen %d, %d windows, batch %d): %.4f", source_label(src), seqlen, len(windows),
              batch_size, ppl_of(losses))
     return losses

@@ -18,18 +18,18 @@ from .static_inputs import (AmaxObserver, is_static_input, prepare_input_scales,
                             static_input_op, static_linears)
 
 
-def install_input_quantizers(layer: nn.Module, prefix: str, spec: ArchSpec, recipe: Recipe,
+def install_input_quantizers(layer: nn.Module, prefix: str, arch: ArchSpec, recipe: Recipe,
                              dynamic: bool = False) -> None:
     """Fake-quantize each targeted linear's input as the recipe says.
 
     :param dynamic: per-call scales even where the recipe's are static (while calibrating them).
     :raises UserError: a static input scale is asked for but the linear has none.
     """
-    for role, lin in linears_of(layer, spec).items():
-        name = prefix + spec.path(role)
+    for role, lin in linears_of(layer, arch).items():
+        name = prefix + arch.path(role)
         a_spec = recipe.activations_for(name)
         if a_spec is not None and a_spec.per_head:  # only then: a generic model's attention may not say
-            a_spec = a_spec.for_head_dim(get_module(layer, spec.attention).head_dim)
+            a_spec = a_spec.for_head_dim(get_module(layer, arch.attention).head_dim)
         if a_spec is None:
             set_input_quantizer(lin, None)
         elif is_static_input(a_spec) and not dynamic:
@@ -38,16 +38,16 @@ def install_input_quantizers(layer: nn.Module, prefix: str, spec: ArchSpec, reci
             set_input_quantizer(lin, make_format(a_spec).fake_quant)
 
 
-def install_layer_quantizers(layer: nn.Module, prefix: str, spec: ArchSpec, recipe: Recipe) -> None:
+def install_layer_quantizers(layer: nn.Module, prefix: str, arch: ArchSpec, recipe: Recipe) -> None:
     """Fake-quantize each targeted linear's input and the attention's keys/values as the recipe says.
 
     :param prefix: the layer's full name with a trailing dot, used to match recipe patterns.
     :raises UserError: the recipe's KV scales are static and the layer has none.
     """
-    install_input_quantizers(layer, prefix, spec, recipe)
+    install_input_quantizers(layer, prefix, arch, recipe)
     if recipe.kv_cache is not None:
-        attention = get_module(layer, spec.attention)
-        set_kv_quantizers(attention, *kv_ops(attention, recipe.kv_cache, prefix + spec.attention))
+        attention = get_module(layer, arch.attention)
+        set_kv_quantizers(attention, *kv_ops(attention, recipe.kv_cache, prefix + arch.attention))
 
 
 def prepare_layer_scales(layer: nn.Module, prefix: str, arch: ArchSpec, recipe: Recipe) -> None:
@@ -57,7 +57,7 @@ def prepare_layer_scales(layer: nn.Module, prefix: str, arch: ArchSpec, recipe: 
 
 
 @torch.no_grad()
-def calibrate_static_scales(layer: nn.Module, prefix: str, spec: ArchSpec, recipe: Recipe,
+def calibrate_static_scales(layer: nn.Module, prefix: str, arch: ArchSpec, recipe: Recipe,
                             forward: Callable[[], object]) -> None:
     """Observe a solved layer once and store its static scales: the KV cache's (kv_cache.static) and the
     NVFP4 input global scales (activations.static). No-op when the recipe has neither. Afterwards the
@@ -67,11 +67,11 @@ def calibrate_static_scales(layer: nn.Module, prefix: str, spec: ArchSpec, recip
         online transforms attached); activation fake-quant is installed first, as at inference, with
         per-call scales where they are being calibrated.
     """
-    inputs = static_linears(layer, prefix, spec, recipe)
+    inputs = static_linears(layer, prefix, arch, recipe)
     if not is_static(recipe) and not inputs:
         return
-    attention = get_module(layer, spec.attention)
-    install_input_quantizers(layer, prefix, spec, recipe, dynamic=True)
+    attention = get_module(layer, arch.attention)
+    install_input_quantizers(layer, prefix, arch, recipe, dynamic=True)
     observers = {name: AmaxObserver(input_pipeline(lin).quantizer) for name, lin in inputs.items()}
     for name, lin in inputs.items():
         set_input_quantizer(lin, observers[name])
@@ -83,5 +83,5 @@ def calibrate_static_scales(layer: nn.Module, prefix: str, spec: ArchSpec, recip
         set_input_scale(lin, observers[name])
     if is_static(recipe):
         set_kv_scales(attention, make_format(recipe.kv_cache), key, value)
-    install_layer_quantizers(layer, prefix, spec, recipe)
+    install_layer_quantizers(layer, prefix, arch, recipe)
 

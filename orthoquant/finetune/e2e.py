@@ -49,12 +49,12 @@ class LayerAccess:
 class EndToEnd:
     """The trainable state of end-to-end fine-tuning and the student/teacher computations."""
 
-    def __init__(self, model: nn.Module, spec: ArchSpec, layers: LayerAccess, ft: FinetuneSpec,
+    def __init__(self, model: nn.Module, arch: ArchSpec, layers: LayerAccess, ft: FinetuneSpec,
                  device: torch.device) -> None:
-        self.model, self.spec, self.layers, self.ft, self.device = model, spec, layers, ft, device
+        self.model, self.arch, self.layers, self.ft, self.device = model, arch, layers, ft, device
         # the final norm and lm_head modules stay as they are (the teacher's); the student uses float32
         # masters of the trained ones
-        self.final = {"norm": get_module(model, spec.final_norm), "head": get_module(model, spec.lm_head)}
+        self.final = {"norm": get_module(model, arch.final_norm), "head": get_module(model, arch.lm_head)}
         tuned = ("norm", "head") if ft.tune_lm_head else ("norm",)
         self.masters = {k: nn.Parameter(self.final[k].weight.detach().float().clone()) for k in tuned}
         self.signs = [t for s in layers.solved for sides in s.values() for t in sides.values()
@@ -160,7 +160,7 @@ class EndToEnd:
         return total
 
 
-def finetune_end_to_end(model: nn.Module, spec: ArchSpec, layers: LayerAccess, inputs: LayerInputs,
+def finetune_end_to_end(model: nn.Module, arch: ArchSpec, layers: LayerAccess, inputs: LayerInputs,
                         fp_final: LayerInputs, ft: FinetuneSpec, device: torch.device) -> tuple[EndToEnd, dict]:
     """Train SU/SV and norms (and lm_head) end to end, to the selected epoch; the caller writes the norms
     into the layers (:meth:`EndToEnd.write_norms`).
@@ -169,7 +169,7 @@ def finetune_end_to_end(model: nn.Module, spec: ArchSpec, layers: LayerAccess, i
     """
     start = time.perf_counter()
     (train, train_t), (valid, valid_t) = holdout(inputs, fp_final.hidden, ft.holdout)
-    e2e = EndToEnd(model, spec, layers, ft, device)
+    e2e = EndToEnd(model, arch, layers, ft, device)
     tokens = sum(h.shape[0] * h.shape[1] for h in valid.hidden)
 
     def held_out() -> float:

@@ -128,7 +128,7 @@ class LayerFinetune:
     """
 
     recipe: Recipe
-    spec: ArchSpec
+    arch: ArchSpec
     device: torch.device
     fp_inputs: LayerInputs
     targets: list[torch.Tensor] = field(default_factory=list)

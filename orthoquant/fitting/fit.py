@@ -41,51 +41,51 @@ def check_fitting(recipe: Recipe, plan: TransformPlan) -> None:
         check_released(Path(recipe.fitting.released))
 
 
-def load_layers(model: nn.Module, spec: ArchSpec, source: WeightSource, residency: Resident,
+def load_layers(model: nn.Module, arch: ArchSpec, source: WeightSource, residency: Resident,
                 device: torch.device) -> None:
     """Read the decoder layers one at a time: each is materialised at the residency's home, its norms
     folded (exact; the layer-wise run's own fold then finds γ = 1), frozen, and handed over before the
     next is read, so a sharded process never holds more than one whole layer besides its shards."""
-    for i, layer in enumerate(layers_of(model, spec)):
-        source.materialize(layer, f"{spec.layers}.{i}.", residency.home(device))
-        fold_layer_norms(layer, spec)
+    for i, layer in enumerate(layers_of(model, arch)):
+        source.materialize(layer, f"{arch.layers}.{i}.", residency.home(device))
+        fold_layer_norms(layer, arch)
         layer.requires_grad_(False)
         residency.adopt(layer)
 
 
-def prepare_session(model: nn.Module, spec: ArchSpec, recipe: Recipe, plan: TransformPlan,
+def prepare_session(model: nn.Module, arch: ArchSpec, recipe: Recipe, plan: TransformPlan,
                     device: torch.device, source: WeightSource | None = None) -> FitSession:
     """Load the layers (:func:`load_layers`; an in-memory model by default), freeze the model,
     initialise the learnable transforms and install the fitting-time runtime."""
     fit = recipe.fitting
     model.requires_grad_(False)
     residency = residency_for(fit.offload, device)
-    load_layers(model, spec, source or InMemorySource(), residency, device)
-    n_layers = len(layers_of(model, spec))
-    init = (klt_init(model, spec, plan.dims, fit.seed, device, residency.use) if fit.init == "klt"
+    load_layers(model, arch, source or InMemorySource(), residency, device)
+    n_layers = len(layers_of(model, arch))
+    init = (klt_init(model, arch, plan.dims, fit.seed, device, residency.use) if fit.init == "klt"
             else hadamard_init(plan.dims, fit.seed))
-    learned = LearnedTransforms(fit.params, plan.dims, spec, n_layers, init, device)
-    session = FitSession(model, spec, recipe, plan, learned, device, residency)
+    learned = LearnedTransforms(fit.params, plan.dims, arch, n_layers, init, device)
+    session = FitSession(model, arch, recipe, plan, learned, device, residency)
     session.install()
     return session
 
 
-def deploy(model: nn.Module, spec: ArchSpec, plan: TransformPlan, learned: dict[tuple[str, int], Transform]) -> None:
+def deploy(model: nn.Module, arch: ArchSpec, plan: TransformPlan, learned: dict[tuple[str, int], Transform]) -> None:
     """Give the plan the learned transforms and fuse the model-level residual into embed/lm_head
     (the layers take theirs when the layer-wise run fuses them)."""
     plan.set_learned(learned)
     residual = learned.get(("residual", GLOBAL))
     if residual is not None:
-        fuse_residual_rest(model, spec, residual)
+        fuse_residual_rest(model, arch, residual)
 
 
 def measure(session: FitSession, windows: torch.Tensor) -> dict[str, list[float]]:
     """QSUR per site and layer of the current transforms, quantizers off."""
     step = LayerMajorStep(session, list(windows[:session.fit.qsur_samples].split(session.fit.batch_size)))
-    return measure_qsur(step.observe, session.spec, session.device)
+    return measure_qsur(step.observe, session.arch, session.device)
 
 
-def fit_transforms(model: nn.Module, spec: ArchSpec, recipe: Recipe, plan: TransformPlan, source: WeightSource,
+def fit_transforms(model: nn.Module, arch: ArchSpec, recipe: Recipe, plan: TransformPlan, source: WeightSource,
                    windows: torch.Tensor, device: torch.device, run_dir: Path | None = None) -> dict:
     """Fit ``recipe.fitting``'s transforms (or import released ones) and add them to ``plan``.
 
@@ -99,12 +99,12 @@ def fit_transforms(model: nn.Module, spec: ArchSpec, recipe: Recipe, plan: Trans
     fit = recipe.fitting
     check_fitting(recipe, plan)
     if fit.released:
-        deploy(model, spec, plan, import_released(Path(fit.released), plan.dims, spec, len(layers_of(model, spec))))
+        deploy(model, arch, plan, import_released(Path(fit.released), plan.dims, arch, len(layers_of(model, arch))))
         return {"released": fit.released}
     use_mmap_for_large_blocks()  # freed folds and activations go back to the system, not a growing heap
-    layers = layers_of(model, spec)
+    layers = layers_of(model, arch)
     try:
-        session = prepare_session(model, spec, recipe, plan, device, source)
+        session = prepare_session(model, arch, recipe, plan, device, source)
         report = {"qsur_before": measure(session, windows)} if fit.qsur_samples else {}
         report.update(train(session, windows, run_dir / CHECKPOINT if run_dir is not None else None))
         if fit.qsur_samples:
@@ -115,7 +115,7 @@ def fit_transforms(model: nn.Module, spec: ArchSpec, recipe: Recipe, plan: Trans
         if source.streaming:  # before deploy's float64 folds of embedding and lm_head, which need no layer
             for layer in layers:
                 source.release(layer)
-    deploy(model, spec, plan, session.learned.frozen())
+    deploy(model, arch, plan, session.learned.frozen())
     report["peak_memory_bytes"] = peak_memory(device)
     log.info("fitted %s in %d steps: loss %s -> %s", ", ".join(fit.params), len(report["losses"]),
              f"{report['losses'][0]:.4f}" if report["losses"] else "-",

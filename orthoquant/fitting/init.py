@@ -67,19 +67,19 @@ class ReadLayers:
                 yield layer
 
 
-def klt_init(model: nn.Module, spec: ArchSpec, dims: Dims, seed: int, device: torch.device | None = None,
+def klt_init(model: nn.Module, arch: ArchSpec, dims: Dims, seed: int, device: torch.device | None = None,
              use: Callable[[int], ContextManager] = lambda index: nullcontext()) -> RotationInit:
     """OSTQuant's KLT init from the (norm-folded) weights of ``model``, accumulated on ``device``
     (default: where the weights are), reading one layer at a time through ``use`` (see :class:`ReadLayers`)."""
     fallback = hadamard_init(dims, seed)
-    layers = ReadLayers(layers_of(model, spec), use)
+    layers = ReadLayers(layers_of(model, arch), use)
 
     def residual() -> torch.Tensor:
-        where = device or linears_of(layers[0], spec)["q"].weight.device
+        where = device or linears_of(layers[0], arch)["q"].weight.device
         moments = Moments(dims.hidden, where)  # accumulated, never stacking all layers' rows
         for layer in layers:
-            for role in spec.residual_readers():  # q/k/v, gate/up (every expert's)
-                moments.add(linears_of(layer, spec)[role].weight.double())
+            for role in arch.residual_readers():  # q/k/v, gate/up (every expert's)
+                moments.add(linears_of(layer, arch)[role].weight.double())
         return _eigenvectors(moments).cpu() @ random_hadamard(dims.hidden, _seed(seed, GLOBAL))
 
     def per_head(index: int, head: int, blocks: torch.Tensor) -> torch.Tensor:
@@ -93,7 +93,7 @@ def klt_init(model: nn.Module, spec: ArchSpec, dims: Dims, seed: int, device: to
         if kind.name not in ("R_ov", "R2"):
             return fallback(kind, index)
         with use(index):
-            blocks = _o_blocks(linears_of(layers[index], spec)["o"], dims)
+            blocks = _o_blocks(linears_of(layers[index], arch)["o"], dims)
             if kind.name == "R_ov":
                 return torch.stack([per_head(index, h, blocks[h]) for h in range(dims.kv_heads)])
             return per_head(index, 0, blocks.reshape(-1, dims.head_dim))

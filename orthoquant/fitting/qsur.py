@@ -64,7 +64,7 @@ def qsur_per_axis(mean: torch.Tensor, cov: torch.Tensor, confidence: float = 0.9
     return math.exp(log_qsur(mean, cov, confidence) / mean.numel())
 
 
-def measure_qsur(observe, spec: ArchSpec, device: torch.device) -> dict[str, list[float]]:
+def measure_qsur(observe, arch: ArchSpec, device: torch.device) -> dict[str, list[float]]:
     """Per site, QSUR^(1/d) of each layer's activation as its quantizer would see it (after online
     transforms). ``observe(visit)`` runs the model layer by layer with ``visit(index, layer)`` around
     each layer, so only one layer's moments are held."""
@@ -72,10 +72,10 @@ def measure_qsur(observe, spec: ArchSpec, device: torch.device) -> dict[str, lis
 
     @contextmanager
     def visit(index: int, layer: nn.Module) -> Iterator[None]:
-        linears = linears_of(layer, spec)
-        moments = {site: Moments(linears[spec.roles(kind)[0]].in_features, device) for site, kind in QSUR_SITES.items()}
+        linears = linears_of(layer, arch)
+        moments = {site: Moments(linears[arch.roles(kind)[0]].in_features, device) for site, kind in QSUR_SITES.items()}
         handles = [linears[role].register_forward_pre_hook(lambda m, args, mo=moments[site]: mo.add(args[0]))
-                   for site, kind in QSUR_SITES.items() for role in spec.roles(kind)]  # experts: pooled
+                   for site, kind in QSUR_SITES.items() for role in arch.roles(kind)]  # experts: pooled
         try:
             yield
         finally:

@@ -50,19 +50,19 @@ def plain_fake_quant(fmt: QuantFormat, x: torch.Tensor) -> torch.Tensor:
 STES = {"plain": plain_fake_quant, "pass_scale": scale_grad_fake_quant}
 
 
-def install_fitting_quantizers(layer: nn.Module, prefix: str, spec: ArchSpec, recipe: Recipe) -> None:
+def install_fitting_quantizers(layer: nn.Module, prefix: str, arch: ArchSpec, recipe: Recipe) -> None:
     """The recipe's activation and KV quantizers on ``layer``, in their fitting form."""
     ste = STES[recipe.fitting.ste]
 
     def op(q_spec):
         return functools.partial(ste, make_format(q_spec)) if q_spec is not None else None
 
-    head_dim = get_module(layer, spec.attention).head_dim
-    for role, lin in linears_of(layer, spec).items():
-        a_spec = recipe.activations_for(prefix + spec.path(role))
+    head_dim = get_module(layer, arch.attention).head_dim
+    for role, lin in linears_of(layer, arch).items():
+        a_spec = recipe.activations_for(prefix + arch.path(role))
         set_input_quantizer(lin, op(a_spec.for_head_dim(head_dim) if a_spec is not None else None))
     kv = op(recipe.kv_cache)
-    set_kv_quantizers(get_module(layer, spec.attention), kv, kv)
+    set_kv_quantizers(get_module(layer, arch.attention), kv, kv)
 
 
 def weight_ste(fmt: QuantFormat, w: torch.Tensor) -> torch.Tensor:

@@ -84,32 +84,32 @@ class FitSession:
         device, offloaded to CPU memory, or sharded across processes).
     """
 
-    def __init__(self, model: nn.Module, spec: ArchSpec, recipe: Recipe, plan: TransformPlan,
+    def __init__(self, model: nn.Module, arch: ArchSpec, recipe: Recipe, plan: TransformPlan,
                  learned: LearnedTransforms, device: torch.device, residency: Resident | None = None) -> None:
-        self.model, self.spec, self.recipe, self.plan = model, spec, recipe, plan
+        self.model, self.arch, self.recipe, self.plan = model, arch, recipe, plan
         self.learned, self.device, self.fit = learned, device, recipe.fitting
-        self.layers = layers_of(model, spec)
-        self.embed = get_module(model, spec.embed)
-        self.norm = get_module(model, spec.final_norm)
-        self.head = get_module(model, spec.lm_head)
+        self.layers = layers_of(model, arch)
+        self.embed = get_module(model, arch.embed)
+        self.norm = get_module(model, arch.final_norm)
+        self.head = get_module(model, arch.lm_head)
         self.residency = residency or Resident()
-        self.names = {get_module(layer, spec.path(role)): f"{spec.layers}.{i}.{spec.path(role)}"
-                      for i, layer in enumerate(self.layers) for role, _ in spec.linears}
-        self.names[self.head] = spec.lm_head
+        self.names = {get_module(layer, arch.path(role)): f"{arch.layers}.{i}.{arch.path(role)}"
+                      for i, layer in enumerate(self.layers) for role, _ in arch.linears}
+        self.names[self.head] = arch.lm_head
 
     # --- runtime ---------------------------------------------------------------------------------
     def install(self) -> None:
         """Online transforms and the recipe's activation/KV fake-quantizers on every layer."""
         for i, layer in enumerate(self.layers):
             self.plan.attach_layer(layer, i)
-            install_fitting_quantizers(layer, f"{self.spec.layers}.{i}.", self.spec, self.recipe)
+            install_fitting_quantizers(layer, f"{self.arch.layers}.{i}.", self.arch, self.recipe)
 
     def remove_quantizers(self) -> None:
         """The layer-wise solve calibrates on clean inputs: leave no fake-quantizer behind."""
         for layer in self.layers:
-            for lin in linears_of(layer, self.spec).values():
+            for lin in linears_of(layer, self.arch).values():
                 set_input_quantizer(lin, None)
-            set_kv_quantizers(get_module(layer, self.spec.attention), None, None)
+            set_kv_quantizers(get_module(layer, self.arch.attention), None, None)
 
     def _option(self, value: str) -> bool:
         return value == "on" or value == "bfloat16" or (value == "auto" and self.device.type == "cuda")
@@ -160,7 +160,7 @@ class FitSession:
         """lm_head as the quantized model runs it on :meth:`head_input`'s output. Only a head trained
         with weight fake-quant needs its folded weight ``W M⁻ᵀ`` (quantized); it reads ``h``, so the
         ``M⁻¹`` that :meth:`head_input` applied is mapped back first."""
-        spec = self.recipe.weights_for(self.spec.lm_head) if self.fit.train_weights else None
+        spec = self.recipe.weights_for(self.arch.lm_head) if self.fit.train_weights else None
         t = self.residual()
         if spec is None:
             return self.head

@@ -50,7 +50,7 @@ class LayerMajorStep:
     def __init__(self, session: FitSession, batches: list[torch.Tensor]) -> None:
         self.s = session
         self.batches = [b.to(session.device) for b in batches]
-        captured = capture_inputs(session.model, session.spec, self.batches, session.device, session.device)
+        captured = capture_inputs(session.model, session.arch, self.batches, session.device, session.device)
         self.rows, self.captured = captured.hidden, captured
         self.n = len(session.layers)
 

@@ -61,11 +61,11 @@ def _split(fused: nn.Linear, names: tuple[str, ...], rows: tuple[int, ...]) -> F
     return FusedLinear(parts)
 
 
-def split_fused_(model: nn.Module, spec) -> None:
-    """Replace every fused linear of ``spec.fused`` in each decoder layer by its parts, in place
+def split_fused_(model: nn.Module, arch) -> None:
+    """Replace every fused linear of ``arch.fused`` in each decoder layer by its parts, in place
     (idempotent: an already split model is left as it is)."""
-    layers = model.get_submodule(spec.layers)
-    for fused in spec.fused:
+    layers = model.get_submodule(arch.layers)
+    for fused in arch.fused:
         rows = fused.rows(model.config)
         for layer in layers:
             parent, _, leaf = fused.path.rpartition(".")
@@ -75,15 +75,15 @@ def split_fused_(model: nn.Module, spec) -> None:
                 setattr(owner, leaf, _split(module, fused.parts, rows))
 
 
-def fused_slices(spec, config, n_layers: int) -> dict[str, tuple[str, int, int]]:
+def fused_slices(arch, config, n_layers: int) -> dict[str, tuple[str, int, int]]:
     """Stored name of each part's weight/bias -> (stored fused name, first row, end row)."""
     slices = {}
-    for fused in spec.fused:
+    for fused in arch.fused:
         start = 0
         for name, n in zip(fused.parts, fused.rows(config)):
             for i in range(n_layers):
                 for leaf in ("weight", "bias"):
-                    stored = f"{spec.layers}.{i}.{fused.path}.{leaf}"
-                    slices[f"{spec.layers}.{i}.{fused.path}.{name}.{leaf}"] = (stored, start, start + n)
+                    stored = f"{arch.layers}.{i}.{fused.path}.{leaf}"
+                    slices[f"{arch.layers}.{i}.{fused.path}.{name}.{leaf}"] = (stored, start, start + n)
             start += n
     return slices

@@ -161,10 +161,10 @@ def spec_for(config) -> ArchSpec:
     archs = getattr(config, "architectures", None) or []
     if not archs:
         raise UnknownNameError(f"the model config names no architecture; full support: {', '.join(full_support())}")
-    spec = ARCHITECTURES.get(archs[0]) if archs[0] in ARCHITECTURES else None
-    if spec is None or (spec.experts is not None and dense_mlp_layers(config)):
+    arch = ARCHITECTURES.get(archs[0]) if archs[0] in ARCHITECTURES else None
+    if arch is None or (arch.experts is not None and dense_mlp_layers(config)):
         return generic_spec_for_config(config)
-    return spec.for_config(config)
+    return arch.for_config(config)
 
 
 def discover_input_groups(linears: dict[str, nn.Linear], forward: Callable[[], object]) -> tuple[tuple[str, ...], ...]:

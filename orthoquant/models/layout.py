@@ -20,12 +20,12 @@ from .generic import linearize_conv1d_
 from .norms import PlainRMSNorm, plain_norms_
 
 
-def to_layout_(model: nn.Module, spec) -> None:
+def to_layout_(model: nn.Module, arch) -> None:
     """Convert a stock model to orthoquant's layout in place (idempotent; the function is unchanged)."""
     linearize_conv1d_(model)
     unstack_experts_(model)
-    split_fused_(model, spec)
-    plain_norms_(model, spec)
+    split_fused_(model, arch)
+    plain_norms_(model, arch)
 
 
 @dataclass(frozen=True)
@@ -44,11 +44,11 @@ class StoredViews:
     experts: dict[str, tuple[str, int, int, int]] = field(default_factory=dict)
 
 
-def stored_views(spec, config, skeleton: nn.Module, stored: set[str] = frozenset()) -> StoredViews:
+def stored_views(arch, config, skeleton: nn.Module, stored: set[str] = frozenset()) -> StoredViews:
     """The views of a converted ``skeleton`` built from ``config`` (``stored``: the checkpoint's names)."""
-    offsets = {f"{p}.weight": spec.norm_offset for p, m in skeleton.named_modules() if isinstance(m, PlainRMSNorm)}
-    return StoredViews(frozenset(f"{p}.weight" for p in spec.transposed),
-                       fused_slices(spec, config, config.num_hidden_layers), offsets, expert_views(skeleton, stored))
+    offsets = {f"{p}.weight": arch.norm_offset for p, m in skeleton.named_modules() if isinstance(m, PlainRMSNorm)}
+    return StoredViews(frozenset(f"{p}.weight" for p in arch.transposed),
+                       fused_slices(arch, config, config.num_hidden_layers), offsets, expert_views(skeleton, stored))
 
 
 def _parts_of(views: StoredViews) -> dict[str, list[tuple[str, int]]]:

@@ -219,12 +219,12 @@ def open_model(model: str, dtype_name: str, device: torch.device):
     config = load_config(path)
     dtype = resolve_dtype(dtype_name, device, getattr(config, "dtype", None))
     skeleton = build_skeleton(config, dtype)
-    spec: ArchSpec = spec_for(config)
+    arch: ArchSpec = spec_for(config)
     # a tied lm_head is often not stored; an untied one must be (else config and weights disagree)
     tied = getattr(config, "tie_word_embeddings", False)
-    aliases = {f"{spec.lm_head}.weight": f"{spec.embed}.weight"} if tied else {}
+    aliases = {f"{arch.lm_head}.weight": f"{arch.embed}.weight"} if tied else {}
     multimodal = is_multimodal(AutoConfig.from_pretrained(path))
     stored = set(renamed_legacy(open_checkpoint(path)))
-    source = SafetensorsSource(path, dtype, aliases, stored_views(spec, config, skeleton, stored), text_only=multimodal)
+    source = SafetensorsSource(path, dtype, aliases, stored_views(arch, config, skeleton, stored), text_only=multimodal)
     source.check(skeleton)
-    return skeleton, load_tokenizer(path), spec, source, path
+    return skeleton, load_tokenizer(path), arch, source, path

@@ -32,15 +32,15 @@ def _plain(norm: nn.Module, offset: float) -> PlainRMSNorm:
     return PlainRMSNorm(weight, norm.eps)
 
 
-def plain_norms_(model: nn.Module, spec) -> tuple[str, ...]:
+def plain_norms_(model: nn.Module, arch) -> tuple[str, ...]:
     """Replace every offset-convention RMSNorm of ``model`` (``spec.norm_offset`` ≠ 0) by a
     :class:`PlainRMSNorm`, in place; returns the replaced modules' paths (none if already plain)."""
-    if not spec.norm_offset:
+    if not arch.norm_offset:
         return ()
     paths = tuple(p for p, m in model.named_modules() if type(m).__name__.endswith("RMSNorm")
                   and not isinstance(m, PlainRMSNorm))
     for path in paths:
         parent, _, leaf = path.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
-        setattr(owner, leaf, _plain(getattr(owner, leaf), spec.norm_offset))
+        setattr(owner, leaf, _plain(getattr(owner, leaf), arch.norm_offset))
     return paths

@@ -20,12 +20,12 @@ def _partial_rotary(config) -> bool:
     return factor is not None and factor < 1.0
 
 
-def check_support(spec: ArchSpec, config, recipe) -> None:
+def check_support(arch: ArchSpec, config, recipe) -> None:
     """Raise UserError (exit 2) naming what this model cannot do that ``recipe`` asks for."""
-    arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
+    name = (getattr(config, "architectures", None) or [type(config).__name__])[0]
     sites = {t.site for t in recipe.transforms}
     params = set(recipe.fitting.params) if recipe.fitting is not None else set()
-    if spec.generic:
+    if arch.generic:
         needs = [what for what, present in (("transforms", bool(sites)),
                                             ("KV-cache quantization", recipe.kv_cache is not None),
                                             ("learned fitting", recipe.fitting is not None),
@@ -33,12 +33,12 @@ def check_support(spec: ArchSpec, config, recipe) -> None:
                                             ("QuIP# fine-tuning", recipe.finetune is not None and recipe.finetune.active))
                  if present]
         if needs:
-            why = f" ({DENSE_MLP_LAYERS})" if arch in full_support() else ""  # a MoE with dense layers: spec_for
-            raise UserError(f"the recipe asks for {' and '.join(needs)}, which need an architecture spec {arch} "
+            why = f" ({DENSE_MLP_LAYERS})" if name in full_support() else ""  # a MoE with dense layers: spec_for
+            raise UserError(f"the recipe asks for {' and '.join(needs)}, which need an architecture spec {name} "
                             f"lacks{why} (no arch spec: only weight-only RTN/GPTQ and W8A8 run on it); full support: "
                             f"{', '.join(full_support())}")
-    if spec.no_residual and ("residual" in sites or "R_res" in params):
-        raise UserError(f"{arch}: the recipe rotates the residual stream, which is refused: {spec.no_residual}")
+    if arch.no_residual and ("residual" in sites or "R_res" in params):
+        raise UserError(f"{name}: the recipe rotates the residual stream, which is refused: {arch.no_residual}")
     if "S_qk" in params and _partial_rotary(config):
-        raise UserError(f"{arch} rotates only part of each head (partial_rotary_factor < 1), so S_qk's RoPE-paired "
+        raise UserError(f"{name} rotates only part of each head (partial_rotary_factor < 1), so S_qk's RoPE-paired "
                         "scales do not commute with its RoPE; drop S_qk from fitting.params")

@@ -15,18 +15,18 @@ def get_module(root: nn.Module, path: str) -> nn.Module:
     return root.get_submodule(path) if path else root
 
 
-def layers_of(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
-    return get_module(model, spec.layers)
+def layers_of(model: nn.Module, arch: ArchSpec) -> nn.ModuleList:
+    return get_module(model, arch.layers)
 
 
-def linears_of(layer: nn.Module, spec: ArchSpec) -> dict[str, nn.Linear]:
+def linears_of(layer: nn.Module, arch: ArchSpec) -> dict[str, nn.Linear]:
     """The layer's projections by role."""
-    return {role: get_module(layer, path) for role, path in spec.linears}
+    return {role: get_module(layer, path) for role, path in arch.linears}
 
 
-def untie_embeddings(model: nn.Module, spec: ArchSpec) -> None:
+def untie_embeddings(model: nn.Module, arch: ArchSpec) -> None:
     """Give lm_head its own weight: transforms and quantizers treat it apart from the embedding."""
-    head, embed = get_module(model, spec.lm_head), get_module(model, spec.embed)
+    head, embed = get_module(model, arch.lm_head), get_module(model, arch.embed)
     if head.weight is embed.weight or head.weight.data_ptr() == embed.weight.data_ptr():
         head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=embed.weight.requires_grad)
     model.config.tie_word_embeddings = False
@@ -50,27 +50,27 @@ def fold_norm(norm: nn.Module, consumers: list[nn.Linear]) -> None:
     norm.weight.data.fill_(1.0)
 
 
-def readers_of(layer: nn.Module, spec: ArchSpec, group: NormGroup) -> list[nn.Module]:
+def readers_of(layer: nn.Module, arch: ArchSpec, group: NormGroup) -> list[nn.Module]:
     """Everything that reads a norm group's output: its linears, then its other readers (a MoE router)."""
-    lin = linears_of(layer, spec)
+    lin = linears_of(layer, arch)
     return [lin[r] for r in group.roles] + [get_module(layer, p) for p in group.readers]
 
 
-def fold_layer_norms(layer: nn.Module, spec: ArchSpec) -> None:
+def fold_layer_norms(layer: nn.Module, arch: ArchSpec) -> None:
     """Fold every norm of one decoder layer into its consumers (a MoE router among them)."""
-    for group in spec.norm_groups:
-        fold_norm(get_module(layer, group.norm), readers_of(layer, spec, group))
+    for group in arch.norm_groups:
+        fold_norm(get_module(layer, group.norm), readers_of(layer, arch, group))
 
 
-def fold_final_norm(model: nn.Module, spec: ArchSpec) -> None:
+def fold_final_norm(model: nn.Module, arch: ArchSpec) -> None:
     """Fold the final norm into lm_head (call :func:`untie_embeddings` first)."""
-    fold_norm(get_module(model, spec.final_norm), [get_module(model, spec.lm_head)])
+    fold_norm(get_module(model, arch.final_norm), [get_module(model, arch.lm_head)])
 
 
-def fold_all_norms(model: nn.Module, spec: ArchSpec) -> None:
+def fold_all_norms(model: nn.Module, arch: ArchSpec) -> None:
     """Untie, then fold every RMSNorm (layers and final) of an in-memory model (put in orthoquant's layout)."""
-    to_layout_(model, spec)
-    untie_embeddings(model, spec)
-    for layer in layers_of(model, spec):
-        fold_layer_norms(layer, spec)
-    fold_final_norm(model, spec)
+    to_layout_(model, arch)
+    untie_embeddings(model, arch)
+    for layer in layers_of(model, arch):
+        fold_layer_norms(layer, arch)
+    fold_final_norm(model, arch)

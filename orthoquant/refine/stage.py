@@ -90,7 +90,7 @@ class RefineStage:
     """
 
     recipe: Recipe
-    spec: ArchSpec
+    arch: ArchSpec
     device: torch.device
     fp_stream: LayerInputs | None = None
 
@@ -113,9 +113,9 @@ class RefineStage:
 
     def begin(self, layer: nn.Module, prefix: str, inputs: LayerInputs) -> Snapshot:
         """Call after the recipe's transforms are in the layer and before it is solved."""
-        linears = linears_of(layer, self.spec)
-        roles = [r for r in linears if self.recipe.weights_for(prefix + self.spec.path(r)) is not None]
-        owner = {role: g[0] for g in self.spec.input_groups() for role in g}
+        linears = linears_of(layer, self.arch)
+        roles = [r for r in linears if self.recipe.weights_for(prefix + self.arch.path(r)) is not None]
+        owner = {role: g[0] for g in self.arch.input_groups() for role in g}
         anchored = self.recipe.refine.start == "solver" and self.recipe.solver.name in ANCHORS
         watched = {owner[r]: linears[owner[r]] for r in roles} if anchored else {}
         source = self._fp_inputs(inputs)
@@ -123,8 +123,8 @@ class RefineStage:
             targets = fp_targets(layer, source, self.device)
         if self.follows_fp_model:
             self.fp_stream = source.with_hidden(targets)
-        weights = {self.spec.path(r): linears[r].weight.detach().float().clone() for r in roles}
-        hessians = {self.spec.path(r): stats[owner[r]].H for r in roles if owner[r] in stats}
+        weights = {self.arch.path(r): linears[r].weight.detach().float().clone() for r in roles}
+        hessians = {self.arch.path(r): stats[owner[r]].H for r in roles if owner[r] in stats}
         return Snapshot(weights, targets, hessians)
 
     def finish(self, layer: nn.Module, prefix: str, index: int, quantized: Quantized, snapshot: Snapshot,
@@ -134,7 +134,7 @@ class RefineStage:
         When the learned codes win, the layer's linears are set to their decoded weights (in place).
         """
         start, refine = time.perf_counter(), self.recipe.refine
-        install_input_quantizers(layer, prefix, self.spec, self.recipe)  # train as inference will run
+        install_input_quantizers(layer, prefix, self.arch, self.recipe)  # train as inference will run
         starts, rounded = self._starts(layer, quantized, snapshot)
         learnable = LayerRounding(layer, starts, rounded, refine).to(self.device)
         settings = Settings(refine.iters, refine.batch_size, refine.optimizer, refine.patience,

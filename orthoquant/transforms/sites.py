@@ -71,7 +71,7 @@ class Dims:
         return to_query_heads(self.per_kv_head(t), self.heads, self.kv_heads, self.head_dim)
 
 
-LayerFn = Callable[..., None]  # (layer, spec, dims, transform, folding=IN_PLACE) -> None
+LayerFn = Callable[..., None]  # (layer, arch, dims, transform, folding=IN_PLACE) -> None
 
 
 @dataclass(frozen=True)
@@ -90,73 +90,73 @@ class Site:
         return self.attach is not None
 
 
-def _fuse_residual(layer, spec, dims, t, folding: Folding = IN_PLACE):
-    for group in spec.norm_groups:
-        for module in readers_of(layer, spec, group):
+def _fuse_residual(layer, arch, dims, t, folding: Folding = IN_PLACE):
+    for group in arch.norm_groups:
+        for module in readers_of(layer, arch, group):
             consume(module, t, folding)
-    lin = linears_of(layer, spec)
-    for role in spec.residual_writers():
+    lin = linears_of(layer, arch)
+    for role in arch.residual_writers():
         produce(lin[role], t, folding)
 
 
-def fuse_residual_rest(model: nn.Module, spec: ArchSpec, t: Transform, folding: Folding = IN_PLACE) -> None:
+def fuse_residual_rest(model: nn.Module, arch: ArchSpec, t: Transform, folding: Folding = IN_PLACE) -> None:
     """The model-level part of the residual site: embeddings write it, lm_head reads it."""
-    produce(get_module(model, spec.embed), t, folding)
-    consume(get_module(model, spec.lm_head), t, folding)
+    produce(get_module(model, arch.embed), t, folding)
+    consume(get_module(model, arch.lm_head), t, folding)
 
 
-def _fuse_attn_value(layer, spec, dims, t, folding: Folding = IN_PLACE):
-    lin = linears_of(layer, spec)
+def _fuse_attn_value(layer, arch, dims, t, folding: Folding = IN_PLACE):
+    lin = linears_of(layer, arch)
     produce(lin["v"], dims.per_kv_head(t), folding)
     consume(lin["o"], dims.to_query_heads(t), folding)  # each query head reads its KV head's values
 
 
-def _fuse_qk_scale(layer, spec, dims, t, folding: Folding = IN_PLACE):
-    if spec.qk_norms is not None:  # Qwen3: per-head RMSNorms sit between the projections and RoPE
-        q_norm, k_norm = (get_module(layer, p) for p in spec.qk_norms)
+def _fuse_qk_scale(layer, arch, dims, t, folding: Folding = IN_PLACE):
+    if arch.qk_norms is not None:  # Qwen3: per-head RMSNorms sit between the projections and RoPE
+        q_norm, k_norm = (get_module(layer, p) for p in arch.qk_norms)
         produce(k_norm, t, folding)
         produce(q_norm, Dual(t), folding)
         return
-    lin = linears_of(layer, spec)
+    lin = linears_of(layer, arch)
     produce(lin["k"], dims.per_kv_head(t), folding)
     produce(lin["q"], Dual(dims.to_query_heads(t)), folding)  # q M⁻ᵀ · (k M)ᵀ = q kᵀ
 
 
 def _fuse_norm_group(index: int) -> LayerFn:
-    """The norm of ``spec.norm_groups[index]`` writes the site (through γ), its linears read it."""
-    def fuse(layer, spec, dims, t, folding: Folding = IN_PLACE):
-        group = spec.norm_groups[index]
+    """The norm of ``arch.norm_groups[index]`` writes the site (through γ), its linears read it."""
+    def fuse(layer, arch, dims, t, folding: Folding = IN_PLACE):
+        group = arch.norm_groups[index]
         produce(get_module(layer, group.norm), t, folding)
-        for module in readers_of(layer, spec, group):
+        for module in readers_of(layer, arch, group):
             consume(module, t, folding)
     return fuse
 
 
-def _fuse_up_down(layer, spec, dims, t, folding: Folding = IN_PLACE):
-    lin = linears_of(layer, spec)
-    for up, down in zip(spec.roles("up"), spec.roles("down")):  # each MLP (expert) its own pair
+def _fuse_up_down(layer, arch, dims, t, folding: Folding = IN_PLACE):
+    lin = linears_of(layer, arch)
+    for up, down in zip(arch.roles("up"), arch.roles("down")):  # each MLP (expert) its own pair
         produce(lin[up], t, folding)  # (act(gate) ⊙ up) M = act(gate) ⊙ (up M) for a diagonal M
         consume(lin[down], t, folding)
 
 
 def _consume_role(kind: str) -> LayerFn:
-    def fuse(layer, spec, dims, t, folding: Folding = IN_PLACE):
-        lin = linears_of(layer, spec)
-        for role in spec.roles(kind):
+    def fuse(layer, arch, dims, t, folding: Folding = IN_PLACE):
+        lin = linears_of(layer, arch)
+        for role in arch.roles(kind):
             consume(lin[role], t, folding)
     return fuse
 
 
 def _online_input(kind: str) -> LayerFn:
-    def attach(layer, spec, dims, t):
-        lin = linears_of(layer, spec)
-        for role in spec.roles(kind):
+    def attach(layer, arch, dims, t):
+        lin = linears_of(layer, arch)
+        for role in arch.roles(kind):
             input_pipeline(lin[role]).set("plan", [t.forward])
     return attach
 
 
-def _attach_qk(layer, spec, dims, t):
-    set_qk_transforms(get_module(layer, spec.attention), [lambda q, k: (t.forward(q), t.forward(k))])
+def _attach_qk(layer, arch, dims, t):
+    set_qk_transforms(get_module(layer, arch.attention), [lambda q, k: (t.forward(q), t.forward(k))])
 
 
 # Sites a recipe's Hadamard may take.

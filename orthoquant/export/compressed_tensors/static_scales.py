@@ -65,21 +65,21 @@ def observe_input_amax(contents: RunContents, names: list[str], tokens: torch.Te
     from ...layerwise import capture_inputs, final_hidden, run_layer
     from ...models.surgery import get_module, layers_of
     cpu = torch.device("cpu")
-    model, _, spec, source = contents.open_model(cpu, torch.float32, stream=True)
+    model, _, arch, source = contents.open_model(cpu, torch.float32, stream=True)
     amax: dict[str, float] = {name: 0.0 for name in names}
-    inputs = capture_inputs(model, spec, list(tokens.split(BATCH)), cpu)
-    for i, layer in enumerate(layers_of(model, spec)):
+    inputs = capture_inputs(model, arch, list(tokens.split(BATCH)), cpu)
+    for i, layer in enumerate(layers_of(model, arch)):
         prefix = contents.layer_prefix(i)
         source.materialize(layer, prefix, cpu)
         _watch(model, [n for n in names if n.startswith(prefix)], amax)
         inputs = inputs.with_hidden(run_layer(layer, inputs, cpu))
         layer.to("meta")  # done with it
-    rest = [n for n in names if not n.startswith(f"{spec.layers}.")]
+    rest = [n for n in names if not n.startswith(f"{arch.layers}.")]
     if rest:  # model-level linears (lm_head) read the final norm's output
         _watch(model, rest, amax)
-        head = get_module(model, spec.lm_head)
+        head = get_module(model, arch.lm_head)
         for hidden in inputs.hidden:
-            head(final_hidden(model, spec, hidden))
+            head(final_hidden(model, arch, hidden))
     return amax
 
 

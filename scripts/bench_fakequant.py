@@ -1,15 +1,17 @@
 #!/usr/bin/env python
-"""Scoring time of the demo's FP4-activation rows with the codes path (``decode(encode(x))``, as before
-the fused fake-quant) against the fused path (``FP4Format.quantize_dequantize``), in one process.
+"""Scoring time of the demo's FP4-activation rows as the fake-quant was and as it is, in one process.
 
+Three paths (:data:`PATHS`): the codes path (``decode(encode(x))``) with one quantizer per linear, as
+before; the fused FP4 path (``FP4Format.quantize_dequantize``) still per linear; and the fused path with
+q/k/v and gate/up sharing one quantization of the tensor they read (``SharedQuantizer``), as now.
 Each row is the demo's case quantized as the demo does (a finished run folder in ``--out`` is reused),
 opened once, and scored on the first ``--windows`` held-out windows (the demo's text: test then valid
-split) at batch 1, one torch thread, as ``make demo`` scores. The two paths take turns on chunks of
-``--chunk`` windows (which goes first alternates), so load changes on a shared machine hit both alike;
+split) at batch 1, one torch thread, as ``make demo`` scores. The paths take turns on chunks of
+``--chunk`` windows (the order reverses every chunk), so load changes on a shared machine hit all alike;
 the FP model is timed on the same windows for reference. Every window's loss must be the same float64
-under both paths (exit 1 otherwise). Writes ``bench_fakequant.json`` and ``.md`` into ``--out``.
+under every path (exit 1 otherwise). Writes ``bench_fakequant.json`` and ``.md`` into ``--out``.
 
-    python scripts/bench_fakequant.py [--windows 300] [--presets PRESET@key=value,...] [--out runs/bench_fakequant]
+    PYTHONPATH=. python scripts/bench_fakequant.py [--windows 300] [--presets PRESET@key=value,...] [--out DIR]
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import os
 import platform
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from unittest import mock
 
@@ -39,6 +41,7 @@ from orthoquant.demo import MARKER, cache_dir  # noqa: E402
 from orthoquant.evaluate.ppl import window_losses  # noqa: E402
 from orthoquant.evaluate.preset_table import parse_case, quantize_case, run_folder_name  # noqa: E402
 from orthoquant.evaluate.run_eval import LOADERS  # noqa: E402
+from orthoquant.fakequant.inputs import SharedQuantizer  # noqa: E402
 from orthoquant.formats.base import QuantFormat  # noqa: E402
 from orthoquant.formats.fp4 import FP4Format  # noqa: E402
 
@@ -54,7 +57,22 @@ def codes_path():
     return mock.patch.object(FP4Format, "quantize_dequantize", QuantFormat.quantize_dequantize)
 
 
-PATHS = {"codes": codes_path, "fused": nullcontext}
+def per_linear():
+    """While active, every linear quantizes its input itself, even where q/k/v or gate/up read the same tensor."""
+    return mock.patch.object(SharedQuantizer, "__call__", lambda self, x: self.op(x))
+
+
+# path -> the patches that make it; the first is the code as it was, the last as it is
+PATHS = {"codes, per linear": (codes_path, per_linear), "fused, per linear": (per_linear,), "fused, shared": ()}
+BEFORE, AFTER = list(PATHS)[0], list(PATHS)[-1]
+
+
+@contextmanager
+def path(name: str):
+    with ExitStack() as stack:
+        for patch in PATHS[name]:
+            stack.enter_context(patch())
+        yield
 
 
 def fp4_cases(presets: str | None) -> list[tuple[str, str, list[str]]]:
@@ -67,12 +85,12 @@ def score_interleaved(model, windows: torch.Tensor, chunk: int) -> dict[str, dic
     """Per path: seconds and per-window losses over ``windows``, the paths alternating chunk by chunk."""
     out = {name: {"seconds": 0.0, "losses": []} for name in PATHS}
     for name in PATHS:  # untimed: a model's first forwards allocate and load kernels
-        with PATHS[name]():
+        with path(name):
             window_losses(model, windows[:1], CPU, 1)
     for i, part in enumerate(windows.split(chunk)):
         order = list(PATHS) if i % 2 == 0 else list(reversed(PATHS))
         for name in order:
-            with PATHS[name]():
+            with path(name):
                 start = time.perf_counter()
                 out[name]["losses"].append(window_losses(model, part, CPU, 1))
                 out[name]["seconds"] += time.perf_counter() - start
@@ -90,15 +108,14 @@ def fp_seconds(model_dir: str, windows: torch.Tensor) -> float:
 def bench_row(label: str, run: Path, windows: torch.Tensor, chunk: int, fp_s: float) -> dict:
     loaded = LOADERS["run"](str(run), CPU, "auto", False)
     scored = score_interleaved(loaded.model, windows, chunk)
-    old, new = scored["codes"], scored["fused"]
-    tokens = windows.numel()
-    row = {"row": label, "run": str(run), "windows": len(windows),
-           "codes_s": old["seconds"], "fused_s": new["seconds"], "speedup": old["seconds"] / new["seconds"],
-           "codes_tok_s": tokens / old["seconds"], "fused_tok_s": tokens / new["seconds"],
-           "fake_quant_share_codes": 1 - fp_s / old["seconds"], "fake_quant_share_fused": 1 - fp_s / new["seconds"],
-           "losses_identical": torch.equal(old["losses"], new["losses"]),
-           "max_abs_loss_diff": float((old["losses"] - new["losses"]).abs().max()),
-           "ppl": float(new["losses"].mean().exp())}
+    before = scored[BEFORE]
+    row = {"row": label, "run": str(run), "windows": len(windows), "paths": {
+        name: {"seconds": r["seconds"], "tok_s": windows.numel() / r["seconds"],
+               "speedup": before["seconds"] / r["seconds"], "fake_quant_share": 1 - fp_s / r["seconds"],
+               "losses_identical": torch.equal(r["losses"], before["losses"]),
+               "max_abs_loss_diff": float((r["losses"] - before["losses"]).abs().max())}
+        for name, r in scored.items()}, "ppl": float(before["losses"].mean().exp())}
+    row["losses_identical"] = all(p["losses_identical"] for p in row["paths"].values())
     log.info("%s", row)
     return row
 
@@ -106,14 +123,15 @@ def bench_row(label: str, run: Path, windows: torch.Tensor, chunk: int, fp_s: fl
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"{meta['windows']} held-out windows of {meta['seqlen']} tokens, batch 1, {meta['threads']} thread; "
              f"FP model {meta['fp_s']:.1f} s ({meta['fp_tok_s']:.0f} tok/s); load average "
-             f"{meta['load_before']} before, {meta['load_after']} after ({meta['cpus']} CPUs)", "",
-             "| row | codes path s | fused s | speed-up | codes tok/s | fused tok/s | fake-quant share codes → fused "
-             "| losses identical | ppl |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"{meta['load_before']} before, {meta['load_after']} after ({meta['cpus']} CPUs). Seconds (tok/s, "
+             "speed-up, share of the time beyond the FP model's); every path's per-window losses compared with the "
+             "first's.", "",
+             "| row | " + " | ".join(PATHS) + " | losses identical | ppl |",
+             "|---|" + "---|" * len(PATHS) + "---|---|"]
     for r in rows:
-        lines.append(f"| {r['row']} | {r['codes_s']:.1f} | {r['fused_s']:.1f} | {r['speedup']:.2f}× | "
-                     f"{r['codes_tok_s']:.0f} | {r['fused_tok_s']:.0f} | {r['fake_quant_share_codes']:.0%} → "
-                     f"{r['fake_quant_share_fused']:.0%} | {r['losses_identical']} | {r['ppl']:.4f} |")
+        cells = [f"{p['seconds']:.1f} s ({p['tok_s']:.0f} tok/s, {p['speedup']:.2f}×, {p['fake_quant_share']:.0%})"
+                 for p in r["paths"].values()]
+        lines.append(f"| {r['row']} | " + " | ".join(cells) + f" | {r['losses_identical']} | {r['ppl']:.4f} |")
     return "\n".join(lines) + "\n"
 
 

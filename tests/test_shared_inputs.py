@@ -98,6 +98,17 @@ def test_not_reused_for_inputs_that_require_grad():
     assert op.call_count == 2
 
 
+def test_inference_mode_quantizes_every_call():
+    """Inference tensors have no version counter to trust: no reuse, and no error."""
+    shared, op = quantizer()
+    with torch.inference_mode():
+        x = torch.ones(3)
+        assert torch.equal(shared(x), torch.full((3,), 2.0))
+        shared(x)
+    shared(x)  # an inference tensor outside inference mode
+    assert op.call_count == 3
+
+
 def test_nothing_kept_once_the_input_dies():
     shared, _ = quantizer()
     x = torch.ones(3)

@@ -55,8 +55,9 @@ class SharedQuantizer:
     (q/k/v, gate/up) get the first one's result instead of quantizing it again.
 
     A result is reused only for the very tensor it was computed from, when neither has been modified in
-    place since (their version counters) and it does not require grad. The tensor is held by a weak
-    reference and the result is dropped when that tensor dies, so nothing outlives the forward that made it.
+    place since (their version counters), outside inference mode (whose tensors have no version counter)
+    and without grad. The tensor is held by a weak reference and the result is dropped when that tensor
+    dies, so nothing outlives the forward that made it.
     """
 
     def __init__(self, op: Op) -> None:
@@ -66,14 +67,15 @@ class SharedQuantizer:
         self._versions = (-1, -1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad or x.is_inference() or torch.is_inference_mode_enabled():
+            return self.op(x)
         cached = self._result
         if cached is not None and self._source() is x and (x._version, cached._version) == self._versions:
             return cached
         result = self.op(x)
         self._forget()
-        if not x.requires_grad:
-            self._source, self._result = weakref.ref(x, self._forget), result
-            self._versions = (x._version, result._version)
+        self._source, self._result = weakref.ref(x, self._forget), result
+        self._versions = (x._version, result._version)
         return result
 
     def _forget(self, dead: weakref.ref | None = None) -> None:

@@ -8,8 +8,8 @@ Each row is the demo's case quantized as the demo does (a finished run folder in
 opened once, and scored on the first ``--windows`` held-out windows (the demo's text: test then valid
 split) at batch 1, one torch thread, as ``make demo`` scores. The paths take turns on chunks of
 ``--chunk`` windows (the order reverses every chunk), so load changes on a shared machine hit all alike;
-the FP model is timed on the same windows for reference. Every window's loss must be the same float64
-under every path (exit 1 otherwise). Writes ``bench_fakequant.json`` and ``.md`` into ``--out``.
+the FP model takes its turn too, for the time the paths spend beyond it. Every window's loss must be
+the same float64 under every path (exit 1 otherwise). Writes ``bench_fakequant.json`` and ``.md`` into ``--out``.
 
     PYTHONPATH=. python scripts/bench_fakequant.py [--windows 300] [--presets PRESET@key=value,...] [--out DIR]
 """
@@ -24,6 +24,7 @@ import sys
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Callable
 from unittest import mock
 
 try:  # an installed orthoquant comes first: run with PYTHONPATH=<checkout> to measure a checkout
@@ -64,7 +65,7 @@ def per_linear():
 
 # path -> the patches that make it; the first is the code as it was, the last as it is
 PATHS = {"codes, per linear": (codes_path, per_linear), "fused, per linear": (per_linear,), "fused, shared": ()}
-BEFORE, AFTER = list(PATHS)[0], list(PATHS)[-1]
+BEFORE = list(PATHS)[0]
 
 
 @contextmanager
@@ -81,40 +82,43 @@ def fp4_cases(presets: str | None) -> list[tuple[str, str, list[str]]]:
     return [c for c in cases if (a := load_recipe(c[1], c[2]).activations) is not None and a.format in FP4_FORMATS]
 
 
-def score_interleaved(model, windows: torch.Tensor, chunk: int) -> dict[str, dict]:
-    """Per path: seconds and per-window losses over ``windows``, the paths alternating chunk by chunk."""
-    out = {name: {"seconds": 0.0, "losses": []} for name in PATHS}
-    for name in PATHS:  # untimed: a model's first forwards allocate and load kernels
-        with path(name):
-            window_losses(model, windows[:1], CPU, 1)
-    for i, part in enumerate(windows.split(chunk)):
-        order = list(PATHS) if i % 2 == 0 else list(reversed(PATHS))
-        for name in order:
+FP = "FP model"  # timed in the same rotation: the time every path spends beyond the fake-quant
+
+
+def scorers(quantized, fp_model) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """Per-window losses of a chunk of windows: the FP model's, and the run's under each of :data:`PATHS`."""
+    def under(name: str):
+        def score(part: torch.Tensor) -> torch.Tensor:
             with path(name):
-                start = time.perf_counter()
-                out[name]["losses"].append(window_losses(model, part, CPU, 1))
-                out[name]["seconds"] += time.perf_counter() - start
+                return window_losses(quantized, part, CPU, 1)
+        return score
+
+    return {FP: lambda part: window_losses(fp_model, part, CPU, 1), **{name: under(name) for name in PATHS}}
+
+
+def score_interleaved(score: dict[str, Callable], windows: torch.Tensor, chunk: int) -> dict[str, dict]:
+    """Seconds and per-window losses over ``windows`` of each scorer, taking turns chunk by chunk."""
+    out = {name: {"seconds": 0.0, "losses": []} for name in score}
+    for fn in score.values():  # untimed: the first forwards allocate and load kernels
+        fn(windows[:1])
+    for i, part in enumerate(windows.split(chunk)):
+        for name in (list(score) if i % 2 == 0 else list(reversed(score))):
+            start = time.perf_counter()
+            out[name]["losses"].append(score[name](part))
+            out[name]["seconds"] += time.perf_counter() - start
     return {name: {"seconds": r["seconds"], "losses": torch.cat(r["losses"])} for name, r in out.items()}
 
 
-def fp_seconds(model_dir: str, windows: torch.Tensor) -> float:
-    loaded = LOADERS["model"](model_dir, CPU, "auto", False)
-    window_losses(loaded.model, windows[:1], CPU, 1)  # untimed warm-up, as for the rows
-    start = time.perf_counter()
-    window_losses(loaded.model, windows, CPU, 1)
-    return time.perf_counter() - start
-
-
-def bench_row(label: str, run: Path, windows: torch.Tensor, chunk: int, fp_s: float) -> dict:
+def bench_row(label: str, run: Path, fp_model, windows: torch.Tensor, chunk: int) -> dict:
     loaded = LOADERS["run"](str(run), CPU, "auto", False)
-    scored = score_interleaved(loaded.model, windows, chunk)
-    before = scored[BEFORE]
-    row = {"row": label, "run": str(run), "windows": len(windows), "paths": {
+    scored = score_interleaved(scorers(loaded.model, fp_model), windows, chunk)
+    before, fp_s = scored[BEFORE], scored[FP]["seconds"]
+    row = {"row": label, "run": str(run), "windows": len(windows), "fp_s": fp_s, "paths": {
         name: {"seconds": r["seconds"], "tok_s": windows.numel() / r["seconds"],
-               "speedup": before["seconds"] / r["seconds"], "fake_quant_share": 1 - fp_s / r["seconds"],
+               "speedup": before["seconds"] / r["seconds"], "beyond_fp_share": 1 - fp_s / r["seconds"],
                "losses_identical": torch.equal(r["losses"], before["losses"]),
                "max_abs_loss_diff": float((r["losses"] - before["losses"]).abs().max())}
-        for name, r in scored.items()}, "ppl": float(before["losses"].mean().exp())}
+        for name, r in scored.items() if name != FP}, "ppl": float(before["losses"].mean().exp())}
     row["losses_identical"] = all(p["losses_identical"] for p in row["paths"].values())
     log.info("%s", row)
     return row
@@ -122,16 +126,16 @@ def bench_row(label: str, run: Path, windows: torch.Tensor, chunk: int, fp_s: fl
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"{meta['windows']} held-out windows of {meta['seqlen']} tokens, batch 1, {meta['threads']} thread; "
-             f"FP model {meta['fp_s']:.1f} s ({meta['fp_tok_s']:.0f} tok/s); load average "
-             f"{meta['load_before']} before, {meta['load_after']} after ({meta['cpus']} CPUs). Seconds (tok/s, "
-             "speed-up, share of the time beyond the FP model's); every path's per-window losses compared with the "
-             "first's.", "",
-             "| row | " + " | ".join(PATHS) + " | losses identical | ppl |",
-             "|---|" + "---|" * len(PATHS) + "---|---|"]
+             f"load average {meta['load_before']} before, {meta['load_after']} after ({meta['cpus']} CPUs). "
+             "Seconds (tok/s, speed-up, share of the time beyond the FP model's, timed in the same rotation); "
+             "every path's per-window losses compared with the first's.", "",
+             "| row | FP model | " + " | ".join(PATHS) + " | losses identical | ppl |",
+             "|---|---|" + "---|" * len(PATHS) + "---|---|"]
     for r in rows:
-        cells = [f"{p['seconds']:.1f} s ({p['tok_s']:.0f} tok/s, {p['speedup']:.2f}×, {p['fake_quant_share']:.0%})"
+        cells = [f"{p['seconds']:.1f} s ({p['tok_s']:.0f} tok/s, {p['speedup']:.2f}×, {p['beyond_fp_share']:.0%})"
                  for p in r["paths"].values()]
-        lines.append(f"| {r['row']} | " + " | ".join(cells) + f" | {r['losses_identical']} | {r['ppl']:.4f} |")
+        lines.append(f"| {r['row']} | {r['fp_s']:.1f} s | " + " | ".join(cells) +
+                     f" | {r['losses_identical']} | {r['ppl']:.4f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -163,10 +167,9 @@ def main(argv=None) -> int:
     windows = perplexity_windows(evaluation_tokens(loaded.tokenizer, str(held_out), args.seqlen), args.seqlen)
     windows = windows[:args.windows or None]
     load_before = os.getloadavg()
-    fp_s = fp_seconds(str(model), windows)
-    rows = [bench_row(label, run, windows, args.chunk, fp_s) for label, run in runs]
-    meta = {"windows": len(windows), "seqlen": args.seqlen, "threads": torch.get_num_threads(), "fp_s": fp_s,
-            "fp_tok_s": windows.numel() / fp_s, "load_before": [round(v, 2) for v in load_before],
+    rows = [bench_row(label, run, loaded.model, windows, args.chunk) for label, run in runs]
+    meta = {"windows": len(windows), "seqlen": args.seqlen, "threads": torch.get_num_threads(),
+            "load_before": [round(v, 2) for v in load_before],
             "load_after": [round(v, 2) for v in os.getloadavg()], "cpus": os.cpu_count(),
             "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
             "orthoquant": str(Path(orthoquant.__file__).parent)}

@@ -161,7 +161,8 @@ def main(argv=None) -> int:
     cases = fp4_cases(args.presets)
     if not cases:
         raise SystemExit("no case with FP4 activations to measure")
-    runs = [(label, quantize_case(str(model), preset, sets, str(corpus / "train.txt"), args.out / run_folder_name(label),
+    calib = str(corpus / "train.txt")
+    runs = [(label, quantize_case(str(model), preset, sets, calib, args.out / run_folder_name(label),
                                   nsamples=args.nsamples, seqlen=args.seqlen)) for label, preset, sets in cases]
     loaded = LOADERS["model"](str(model), CPU, "auto", False)
     windows = perplexity_windows(evaluation_tokens(loaded.tokenizer, str(held_out), args.seqlen), args.seqlen)

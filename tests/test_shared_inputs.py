@@ -31,7 +31,8 @@ def unshare(model, recipe) -> None:
     spec = spec_for(model.config)
     for i, layer in enumerate(model.model.layers):
         for role, lin in linears_of(layer, spec).items():
-            set_input_quantizer(lin, make_format(recipe.activations_for(f"model.layers.{i}.{spec.path(role)}")).fake_quant)
+            a_spec = recipe.activations_for(f"model.layers.{i}.{spec.path(role)}")
+            set_input_quantizer(lin, make_format(a_spec).fake_quant)
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -55,8 +55,8 @@ def test_the_o_proj_input_is_grouped_by_the_models_head_dim(preset):
     assert recipe.activations_for("model.layers.0.self_attn.o_proj").per_head
     model = quantize(tiny_model("llama"), recipe.with_overrides(["calibration.nsamples=4"]), CALIB)
     o_proj = model.model.layers[1].self_attn.o_proj
-    assert o_proj.orthoquant_inputs.quantizer.__self__.group_size == 16
-    assert model.model.layers[1].self_attn.q_proj.orthoquant_inputs.quantizer.__self__.group_size == -1
+    assert o_proj.orthoquant_inputs.quantizer.op.__self__.group_size == 16  # the format under the SharedQuantizer
+    assert model.model.layers[1].self_attn.q_proj.orthoquant_inputs.quantizer.op.__self__.group_size == -1
     if recipe.fitting is not None:
         fresh = tiny_model("llama")
         arch = spec_for(fresh.config)

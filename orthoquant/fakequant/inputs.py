@@ -7,6 +7,7 @@ input RHT), then the quantizer. Statistics hooks registered later see the pipeli
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
@@ -47,6 +48,39 @@ class OutputPipeline:
         for op in self.ops:
             output = op(output)
         return output
+
+
+class SharedQuantizer:
+    """One input quantizer for several linears of a layer (same spec): linears that read the same tensor
+    (q/k/v, gate/up) get the first one's result instead of quantizing it again.
+
+    A result is reused only for the very tensor it was computed from, when neither has been modified in
+    place since (their version counters), outside inference mode (whose tensors have no version counter)
+    and without grad. The tensor is held by a weak reference and the result is dropped when that tensor
+    dies, so nothing outlives the forward that made it.
+    """
+
+    def __init__(self, op: Op) -> None:
+        self.op = op
+        self._source: weakref.ref | None = None
+        self._result: torch.Tensor | None = None
+        self._versions = (-1, -1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad or x.is_inference() or torch.is_inference_mode_enabled():
+            return self.op(x)
+        cached = self._result
+        if cached is not None and self._source() is x and (x._version, cached._version) == self._versions:
+            return cached
+        result = self.op(x)
+        self._forget()
+        self._source, self._result = weakref.ref(x, self._forget), result
+        self._versions = (x._version, result._version)
+        return result
+
+    def _forget(self, dead: weakref.ref | None = None) -> None:
+        if dead is None or dead is self._source:  # a callback from an older source clears nothing newer
+            self._source, self._result = None, None
 
 
 def _hooked(module: nn.Module, attr: str, make, register) -> object:

@@ -12,7 +12,7 @@ from ..formats import make_format
 from ..models.spec import ArchSpec
 from ..models.surgery import get_module, linears_of
 from .attention import set_kv_quantizers
-from .inputs import input_pipeline, set_input_quantizer
+from .inputs import SharedQuantizer, input_pipeline, set_input_quantizer
 from .kvcache import RangeObserver, is_static, kv_ops, prepare_kv_scales, set_kv_scales
 from .static_inputs import (AmaxObserver, is_static_input, prepare_input_scales, set_input_scale,
                             static_input_op, static_linears)
@@ -22,9 +22,13 @@ def install_input_quantizers(layer: nn.Module, prefix: str, arch: ArchSpec, reci
                              dynamic: bool = False) -> None:
     """Fake-quantize each targeted linear's input as the recipe says.
 
+    Linears with the same dynamic spec share one :class:`SharedQuantizer`, so a tensor that several of them
+    read (q/k/v, gate/up) is quantized once; a static spec's scale belongs to its linear.
+
     :param dynamic: per-call scales even where the recipe's are static (while calibrating them).
     :raises UserError: a static input scale is asked for but the linear has none.
     """
+    shared: dict = {}  # dynamic QuantSpec -> its quantizer in this layer
     for role, lin in linears_of(layer, arch).items():
         name = prefix + arch.path(role)
         a_spec = recipe.activations_for(name)
@@ -35,7 +39,9 @@ def install_input_quantizers(layer: nn.Module, prefix: str, arch: ArchSpec, reci
         elif is_static_input(a_spec) and not dynamic:
             set_input_quantizer(lin, static_input_op(make_format(a_spec), lin, name))
         else:
-            set_input_quantizer(lin, make_format(a_spec).fake_quant)
+            if a_spec not in shared:
+                shared[a_spec] = SharedQuantizer(make_format(a_spec).fake_quant)
+            set_input_quantizer(lin, shared[a_spec])
 
 
 def install_layer_quantizers(layer: nn.Module, prefix: str, arch: ArchSpec, recipe: Recipe) -> None:

@@ -70,8 +70,7 @@ def static_fake_quant(fmt: QuantFormat, linear: nn.Module, x: torch.Tensor) -> t
     shape = x.shape
     rows = x.detach().reshape(-1, shape[-1]).float()
     global_scale = (1 / getattr(linear, BUFFER).float().to(rows.device)).reshape(())
-    params = fmt.fit(rows, global_scale).columns(shape[-1])
-    q = fmt.decode(fmt.encode(rows, params), params).reshape(shape).to(x.dtype)
+    q = fmt.quantize_dequantize(rows, global_scale).reshape(shape).to(x.dtype)
     return x + (q - x).detach() if x.requires_grad else q
 
 

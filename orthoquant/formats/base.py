@@ -158,10 +158,10 @@ class QuantFormat(ABC):
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
         return self.decode(q.codes, q.params.columns(q.codes.shape[-1], q.g_idx))
 
-    def quantize_dequantize(self, x: torch.Tensor) -> torch.Tensor:
-        """Round trip of a 2-D tensor through the format (no gradient)."""
+    def quantize_dequantize(self, x: torch.Tensor, global_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Round trip of a 2-D tensor through the format (no gradient); ``global_scale`` as in :meth:`fit`."""
         x = x.float()
-        params = self.fit(x).columns(x.shape[-1])
+        params = self.fit(x, global_scale).columns(x.shape[-1])
         return self.decode(self.encode(x, params), params)
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:

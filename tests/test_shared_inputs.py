@@ -8,7 +8,7 @@ from unittest import mock
 import pytest
 import torch
 
-from orthoquant.config import load_recipe
+from orthoquant.recipes import load_recipe
 from orthoquant.fakequant.inputs import SharedQuantizer, input_pipeline, set_input_quantizer
 from orthoquant.fakequant.install import install_layer_quantizers
 from orthoquant.formats import make_format

@@ -13,7 +13,7 @@ from orthoquant.fakequant.inputs import SharedQuantizer, input_pipeline, set_inp
 from orthoquant.fakequant.install import install_layer_quantizers
 from orthoquant.formats import make_format
 from orthoquant.formats.fp4 import FP4Format
-from orthoquant.models.spec import spec_for
+from orthoquant.models.generic import spec_for
 from orthoquant.models.surgery import linears_of
 from orthoquant.models.tiny import tiny_model
 

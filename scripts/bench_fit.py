@@ -162,7 +162,8 @@ def scale_case(code: Path, layers: int, steps: int, args, offload: str = "none")
 
 
 def name_has_eval(code: Path) -> bool:
-    return "eval_samples" in (code / "orthoquant" / "config.py").read_text()
+    """Whether the package at ``code`` has ``fitting.eval_samples`` (its schema moved out of config.py since)."""
+    return any("eval_samples" in f.read_text() for f in (code / "orthoquant").rglob("*.py"))
 
 
 def export_revision(rev: str, into: Path) -> Path:

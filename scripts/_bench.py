@@ -8,6 +8,7 @@ so a bench imports it before the package.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import statistics
 import subprocess
@@ -233,3 +234,11 @@ def second_moment(x: torch.Tensor) -> torch.Tensor:
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     """A markdown table (:func:`orthoquant.evaluate.results.table`) as one string."""
     return "\n".join(table(header, rows))
+
+
+def publish(table_text: str, rows: list[dict], args) -> None:
+    """Print ``table_text``; where ``args.out`` is set, write the arguments, rows and table there as JSON."""
+    print(table_text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows, "table": table_text}, indent=2))

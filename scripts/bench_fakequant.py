@@ -21,30 +21,28 @@ import logging
 import os
 import platform
 import sys
-import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable
 from unittest import mock
 
-try:  # an installed orthoquant comes first: run with PYTHONPATH=<checkout> to measure a checkout
-    import orthoquant
-except ImportError:  # a checkout that is not installed: scripts/ is on the path, the package is not
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import orthoquant
+# first: an installed orthoquant comes first, else this checkout's (run with PYTHONPATH=<checkout> to
+# measure a checkout over an installed one; codes_path refuses an installed one that predates the fused path)
+from _bench import markdown_table, timed
 
-import torch  # noqa: E402
-from demo import DEFAULT_CASES, held_out_text  # noqa: E402  (scripts/demo.py: the demo's rows and text)
+import orthoquant
+import torch
+from demo import DEFAULT_CASES, held_out_text  # scripts/demo.py: the demo's rows and text
 
-from orthoquant.config import load_recipe  # noqa: E402
-from orthoquant.data import evaluation_tokens, perplexity_windows  # noqa: E402
-from orthoquant.demo import MARKER, cache_dir  # noqa: E402
-from orthoquant.evaluate.ppl import window_losses  # noqa: E402
-from orthoquant.evaluate.preset_table import parse_case, quantize_case, run_folder_name  # noqa: E402
-from orthoquant.evaluate.run_eval import LOADERS  # noqa: E402
-from orthoquant.fakequant.inputs import SharedQuantizer  # noqa: E402
-from orthoquant.formats.base import QuantFormat  # noqa: E402
-from orthoquant.formats.fp4 import FP4Format  # noqa: E402
+from orthoquant.data import evaluation_tokens, perplexity_windows
+from orthoquant.demo import MARKER, cache_dir
+from orthoquant.evaluate.ppl import window_losses
+from orthoquant.evaluate.preset_table import parse_case, quantize_case, run_folder_name
+from orthoquant.evaluate.run_eval import LOADERS
+from orthoquant.fakequant.inputs import SharedQuantizer
+from orthoquant.formats.base import QuantFormat
+from orthoquant.formats.fp4 import FP4Format
+from orthoquant.recipes import load_recipe
 
 log = logging.getLogger("bench_fakequant")
 FP4_FORMATS = ("mxfp4", "nvfp4")
@@ -103,9 +101,9 @@ def score_interleaved(score: dict[str, Callable], windows: torch.Tensor, chunk: 
         fn(windows[:1])
     for i, part in enumerate(windows.split(chunk)):
         for name in (list(score) if i % 2 == 0 else list(reversed(score))):
-            start = time.perf_counter()
-            out[name]["losses"].append(score[name](part))
-            out[name]["seconds"] += time.perf_counter() - start
+            losses, seconds = timed(lambda: score[name](part))
+            out[name]["losses"].append(losses)
+            out[name]["seconds"] += seconds
     return {name: {"seconds": r["seconds"], "losses": torch.cat(r["losses"])} for name, r in out.items()}
 
 
@@ -128,15 +126,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"{meta['windows']} held-out windows of {meta['seqlen']} tokens, batch 1, {meta['threads']} thread; "
              f"load average {meta['load_before']} before, {meta['load_after']} after ({meta['cpus']} CPUs). "
              "Seconds (tok/s, speed-up, share of the time beyond the FP model's, timed in the same rotation); "
-             "every path's per-window losses compared with the first's.", "",
-             "| row | FP model | " + " | ".join(PATHS) + " | losses identical | ppl |",
-             "|---|---|" + "---|" * len(PATHS) + "---|---|"]
-    for r in rows:
-        cells = [f"{p['seconds']:.1f} s ({p['tok_s']:.0f} tok/s, {p['speedup']:.2f}×, {p['beyond_fp_share']:.0%})"
-                 for p in r["paths"].values()]
-        lines.append(f"| {r['row']} | {r['fp_s']:.1f} s | " + " | ".join(cells) +
-                     f" | {r['losses_identical']} | {r['ppl']:.4f} |")
-    return "\n".join(lines) + "\n"
+             "every path's per-window losses compared with the first's.", ""]
+
+    def cells(r: dict) -> list[str]:
+        return [r["row"], f"{r['fp_s']:.1f} s",
+                *(f"{p['seconds']:.1f} s ({p['tok_s']:.0f} tok/s, {p['speedup']:.2f}×, {p['beyond_fp_share']:.0%})"
+                  for p in r["paths"].values()), str(r["losses_identical"]), f"{r['ppl']:.4f}"]
+
+    header = ["row", FP, *PATHS, "losses identical", "ppl"]
+    return "\n".join(lines) + "\n" + markdown_table(header, [cells(r) for r in rows]) + "\n"
 
 
 def parse_args(argv):

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from _bench import PeakMemory, markdown_table, timed  # first: orthoquant on the path
+from _bench import PeakMemory, markdown_table, publish, timed  # first: orthoquant on the path
 from orthoquant import load_recipe, quantize
 from orthoquant.data import calibration_windows, evaluation_tokens, fitting_windows, perplexity_windows
 from orthoquant.demo import cache_dir
@@ -162,7 +162,8 @@ def scale_case(code: Path, layers: int, steps: int, args, offload: str = "none")
 
 
 def name_has_eval(code: Path) -> bool:
-    return "eval_samples" in (code / "orthoquant" / "config.py").read_text()
+    """Whether the package at ``code`` has ``fitting.eval_samples`` (its schema moved out of config.py since)."""
+    return any("eval_samples" in f.read_text() for f in (code / "orthoquant").rglob("*.py"))
 
 
 def export_revision(rev: str, into: Path) -> Path:
@@ -198,10 +199,7 @@ def scale_main(args) -> None:
         ["code", "offload", "layers", "params", "weights MiB", "fit − no-fit peak MiB", "ratio", "steps/s"],
         [[r["code"], r["offload"], str(r["layers"]), f"{r['params'] / 1e6:.1f}M", f"{r['weight_mib']:.0f}",
           f"{r['extra_mib']:.0f}", f"{r['ratio']:.2f}", f"{r['steps_per_s']:.4f}"] for r in rows])
-    print(table)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows, "table": table}, indent=2))
+    publish(table, rows, args)
 
 
 def main() -> None:
@@ -254,10 +252,7 @@ def main() -> None:
         rows.append(run_one(name, args, calib, held_out, device, fit_windows, fp))
         print(json.dumps(rows[-1]), flush=True)
     table = markdown(rows)
-    print(table)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows, "table": table}, indent=2))
+    publish(table, rows, args)
 
 
 if __name__ == "__main__":

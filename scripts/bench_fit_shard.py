@@ -40,6 +40,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _bench import markdown_table, publish  # first: orthoquant on the path
 from bench_fit import export_revision
 
 CHILD = r"""
@@ -147,14 +148,14 @@ def summary(ranks: list[dict], sizes: dict) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| code | processes | layers | weights MiB (layers) | held ÷ layers | load peak ÷ layers | "
-             "train peak ÷ layers | peak ÷ weights (phase) | rest MiB (its peak) | deploy peak MiB | steps/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['code']} | {r['processes']} | {r['layers']} | {r['weight_bytes'] / 2**20:.0f} "
-              f"({r['layers_bytes'] / 2**20:.0f}) | {r['held']:.2f} | {r['load_peak']:.2f} | {r['train_peak']:.2f} | "
-              f"{r['peak']:.2f} ({r['peak_phase']}) | {r['rest_mib']:.0f} ({r['rest_peak_mib']:.0f}) | "
-              f"{r['deploy_peak_mib']:.0f} | {r['steps_per_s']:.4f} |" for r in rows]
-    return "\n".join(lines)
+    return markdown_table(
+        ["code", "processes", "layers", "weights MiB (layers)", "held ÷ layers", "load peak ÷ layers",
+         "train peak ÷ layers", "peak ÷ weights (phase)", "rest MiB (its peak)", "deploy peak MiB", "steps/s"],
+        [[r["code"], str(r["processes"]), str(r["layers"]),
+          f"{r['weight_bytes'] / 2**20:.0f} ({r['layers_bytes'] / 2**20:.0f})", f"{r['held']:.2f}",
+          f"{r['load_peak']:.2f}", f"{r['train_peak']:.2f}", f"{r['peak']:.2f} ({r['peak_phase']})",
+          f"{r['rest_mib']:.0f} ({r['rest_peak_mib']:.0f})", f"{r['deploy_peak_mib']:.0f}", f"{r['steps_per_s']:.4f}"]
+         for r in rows])
 
 
 def main() -> None:
@@ -180,11 +181,7 @@ def main() -> None:
                 rows.append({"code": name, "processes": processes, "layers": layers, **sizes,
                              **summary(ranks, sizes), "ranks": ranks})
                 print(json.dumps(rows[-1]), flush=True)
-    text = table(rows)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows, "table": text}, indent=2))
+    publish(table(rows), rows, args)
 
 
 if __name__ == "__main__":

@@ -22,16 +22,10 @@ import logging
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-try:
-    import orthoquant  # noqa: F401
-except ImportError:  # run from a checkout without installing the package
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_memory import peak_rss_mb  # noqa: E402  (the same measurement as the dense rows)
+from _bench import calibration_text, markdown_table, timed  # first: orthoquant on the path
+from bench_memory import peak_rss_mb  # the same measurement as the dense rows
 
 
 def moe_config(args, layers: int, vocab: int):
@@ -109,23 +103,44 @@ def gptq_rows(args, tmp: Path, windows, vocab: int) -> list[dict]:
     return rows
 
 
+def memory_table(rows: list[dict]) -> str:
+    base = rows[0]["peak_rss_mb"]
+    return markdown_table(
+        ["MoE layers", "model (MB, fp32)", "median peak RSS (MB)", "all runs", "peak / peak at fewest layers"],
+        [[str(r["layers"]), f"{r['model_mb']:.0f}", f"{r['peak_rss_mb']:.0f}",
+          ", ".join(f"{p:.0f}" for p in r["peaks_mb"]), f"{r['peak_rss_mb'] / base:.2f}"] for r in rows])
+
+
+def gptq_table(rows: list[dict]) -> str:
+    dense = rows[-1]["seconds"]
+    return markdown_table(
+        ["layer", "parameters", "active per token", "GPTQ s per layer (best median)", "all runs", "vs dense"],
+        [[r["layer"], f"{r['params'] / 1e6:.2f} M", f"{r['active_params'] / 1e6:.2f} M", f"{r['seconds']:.2f}",
+          ", ".join(f"{s:.2f}" for s in r["runs"]), f"{r['seconds'] / dense:.2f}×"] for r in rows])
+
+
 def markdown(result: dict) -> str:
-    lines = []
-    if "memory" in result:
-        base = result["memory"][0]["peak_rss_mb"]
-        lines += ["| MoE layers | model (MB, fp32) | median peak RSS (MB) | all runs | peak / peak at fewest layers |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {r['layers']} | {r['model_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
-                  f"{', '.join(f'{p:.0f}' for p in r['peaks_mb'])} | {r['peak_rss_mb'] / base:.2f} |"
-                  for r in result["memory"]]
+    """The tables of the modes run, memory first, a blank line before the GPTQ table."""
+    lines = [memory_table(result["memory"])] if "memory" in result else []
     if "gptq" in result:
-        dense = result["gptq"][-1]["seconds"]
-        lines += ["", "| layer | parameters | active per token | GPTQ s per layer (best median) | all runs | vs dense |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {r['layer']} | {r['params'] / 1e6:.2f} M | {r['active_params'] / 1e6:.2f} M | "
-                  f"{r['seconds']:.2f} | {', '.join(f'{s:.2f}' for s in r['runs'])} | {r['seconds'] / dense:.2f}× |"
-                  for r in result["gptq"]]
+        lines += ["", gptq_table(result["gptq"])]
     return "\n".join(lines)
+
+
+def run_modes(args, modes: set[str]) -> dict:
+    """The rows of each mode in ``modes``, on one calibration text and tokenizer."""
+    from orthoquant.data import calibration_windows
+
+    result = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        calib, tokenizer = calibration_text(tmp)
+        if "memory" in modes:
+            result["memory"] = memory_rows(args, tmp, calib, tokenizer)
+        if "gptq" in modes:
+            windows = calibration_windows(tokenizer, str(calib), 8, 128, 0)
+            result["gptq"] = gptq_rows(args, tmp, windows, len(tokenizer))
+    return result
 
 
 def main() -> None:
@@ -141,24 +156,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("runs/bench_moe.json"))
     args = p.parse_args()
     logging.basicConfig(level=logging.ERROR)  # the starved-expert warnings of small calibration sets
-    from orthoquant.demo import train_tokenizer
-    from orthoquant.data import calibration_windows
-
-    modes = set(args.mode.split(","))
-    result: dict = {"config": {k: v for k, v in vars(args).items() if k != "out"}}
-    start = time.time()
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        text = " ".join(f"token{i % 97} word{i % 13}" for i in range(60000))
-        calib = tmp / "calib.txt"
-        calib.write_text(text)
-        tokenizer = train_tokenizer([text], 320, None)
-        if "memory" in modes:
-            result["memory"] = memory_rows(args, tmp, calib, tokenizer)
-        if "gptq" in modes:
-            windows = calibration_windows(tokenizer, str(calib), 8, 128, 0)
-            result["gptq"] = gptq_rows(args, tmp, windows, len(tokenizer))
-    result["seconds"] = time.time() - start
+    measured, seconds = timed(lambda: run_modes(args, set(args.mode.split(","))))
+    result = {"config": {k: v for k, v in vars(args).items() if k != "out"}, **measured, "seconds": seconds}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     table = markdown(result)

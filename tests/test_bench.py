@@ -1,10 +1,13 @@
 """scripts/_bench.py: what every benchmark measures with (peak memory, timing, tables, synthetic layers)."""
+import json
 import mmap
 import time
+from argparse import Namespace
 
 import torch
 
-from _bench import PeakMemory, factor_layer, markdown_table, repeat_times, second_moment, synthetic_layer
+from _bench import (PeakMemory, factor_layer, markdown_table, publish, repeat_times, second_moment,
+                    synthetic_layer)
 
 
 def test_peak_memory_sees_an_allocation_freed_before_the_block_ends():
@@ -30,6 +33,16 @@ def test_repeat_times_counts_each_call_and_orders_best_below_median():
 def test_markdown_table_is_header_rule_and_rows():
     assert markdown_table(["a", "b"], [["1", "2"], ["3", "4"]]).splitlines() == [
         "| a | b |", "|---|---|", "| 1 | 2 |", "| 3 | 4 |"]
+
+
+def test_publish_prints_the_table_and_writes_args_rows_and_table_only_where_asked(tmp_path, capsys):
+    rows, text = [{"layers": 2}], markdown_table(["layers"], [["2"]])
+    out = tmp_path / "new" / "bench.json"
+    publish(text, rows, Namespace(out=str(out), steps=3))
+    assert json.loads(out.read_text()) == {"args": {"out": str(out), "steps": 3}, "rows": rows, "table": text}
+    publish(text, rows, Namespace(out=None))
+    assert capsys.readouterr().out == f"{text}\n{text}\n"
+    assert [f.name for f in tmp_path.rglob("*") if f.is_file()] == ["bench.json"]
 
 
 def test_synthetic_second_moments_are_positive_definite_and_factor_layers_reproducible():

@@ -3,11 +3,12 @@
 
 For each setting (``w4g128``, ``w3g128``, ``w2g64``) one table row per method: FP, RTN, GPTQ,
 orthoquant rounding (``round-*``: learned rounding by block reconstruction from RTN codes, GPTQ's codes
-kept per layer where they reconstruct better), the same without GPTQ (RTN + rounding, AutoRound's
-algorithm), rotation + rounding
-(``quarot-round-w4a16`` at the same bits and group) and AutoRound, each with its held-out perplexity
-(demo-corpus ``test.txt``), gap to FP and quantize wall time, all in one run on the same threads. Every
-method calibrates on the same token windows (``--nsamples`` x ``--seqlen`` of ``train.txt``).
+kept per layer where they reconstruct better), rotation + rounding (``quarot-round-w4a16`` at the same
+bits and group) and AutoRound, each with its held-out perplexity (demo-corpus ``test.txt``), gap to FP
+and quantize time, all in one run on the same threads. Every method calibrates on the same token windows
+(``--nsamples`` x ``--seqlen`` of ``train.txt``). Time is reported as wall seconds and as the process's
+CPU seconds (``time.process_time``; AutoRound's measured in its worker process): on a machine shared
+with other jobs the wall time follows their load, the CPU time much less, so ratios use CPU time.
 
 AutoRound pins its own versions, so it lives in a separate virtual environment (see the README); this
 script installs nothing. ``--peer-python`` names that environment's interpreter (default: this one); when
@@ -60,7 +61,6 @@ def our_cases(setting: str, iters: int) -> list[tuple[str, str, list[str]]]:
     steps = [f"refine.iters={iters}"]
     return [(f"{setting} RTN", "rtn-w4a16", w), (f"{setting} GPTQ", "gptq-w4a16-g128", w),
             (f"{setting} orthoquant rounding", rounding, steps),
-            (f"{setting} RTN + rounding", rounding, ["solver.name=rtn", *steps]),
             (f"{setting} QuaRot + rounding", "quarot-round-w4a16", w + steps)]
 
 
@@ -93,13 +93,14 @@ def run_worker(job_path: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(job["model"])
     fp = nll_perplexity(model, data["held_out"])
     calib = list(data["calib"].split(8))
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     ar = AutoRound(model, tokenizer, bits=job["bits"], group_size=job["group"], sym=job["sym"],
                    iters=job["iters"], nsamples=len(data["calib"]), seqlen=data["calib"].shape[1], batch_size=8,
                    dataset=calib, device_map="cpu", low_cpu_mem_usage=False, enable_torch_compile=False)
     quantized, _ = ar.quantize()
-    seconds = time.perf_counter() - start
-    result = {"fp_ppl": fp, "ppl": nll_perplexity(quantized, data["held_out"]), "seconds": seconds}
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    result = {"fp_ppl": fp, "ppl": nll_perplexity(quantized, data["held_out"]), "seconds": seconds,
+              "cpu_seconds": cpu}
     Path(job["result"]).write_text(json.dumps(result))
 
 
@@ -140,17 +141,46 @@ def save_windows(model: Path, corpus: Path, nsamples: int, seqlen: int, max_wind
     return path
 
 
+def held_out_ppl(target: str, corpus: Path, args) -> float:
+    import torch
+
+    from orthoquant.evaluate.run_eval import measure
+
+    evaluation = measure(target, [str(corpus / "test.txt")], args.seqlen, torch.device("cpu"),
+                         max_windows=args.max_windows)
+    return evaluation.result["ppl"]["test.txt"]
+
+
+def our_row(model: Path, corpus: Path, setting: str, case: tuple[str, str, list[str]], args) -> dict:
+    """Quantize one case into a fresh run folder (wall and process CPU time) and evaluate it."""
+    import shutil
+
+    from orthoquant.evaluate.preset_table import quantize_case, run_folder_name
+
+    label, preset, sets = case
+    out = args.out / run_folder_name(label)
+    shutil.rmtree(out, ignore_errors=True)  # a finished run there would be reused, not timed
+    start, cpu = time.perf_counter(), time.process_time()
+    run = quantize_case(str(model), preset, sets, str(corpus / "train.txt"), out, nsamples=args.nsamples,
+                        seqlen=args.seqlen)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    ppl = held_out_ppl(str(run), corpus, args)
+    log.info("%s: ppl %.4f (%.0f s wall, %.0f s CPU)", label, ppl, seconds, cpu)
+    return {"setting": setting, "method": label, "ppl": ppl, "seconds": seconds, "cpu_seconds": cpu}
+
+
 def table(rows: list[dict], seqlen: int) -> str:
     fp = rows[0]["ppl"]
-    gptq = {r["setting"]: r["seconds"] for r in rows if r["method"].endswith(" GPTQ")}
-    lines = [f"| method | held-out ppl (seqlen {seqlen}) | gap to FP | quantize s | time / GPTQ |",
-             "|---|---|---|---|---|"]
+    gptq = {r["setting"]: r["cpu_seconds"] for r in rows if r["method"].endswith(" GPTQ")}
+    lines = [f"| method | held-out ppl (seqlen {seqlen}) | gap to FP | quantize s (wall) | CPU s | CPU / GPTQ |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("ppl") is None:
-            lines.append(f"| {r['method']} | {r['note']} | | | |")
+            lines.append(f"| {r['method']} | {r['note']} | | | | |")
             continue
-        ratio = f"{r['seconds'] / gptq[r['setting']]:.1f}x" if r["setting"] in gptq and r["seconds"] else ""
-        lines.append(f"| {r['method']} | {r['ppl']:.4f} | {r['ppl'] / fp - 1:+.2%} | {r['seconds']:.0f} | {ratio} |")
+        ratio = f"{r['cpu_seconds'] / gptq[r['setting']]:.1f}x" if r["setting"] in gptq and r["seconds"] else ""
+        lines.append(f"| {r['method']} | {r['ppl']:.4f} | {r['ppl'] / fp - 1:+.2%} | {r['seconds']:.0f} "
+                     f"| {r['cpu_seconds']:.0f} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -163,7 +193,6 @@ def main(argv=None) -> int:
     import torch
 
     from orthoquant.demo import build_demo_model, cache_dir
-    from orthoquant.evaluate.preset_table import preset_perplexities
     from orthoquant.progress import setup_logging, setup_threads
 
     setup_logging()
@@ -177,14 +206,10 @@ def main(argv=None) -> int:
     model, corpus = build_demo_model(), cache_dir() / "demo-corpus"
     windows_file = save_windows(model, corpus, args.nsamples, args.seqlen, args.max_windows, args.out)
     missing = peer_available(args.peer_python)
-    rows: list[dict] = []
+    fp = held_out_ppl(str(model), corpus, args)
+    rows: list[dict] = [{"setting": "", "method": "FP", "ppl": fp, "seconds": 0.0, "cpu_seconds": 0.0}]
     for setting in settings:
-        ours = preset_perplexities(str(model), our_cases(setting, args.iters), str(corpus / "train.txt"),
-                                   str(corpus / "test.txt"), args.out, nsamples=args.nsamples, seqlen=args.seqlen,
-                                   max_windows=args.max_windows, device=torch.device("cpu"))
-        if not rows:
-            rows.append({"setting": "", "method": "FP", "ppl": ours[0].ppl, "seconds": 0.0})
-        rows += [{"setting": setting, "method": r.name, "ppl": r.ppl, "seconds": r.seconds} for r in ours[1:]]
+        rows += [our_row(model, corpus, setting, case, args) for case in our_cases(setting, args.iters)]
         if missing is not None:
             rows.append({"setting": setting, "method": f"{setting} AutoRound", "ppl": None,
                          "note": f"not run: auto_round does not import under {args.peer_python} ({missing})"})
@@ -193,7 +218,8 @@ def main(argv=None) -> int:
                              args.out)
         log.info("AutoRound FP ppl %.6f vs orthoquant's %.6f", peer["fp_ppl"], rows[0]["ppl"])
         rows.append({"setting": setting, "method": f"{setting} AutoRound", "ppl": peer["ppl"],
-                     "seconds": peer["seconds"], "fp_ppl_same_eval": peer["fp_ppl"]})
+                     "seconds": peer["seconds"], "cpu_seconds": peer["cpu_seconds"],
+                     "fp_ppl_same_eval": peer["fp_ppl"]})
     text = table(rows, args.seqlen)
     (args.out / "results.md").write_text(text + "\n")
     payload = {"seqlen": args.seqlen, "nsamples": args.nsamples, "iters": args.iters,

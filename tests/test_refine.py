@@ -258,3 +258,15 @@ def test_starting_from_rtn_keeps_the_solvers_codes_where_they_reconstruct_better
     same = (tmp_path / "gptq/layers/00000.safetensors").read_bytes() == (tmp_path / "best/layers/00000.safetensors").read_bytes()
     assert same != first["kept"]  # GPTQ's codes stay exactly when learning from RTN did not beat them
     assert first["best"] < first["start"] or not first["kept"]
+
+
+def test_the_layers_own_parameters_get_no_gradients_while_learning_and_keep_their_flags():
+    layer, inputs, targets, learnable = toy_problem(lr=0.02)
+    norm = torch.nn.Parameter(torch.ones(6))  # a parameter of the layer that is not learned (a norm weight)
+    layer.register_parameter("norm", norm)
+    layer.register_forward_pre_hook(lambda mod, args: (args[0] * mod.norm,))
+    seen = []
+    original = learnable.project_
+    learnable.project_ = lambda: (seen.append(norm.grad is None and learnable.weight.grad is not None), original())
+    reconstruct_module.reconstruct(layer, inputs, targets, learnable, reconstruct_module.Settings(5, 5), CPU)
+    assert seen == [True] * 5 and norm.requires_grad and layer.weight.requires_grad

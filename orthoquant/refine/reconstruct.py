@@ -18,8 +18,9 @@ before and after, so the caller keeps the learned state only where it is better.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -167,6 +168,22 @@ def total_loss(layer: nn.Module, subs: dict[str, torch.Tensor], inputs: LayerInp
 SCHEDULES = {"linear": lambda i, n: 1 - i / n, "constant": lambda i, n: 1.0}
 
 
+@contextmanager
+def frozen(layer: nn.Module, learnable: Learnable) -> Iterator[None]:
+    """The layer's parameters other than the learned ones without gradients meanwhile: backward then
+    computes only what the learned tensors need (not the input gradients of the linears reading the
+    normed input, which feed only the norm's weight)."""
+    learned = {id(p) for group in learnable.param_groups() for p in group["params"]}
+    flags = [(p, p.requires_grad) for p in layer.parameters() if id(p) not in learned]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 def reconstruct(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tensor], learnable: Learnable,
                 settings: Settings, device: torch.device,
                 valid: tuple[LayerInputs, list[torch.Tensor]] | None = None) -> Outcome:
@@ -181,6 +198,15 @@ def reconstruct(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tenso
     inputs = LayerInputs(inputs.hidden, inputs.kwargs_for(layer))  # this layer's own masks (Gemma's windows)
     judged = (inputs, targets) if valid is None else valid
     start = total_loss(layer, {}, *judged, device)
+    with frozen(layer, learnable):
+        best_iter, steps = _optimize(layer, inputs, targets, learnable, settings, device, valid)
+    selected = total_loss(layer, learnable.substitutions(), *judged, device)
+    return Outcome(start, selected, best_iter, steps)
+
+
+def _optimize(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tensor], learnable: Learnable,
+              settings: Settings, device: torch.device, valid) -> tuple[int, int]:
+    """The optimization loop of :func:`reconstruct`; returns (selected step, steps run)."""
     optimizer = OPTIMIZERS.get(settings.optimizer)(learnable.param_groups())
     decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: SCHEDULES[settings.schedule](i, settings.iters))
     rows = Rows(inputs, targets, settings.batch_size, settings.seed)
@@ -211,8 +237,7 @@ def reconstruct(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tenso
         updates += 1
     if best_state is not None:
         learnable.load_state_dict(best_state)
-    selected = total_loss(layer, learnable.substitutions(), *judged, device)
-    return Outcome(start, selected, best_iter, updates if valid is not None else min(step + 1, settings.iters))
+    return best_iter, updates if valid is not None else min(step + 1, settings.iters)
 
 
 def _batch_loss(layer: nn.Module, learnable: Learnable, rows: Rows, device: torch.device) -> torch.Tensor:

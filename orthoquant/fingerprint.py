@@ -20,8 +20,9 @@ from typing import Any, Callable
 
 import torch
 
-from .version import __version__
+from .data.sources import SOURCES
 from .integrity import sha256_file
+from .version import __version__
 
 FORMAT = 2
 # safetensors refuses headers above 100 MB: reading more would hash tensor data, not a header.
@@ -70,8 +71,6 @@ def _folder_sha256(folder: Path) -> str:
 
 def calibration_fingerprint(source: str | None, windows: torch.Tensor) -> dict[str, Any]:
     """The calibration text's identity and the sha256 of the token windows cut from it."""
-    from .data.sources import SOURCES
-
     record: dict[str, Any] = {"tokens_sha256": tensor_sha256(windows)}
     if source is None:  # in-memory windows: the tokens are all there is
         return record

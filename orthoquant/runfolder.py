@@ -26,11 +26,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 from .errors import UserError
+from .fingerprint import describe_changes
 from .integrity import (atomic_write, exclusive_lock, file_record, is_temporary, record_problem,
                         refuse_if_locked)
-# The stored file format, long imported from here (tests, scripts): it lives in layerfile.
-from .layerfile import (SIDES, SolvedLinear, Transforms, decoded_state, is_quant_key,  # noqa: F401
-                        load_module, read_module, save_module)
 
 log = logging.getLogger(__name__)
 LOCK = "run.lock"
@@ -137,8 +135,6 @@ class RunFolder:
         return False
 
     def _check_same_run(self, recorded: dict[str, Any], fingerprint: dict[str, Any]) -> None:
-        from .fingerprint import describe_changes
-
         changes = describe_changes(recorded, fingerprint)
         if changes:
             raise UserError(f"output folder {self.path} holds a different run: {'; '.join(changes)}; to start "

@@ -26,6 +26,7 @@ from .config import QuantSpec, Recipe
 from .device import resolve_device
 from .errors import ConfigError, UserError
 from .finetune import check_recipe as check_finetune
+from .fitting.fit import check_fitting
 from .fitting.losses import LOSSES
 from .formats import FORMATS, make_format
 from .models.spec import ArchSpec
@@ -47,8 +48,6 @@ def check_request(model: nn.Module, arch: ArchSpec, recipe: Recipe, out: Path | 
     check_weights(model, arch, recipe)
     check_inputs(model, arch, recipe, plan.dims)
     if recipe.fitting is not None:
-        from .fitting.fit import check_fitting
-
         check_fitting(recipe, plan)
     if out is not None:
         check_output_folder(Path(out), "--out")

@@ -17,7 +17,7 @@ from orthoquant.errors import UserError
 from orthoquant.export import export_run, load_quantized
 from orthoquant.export.command import format_report
 from orthoquant.export.verify import MANIFEST, CorruptExportError
-from orthoquant.runfolder import read_module
+from orthoquant.layerfile import read_module
 
 from helpers import tiny_run, token_windows
 

@@ -16,7 +16,7 @@ from orthoquant.errors import ConfigError, UserError
 from orthoquant.export import export_run, load_quantized
 from orthoquant.export.shards import INDEX, ShardWriter, read_tensors
 from orthoquant.models.tiny import tiny_model
-from orthoquant.runfolder import read_module
+from orthoquant.layerfile import read_module
 
 from helpers import tiny_run, token_windows
 from test_export import recipe_of, rel_diff

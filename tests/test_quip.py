@@ -13,7 +13,8 @@ from orthoquant.fakequant.inputs import input_pipeline, output_pipeline
 from orthoquant.formats import make_format
 from orthoquant.formats.e8 import abs_patterns, e81b_encode, e81b_points, e8p_encode, e8p_points
 from orthoquant.models.tiny import tiny_model
-from orthoquant.runfolder import RunFolder, decoded_state
+from orthoquant.layerfile import decoded_state
+from orthoquant.runfolder import RunFolder
 from orthoquant.solvers import SOLVERS
 from orthoquant.solvers.gptq import solve_gptq
 from orthoquant.solvers.ldlq import block_ldlq

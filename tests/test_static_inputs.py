@@ -15,7 +15,7 @@ from orthoquant.export import export_run, load_quantized
 from orthoquant.fakequant.static_inputs import BUFFER, global_scale_of
 from orthoquant.formats import make_format
 from orthoquant.models.tiny import tiny_model
-from orthoquant.runfolder import read_module
+from orthoquant.layerfile import read_module
 
 from helpers import token_windows
 

@@ -9,6 +9,8 @@ import logging
 from pathlib import Path
 from typing import Callable
 
+from ..errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -16,8 +18,6 @@ def _pyplot():
     try:
         import matplotlib
     except ModuleNotFoundError:
-        from ..errors import UserError
-
         raise UserError("charts need matplotlib: pip install 'orthoquant[eval]'") from None
     matplotlib.use("Agg")  # files only; never opens a window or needs a display
     import matplotlib.pyplot as plt

@@ -6,6 +6,7 @@ Only names the recipe schema needs are imported here, so ``orthoquant.config`` s
 from __future__ import annotations
 
 from .reconstruct import OPTIMIZERS
+from .rounding import GRIDS
 
 # What ``refine.method`` can learn.
 METHODS = ("round",)
@@ -16,8 +17,6 @@ REFINABLE_SOLVERS = ("rtn", "gptq", "ldlq", "ldlq-tune")
 
 
 def refinable_formats() -> list[str]:
-    from .rounding import GRIDS
-
     return GRIDS.names()
 
 

@@ -26,7 +26,7 @@ from ..formats import make_format
 from ..layerwise import LayerInputs
 from ..models.spec import ArchSpec
 from ..models.surgery import linears_of
-from ..runfolder import SolvedLinear
+from ..layerfile import SolvedLinear
 from ..stats import collect_input_stats
 from .anchors import ANCHORS, fp_anchor
 from .reconstruct import Settings, fp_targets, reconstruct

@@ -16,8 +16,11 @@ import logging
 
 import torch
 
+from ...data import calibration_windows
 from ...errors import DataError, UserError
 from ...formats.fp4 import E2M1_MAX, E4M3_MAX
+from ...layerwise import capture_inputs, final_hidden, run_layer
+from ...models.surgery import get_module, layers_of
 from ..base import ExportOptions
 from ..contents import RunContents
 
@@ -43,7 +46,6 @@ def calibration_tokens(contents: RunContents, options: ExportOptions) -> torch.T
     """(n, seqlen) token windows from ``options.calib`` or the recipe's calibration source."""
     from transformers import AutoTokenizer
 
-    from ...data import calibration_windows
 
     cal = contents.recipe.calibration
     source = options.calib or cal.source
@@ -62,8 +64,6 @@ def calibration_tokens(contents: RunContents, options: ExportOptions) -> torch.T
 def observe_input_amax(contents: RunContents, names: list[str], tokens: torch.Tensor) -> dict[str, float]:
     """Largest |x| each named linear's input quantizer receives while the run's model reads ``tokens``,
     one decoder layer resident at a time."""
-    from ...layerwise import capture_inputs, final_hidden, run_layer
-    from ...models.surgery import get_module, layers_of
     cpu = torch.device("cpu")
     model, _, arch, source = contents.open_model(cpu, torch.float32, stream=True)
     amax: dict[str, float] = {name: 0.0 for name in names}

@@ -3,7 +3,7 @@
 Each set is a :class:`Choice`, a ``str`` enum: a member equals, hashes and formats as its plain string,
 so recipe YAML, run JSON and comparisons such as ``spec.format == "mxfp4"`` read as before. The sets
 that name an implementation (formats, solvers, transform sites, learnable parameters, fitting losses,
-reconstruction optimizers) are keyed the same way in their registries; ``tests/test_choices.py``
+reconstruction optimizers) are keyed the same way in their registries; ``tests/recipes/test_choices.py``
 checks that each set and its registry agree, so the schema checks names without importing what it names.
 Solvers are the one open set (a library user may register a solver of their own): :data:`SOLVER_NAMES`
 starts with the built-in ones and the solver registry adds every name registered to it.

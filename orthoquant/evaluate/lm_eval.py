@@ -14,7 +14,7 @@ Rolling perplexity differs from :func:`orthoquant.evaluate.ppl.perplexity` by de
 every token of each document, the first one conditioned on ``prefix_token_id`` (BOS), in windows of
 ``max_length`` predicted tokens whose input starts one token back (so a window boundary costs no
 context); ours scores ``seqlen``-token windows of the joined text and never predicts a window's first
-token. Its perplexities are per word / byte, not per token. ``tests/test_eval.py`` pins the relation.
+token. Its perplexities are per word / byte, not per token. ``tests/evaluate/test_eval.py`` pins the relation.
 """
 from __future__ import annotations
 

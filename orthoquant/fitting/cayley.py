@@ -20,7 +20,7 @@ learning rate: its step ``retr(P, −η·grad_R)`` with the canonical Riemannian
 grad_R = G_P − P G_Pᵀ P is SpinQuant's step with α = 4η (the generator u Pᵀ − P uᵀ of
 ``CanonicalStiefel`` is −4η·P W Pᵀ, the same rotation). geoopt at lr 1.5, as this preset used to
 run, is SpinQuant's step at α = 6 with no cap: once ‖W‖₁ is of order one, a near-reflection per step
-(tests/test_cayley.py shows such a loss stalling where the capped step descends).
+(tests/fitting/test_cayley.py shows such a loss stalling where the capped step descends).
 
 Choice: :class:`CayleySGD` subclasses geoopt's RiemannianSGD and keeps everything of it but the
 step, which geoopt offers no hook into between the search direction and the retraction: the

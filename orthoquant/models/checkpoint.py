@@ -7,7 +7,7 @@ the tensors are read with plain file I/O later (pages of a memory-mapped shard c
 process's resident set once touched): the header length fits the file, the header is a JSON object,
 every tensor has a known dtype, a shape of non-negative integers and offsets whose span is exactly
 shape × dtype size, the tensors tile the data section with no gap or overlap, and the data section
-ends exactly at the end of the file (so a file cut by one byte is refused). ``tests/test_trust_loading.py``
+ends exactly at the end of the file (so a file cut by one byte is refused). ``tests/models/test_trust_loading.py``
 checks that these verdicts agree with ``safe_open``'s.
 """
 from __future__ import annotations

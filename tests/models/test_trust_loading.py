@@ -1,6 +1,6 @@
 """Trust in what is read: a truncated, corrupt or mismatched checkpoint, a nonsense config.json or a
 missing local path is one line and exit 2 naming the file (and tensor) before anything is written.
-(tests/test_no_pickle.py: no file is ever unpickled.)"""
+(tests/models/test_no_pickle.py: no file is ever unpickled.)"""
 import json
 import pathlib
 import random

@@ -52,7 +52,7 @@ def test_riemannian_adam_keeps_rotations_orthogonal_and_lowers_the_loss():
 
 
 def test_cayley_sgd_keeps_rotations_orthogonal_and_lowers_the_cross_entropy():
-    # lr in SpinQuant's units (tests/test_cayley.py): 2.0 is geoopt's 0.5, which this test ran before;
+    # lr in SpinQuant's units (tests/fitting/test_cayley.py): 2.0 is geoopt's 0.5, which this test ran before;
     # the tiny model's gradients are too small for the step cap to engage
     # unclipped gradients (max_grad_norm=0): the learning rate was tuned for them
     fit = FitSpec(params=("R_res", "R2"), optimizer="cayley_sgd", loss="ce", steps=40, lr_rotation=2.0,

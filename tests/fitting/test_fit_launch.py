@@ -14,7 +14,7 @@ import torch
 from orthoquant.cli import main
 from orthoquant.fitting.checkpoint import read_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def fit_args(model, text_file, out, grad_accum):

@@ -18,7 +18,6 @@ solver and quantizer works on nn.Linear, so :func:`unstack_experts_` holds them 
 from __future__ import annotations
 
 import logging
-import re
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -26,6 +25,8 @@ import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
+# transformers 5's stacked expert tensor -> the per-expert linears it holds, in row order (gate first)
+STACKED_PARTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 
 
 class Expert(nn.Module):
@@ -95,13 +96,15 @@ def expert_views(skeleton: nn.Module, stored: set[str]) -> dict[str, tuple[str, 
     for path, module in skeleton.named_modules():
         if not isinstance(module, ExpertList):
             continue
-        inter = module[0].gate_proj.out_features
-        for e in range(len(module)):
-            parts = {"gate_proj": ("gate_up_proj", 0, inter), "up_proj": ("gate_up_proj", inter, 2 * inter),
-                     "down_proj": ("down_proj", 0, module[0].down_proj.out_features)}
-            for leaf, (name, start, end) in parts.items():
-                if f"{path}.{name}" in stored:
+        for name, leaves in STACKED_PARTS.items():
+            if f"{path}.{name}" not in stored:
+                continue
+            for e in range(len(module)):
+                start = 0
+                for leaf in leaves:  # stacked in this order along the rows
+                    end = start + getattr(module[e], leaf).out_features
                     views[f"{path}.{e}.{leaf}.weight"] = (f"{path}.{name}", e, start, end)
+                    start = end
     return views
 
 
@@ -130,23 +133,3 @@ def sparse_hessian(H: torch.Tensor, tokens: int, where: str) -> torch.Tensor:
     log.warning("%s saw %d calibration tokens for %d input channels; its Hessian is damped by %s",
                 where, tokens, width, "the identity" if not tokens else f"{scale:.3g}·I")
     return H + (scale if tokens else 1.0) * torch.eye(width, dtype=H.dtype, device=H.device)
-
-
-# Mixtral checkpoints (the hub's, and transformers 5 saves them so) keep the original per-expert names
-_LEGACY = ((re.compile(r"\.block_sparse_moe\.experts\.(\d+)\.w1\."), r".mlp.experts.\1.gate_proj."),
-           (re.compile(r"\.block_sparse_moe\.experts\.(\d+)\.w3\."), r".mlp.experts.\1.up_proj."),
-           (re.compile(r"\.block_sparse_moe\.experts\.(\d+)\.w2\."), r".mlp.experts.\1.down_proj."),
-           (re.compile(r"\.block_sparse_moe\.gate\."), r".mlp.gate."))
-
-
-def renamed_legacy(entries: dict) -> dict:
-    """Stored tensors under the names of transformers 5's modules (Mixtral's ``block_sparse_moe.experts.N.w1``
-    is ``mlp.experts.N.gate_proj``, ``w3`` up, ``w2`` down, ``block_sparse_moe.gate`` the router)."""
-    out = {}
-    for key, entry in entries.items():
-        for pattern, name in _LEGACY:
-            if pattern.search(key):
-                key = pattern.sub(name, key)
-                break
-        out[key] = entry
-    return out

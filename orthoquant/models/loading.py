@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from ..device import release_memory, resolve_dtype, use_mmap_for_large_blocks
 from ..errors import UserError
 from .checkpoint import TensorEntry, check_skeleton, open_checkpoint, read_entry
-from .experts import renamed_legacy
+from .conversion import renamed_stored
 from .layout import StoredViews, stored_views, to_layout_
 from .multimodal import is_multimodal, text_config, text_entries
 from .spec import ArchSpec
@@ -153,18 +153,20 @@ class SafetensorsSource(WeightSource):
     :param aliases: name -> name to read instead (tied lm_head -> embedding).
     :param views: how parameters of orthoquant's layout are read from stock tensors (:mod:`.layout`).
     :param text_only: the folder holds a multimodal checkpoint; read its text model (:mod:`.multimodal`).
+    :param model_type: the config's ``model_type``: stored names are read as transformers converts them
+        for it (Mixtral's ``block_sparse_moe.experts.N.w1`` is ``mlp.experts.N.gate_proj``, :mod:`.conversion`).
     """
 
     streaming = True
 
     def __init__(self, folder: Path, dtype: torch.dtype, aliases: dict[str, str] | None = None,
-                 views: StoredViews = StoredViews(), text_only: bool = False) -> None:
+                 views: StoredViews = StoredViews(), text_only: bool = False, model_type: str | None = None) -> None:
         use_mmap_for_large_blocks()
         self.folder, self.dtype, self.aliases = folder, dtype, aliases or {}
         self.entries: dict[str, TensorEntry] = open_checkpoint(folder)  # every header verified here
         if text_only:  # a multimodal checkpoint: its text model's tensors, under the causal LM's names
             self.entries = text_entries(self.entries)
-        self.entries = renamed_legacy(self.entries)  # Mixtral's w1/w2/w3 experts
+        self.entries = renamed_stored(self.entries, model_type)
         self.transposed, self.offsets, self.experts = views.transposed, views.offsets, views.experts
         self.slices = {k: v for k, v in views.slices.items() if v[0] in self.entries}  # biases may be absent
 
@@ -224,7 +226,8 @@ def open_model(model: str, dtype_name: str, device: torch.device):
     tied = getattr(config, "tie_word_embeddings", False)
     aliases = {f"{arch.lm_head}.weight": f"{arch.embed}.weight"} if tied else {}
     multimodal = is_multimodal(AutoConfig.from_pretrained(path))
-    stored = set(renamed_legacy(open_checkpoint(path)))
-    source = SafetensorsSource(path, dtype, aliases, stored_views(arch, config, skeleton, stored), text_only=multimodal)
+    stored = set(renamed_stored(open_checkpoint(path), config.model_type))
+    source = SafetensorsSource(path, dtype, aliases, stored_views(arch, config, skeleton, stored), text_only=multimodal,
+                               model_type=config.model_type)
     source.check(skeleton)
     return skeleton, load_tokenizer(path), arch, source, path

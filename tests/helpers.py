@@ -14,8 +14,17 @@ import torch.nn.functional as F
 
 from _bench import factor_layer, second_moment, synthetic_layer  # noqa: F401  (re-exported for the tests)
 from orthoquant import quantize
+from orthoquant.fitting import deploy
+from orthoquant.layerwise import capture_inputs
+from orthoquant.models.generic import spec_for
+from orthoquant.models.loading import InMemorySource
 from orthoquant.models.tiny import TINY_VOCAB, tiny_model
+from orthoquant.pipeline import make_plan, prepare_model
 from orthoquant.runner import LayerwiseQuantizer
+from orthoquant.transforms.learnable import LearnedTransforms
+from orthoquant.transforms.sites import Dims
+
+CPU = torch.device("cpu")
 
 
 def token_windows(n: int, seqlen: int, seed: int = 0, vocab: int = TINY_VOCAB) -> torch.Tensor:
@@ -82,3 +91,32 @@ def kl_to(model, reference, windows: torch.Tensor) -> float:
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a − b| / max |a|: the logit error the family tests bound."""
     return float((a - b).abs().max() / a.abs().max())
+
+
+def random_learned(model, names, seed: int = 0) -> LearnedTransforms:
+    """Random orthogonal rotations (QR of Gaussians) and scales exp(θ), θ ~ N(0, 0.5²) at ``names``."""
+    g = torch.Generator().manual_seed(seed)
+    arch, dims = spec_for(model.config), Dims.of(model.config)
+
+    def init(kind, index):
+        q, r = torch.linalg.qr(torch.randn(kind.shape(dims, arch), generator=g, dtype=torch.float64))
+        return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+
+    learned = LearnedTransforms(names, dims, arch, model.config.num_hidden_layers, init)
+    with torch.no_grad():
+        for p in learned.scales():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return learned
+
+
+def deployed_logits(model, recipe, transforms, calib: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The pipeline's path after a fit: prepare, hand the transforms to the plan, run the layers on
+    ``calib``; the logits of ``ids``."""
+    arch = spec_for(model.config)
+    plan = make_plan(model, arch, recipe)
+    prepare_model(model, arch, InMemorySource(), CPU, plan)
+    deploy(model, arch, plan, transforms)
+    LayerwiseQuantizer(model, arch, recipe, InMemorySource(), CPU, plan).run_layers(
+        capture_inputs(model, arch, [calib], CPU))
+    with torch.no_grad():
+        return model(ids).logits

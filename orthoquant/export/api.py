@@ -28,6 +28,7 @@ from torch import nn
 
 from ..version import __version__
 from ..device import DTYPES, resolve_device
+from ..models.conversion import by_module, stored_name_mapping
 from ..models.loading import build_skeleton
 from ..errors import UserError
 from . import compressed_tensors, gptq, native  # noqa: F401  (register the formats)
@@ -190,13 +191,14 @@ def measure_sizes(out: Path, manifest: dict[str, Any], contents: RunContents, mo
     linears = {lin.name: model.get_submodule(lin.name).weight.numel()
                for part in contents.parts() for lin in part.linears()}
     prefixes = manifest.get("prefixes", {})
+    ours = by_module(stored_name_mapping(contents.config.model_type))  # stock names (Mixtral's w1) -> ours
     linear_bytes = total_bytes = 0
     for name in manifest["files"]:
         if not name.endswith(".safetensors"):
             continue
         total_bytes += (out / name).stat().st_size
         for key, size in tensor_bytes(out / name).items():
-            if _owner(prefixes.get(name, "") + key, linears) is not None:
+            if _owner(ours(prefixes.get(name, "") + key), linears) is not None:
                 linear_bytes += size
     params = sum(p.numel() for p in model.parameters())
     linear_params = sum(linears.values())

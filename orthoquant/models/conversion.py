@@ -13,9 +13,16 @@ one through its verified reader and holds experts per expert (:mod:`.experts`), 
   tensor: Mixtral's ``experts.N.w1``/``w3`` are the first/second half of ``gate_up_proj``, i.e.
   orthoquant's ``experts.N.gate_proj``/``up_proj``; ``w2`` is ``down_proj``. No tensor is stacked.
 
+Exports write the other way (:func:`checkpoint_name_mapping`): each renaming reversed as transformers'
+``save_pretrained`` reverses it (``WeightTransform.reverse_transform``, last first), so a Mixtral export is
+stored under the hub's (and vLLM's) ``block_sparse_moe.experts.N.w1`` names, which stock transformers reads;
+Qwen3-MoE's names are its own. :func:`by_module` carries a ``.weight`` name mapping over to every tensor
+of that module (compressed-tensors' ``weight_packed``, ``weight_scale``...).
+
 A model type transformers has no mapping for (or a transformers without ``conversion_mapping``, 4.x,
 which pyproject still admits) falls back to :data:`_FALLBACK`, the hand table of Mixtral's names that
-orthoquant used before; no supported architecture needs it with transformers 5.
+orthoquant used before; no supported architecture needs it with transformers 5. Exports of such a type keep
+orthoquant's names.
 """
 from __future__ import annotations
 
@@ -73,17 +80,59 @@ def _expert_renamings(converter) -> list:
             for m, ours in zip(sources, parts) if m["leaf"] != ours]
 
 
+def _read_renamings(model_type: str | None) -> list | None:
+    """transformers' renamings for ``model_type``, then its stacked experts' leaves as per-expert renamings;
+    None where transformers has no mapping for it."""
+    mapping = _transformers_mapping(model_type)
+    if mapping is None:
+        return None
+    from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+    return renamings + [r for t in mapping if isinstance(t, WeightConverter) for r in _expert_renamings(t)]
+
+
 @lru_cache(maxsize=None)
 def stored_name_mapping(model_type: str | None) -> Callable[[str], str]:
     """Stored tensor name -> orthoquant's name for checkpoints of ``model_type`` (a config's ``model_type``)."""
-    mapping = _transformers_mapping(model_type)
-    if mapping is None:
+    renamings = _read_renamings(model_type)
+    if renamings is None:
         return _fallback
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, apply_renamings
+    from transformers.core_model_loading import apply_renamings
 
-    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
-    renamings += [r for t in mapping if isinstance(t, WeightConverter) for r in _expert_renamings(t)]
     return lambda key: apply_renamings(key, renamings)
+
+
+@lru_cache(maxsize=None)
+def checkpoint_name_mapping(model_type: str | None) -> Callable[[str], str]:
+    """orthoquant's tensor name -> the name ``model_type``'s stock loader reads (the reverse of
+    :func:`stored_name_mapping`); raises where that name does not read back as ``key``."""
+    renamings = _read_renamings(model_type)
+    if renamings is None:
+        return lambda key: key
+    from transformers.core_model_loading import apply_renamings
+
+    reverse = [r.reverse_transform() for r in renamings[::-1]]
+    read = stored_name_mapping(model_type)
+
+    def stored(key: str) -> str:
+        name = apply_renamings(key, reverse)
+        if read(name) != key:  # renamings that chain or merge names have no reverse
+            raise RuntimeError(f"{key}: its {model_type} checkpoint name {name} reads back as {read(name)}")
+        return name
+    return stored
+
+
+def by_module(rename: Callable[[str], str]) -> Callable[[str], str]:
+    """``rename`` (a mapping of ``<module>.weight`` names) applied to any tensor of a module, under its own
+    leaf: compressed-tensors' ``<module>.weight_packed`` moves with ``<module>.weight``."""
+    def renamed(key: str) -> str:
+        module, _, leaf = key.rpartition(".")
+        if not module:
+            return key
+        moved = rename(f"{module}.weight")
+        return f"{moved[: -len('.weight')]}.{leaf}" if moved.endswith(".weight") else key
+    return renamed
 
 
 def renamed_stored(entries: dict, model_type: str | None) -> dict:

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from orthoquant import open_run
+from orthoquant.config import Recipe
 from orthoquant.recipes import load_recipe
 from orthoquant.export import export_run
 from orthoquant.models.experts import ExpertList
@@ -93,24 +94,51 @@ def test_a_starved_expert_is_damped_and_logged_or_gets_all_tokens(caplog):
         assert torch.isfinite(model(IDS).logits).all()
 
 
-def test_w4a16_compressed_tensors_per_expert_reloads_in_stock_transformers(tmp_path):
+# the per-expert layout the hub holds, stock transformers reads and vLLM's fused-MoE loader reads
+HUB_EXPERT_NAMES = {"qwen3-moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+                    "mixtral": ("block_sparse_moe", ("w1", "w3", "w2"))}
+
+
+@pytest.mark.parametrize("family", sorted(HUB_EXPERT_NAMES))
+def test_w4a16_compressed_tensors_per_expert_reloads_in_stock_transformers(family, tmp_path):
     from safetensors import safe_open
 
     r = recipe("gptq-w4a16-g128", "weights.group_size=32")
-    model = quantize(tiny_model("qwen3-moe"), r, WINDOWS, out=tmp_path / "run")
+    model = quantize(tiny_model(family), r, WINDOWS, out=tmp_path / "run")
     report = export_run(tmp_path / "run", tmp_path / "ct", "compressed-tensors", verify="stock")
     assert report["checks"]["stock_transformers"]["bit_exact"]
     with safe_open(str(tmp_path / "ct" / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
-    for e in range(4):  # the per-expert layout vLLM's fused-MoE loader reads
-        for leaf in ("gate_proj", "up_proj", "down_proj"):
-            assert {f"model.layers.0.mlp.experts.{e}.{leaf}.{t}" for t in ("weight_packed", "weight_scale",
-                                                                          "weight_shape")} <= keys
-    assert "model.layers.0.mlp.gate.weight" in keys  # the router, in full precision
+        packed_bytes = sum(f.get_tensor(k).nbytes for k in keys if k.endswith(".weight_packed"))
+    block, leaves = HUB_EXPERT_NAMES[family]
+    for e in range(4):
+        for leaf in leaves:
+            names = {f"model.layers.0.{block}.experts.{e}.{leaf}.{t}"
+                     for t in ("weight_packed", "weight_scale", "weight_shape")}
+            assert names <= keys
+    assert f"model.layers.0.{block}.gate.weight" in keys  # the router, in full precision
+    assert report["sizes"]["linear_bytes"] > packed_bytes  # every expert's codes and scales counted as a linear's
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
     with torch.no_grad():
         a, b = model(IDS).logits, stock(IDS).logits
     assert float((a - b).abs().max() / a.abs().max()) <= 1e-5
+
+
+def test_a_mixed_scheme_mixtral_export_targets_its_linears_by_their_hub_names(tmp_path):
+    """Two weight schemes (o_proj at 8 bits): each CT group names its linears, the experts by the
+    checkpoint's names (``w1``/``w3``/``w2``), and the stock reload holds."""
+    import json
+
+    r = recipe("gptq-w4a16-g128", "weights.group_size=32")
+    weights = r.to_dict()["weights"]
+    r = Recipe.from_dict({**r.to_dict(), "overrides": [{"pattern": "o_proj", "weights": {**weights, "bits": 8}}]})
+    quantize(tiny_model("mixtral"), r, WINDOWS, out=tmp_path / "run")
+    report = export_run(tmp_path / "run", tmp_path / "ct", "compressed-tensors", verify="stock")
+    assert report["checks"]["stock_transformers"]["bit_exact"]
+    groups = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["config_groups"]
+    targets = {t for group in groups.values() for t in group["targets"]}
+    assert {f"model.layers.1.block_sparse_moe.experts.3.{leaf}" for leaf in ("w1", "w3", "w2")} <= targets
+    assert not any(".mlp." in t for t in targets)
 
 
 @pytest.mark.parametrize("family, stacked", [("qwen3-moe", False), ("qwen3-moe", True), ("mixtral", False)])

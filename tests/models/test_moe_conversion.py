@@ -19,8 +19,10 @@ LEGACY_W1 = "model.layers.0.block_sparse_moe.experts.0.w1.weight"
 @pytest.fixture(autouse=True)
 def fresh_mappings():
     conversion.stored_name_mapping.cache_clear()
+    conversion.checkpoint_name_mapping.cache_clear()
     yield
     conversion.stored_name_mapping.cache_clear()
+    conversion.checkpoint_name_mapping.cache_clear()
 
 
 def logits_of(folder, ids) -> torch.Tensor:
@@ -55,6 +57,19 @@ def test_transformers_mapping_equals_the_hand_table_on_every_stored_name(family,
         assert not any("block_sparse_moe" in name for name in by_hand)
 
 
+@pytest.mark.parametrize("family, model_type", [("mixtral", "mixtral"), ("qwen3-moe", "qwen3_moe")])
+def test_exports_name_tensors_as_transformers_saves_them(family, model_type, saved_model):
+    """The write mapping reverses the read one on transformers' own saved names (Mixtral's hub names);
+    Qwen3-MoE's are orthoquant's, both ways. CT's tensors of a module move with its weight."""
+    stored = sorted(open_checkpoint(saved_model(family)))
+    read, write = conversion.stored_name_mapping(model_type), conversion.checkpoint_name_mapping(model_type)
+    assert [write(read(k)) for k in stored] == stored
+    assert any(read(k) != k for k in stored) == (family == "mixtral")
+    packed = conversion.by_module(write)("model.layers.1.mlp.experts.3.up_proj.weight_packed")
+    assert packed == {"mixtral": "model.layers.1.block_sparse_moe.experts.3.w3.weight_packed",
+                      "qwen3-moe": "model.layers.1.mlp.experts.3.up_proj.weight_packed"}[family]
+
+
 def test_a_model_type_transformers_does_not_cover_falls_back_to_the_hand_table(monkeypatch):
     rename = conversion.stored_name_mapping("not_a_transformers_model_type")
     assert rename(LEGACY_W1) == "model.layers.0.mlp.experts.0.gate_proj.weight"
@@ -73,3 +88,14 @@ def test_a_converter_of_another_form_is_not_read_as_per_expert_leaves(monkeypatc
         conversion.stored_name_mapping.cache_clear()
         monkeypatch.setattr(conversion, "_transformers_mapping", lambda model_type: [converter(concat_dim)])
         assert conversion.stored_name_mapping("custom_moe")(key) == expected
+
+
+def test_a_name_whose_reverse_does_not_read_back_is_refused(monkeypatch):
+    """``.a.`` is read as ``.b.``: no stored name reads as orthoquant's ``.a.``, so none is written for it."""
+    from transformers.core_model_loading import WeightRenaming
+
+    monkeypatch.setattr(conversion, "_transformers_mapping", lambda model_type: [WeightRenaming(r"\.a\.", ".b.")])
+    write = conversion.checkpoint_name_mapping("custom_moe")
+    assert write("model.b.weight") == "model.a.weight" and write("model.c.weight") == "model.c.weight"
+    with pytest.raises(RuntimeError, match="reads back as model.b.weight"):
+        write("model.a.weight")

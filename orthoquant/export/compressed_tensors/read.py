@@ -18,6 +18,8 @@ from torch import nn
 from ...config import QuantSpec, Recipe
 from ...formats import QParams, QuantizedTensor, make_format
 from ...formats.packing import unpack_codes, unpack_nibbles
+from ...models.conversion import by_module, stored_name_mapping
+from ...models.loading import read_config_json
 from ..base import dense_reload
 from ..shards import read_tensors
 
@@ -65,7 +67,8 @@ def dense_state(folder: Path, recipe: Recipe, shapes: dict[str, tuple[int, int]]
     :param shapes: full linear name -> (out, in) of every Linear of the model skeleton.
     :param keep: read only the tensors whose names it accepts (one decoder layer's).
     """
-    tensors = read_tensors(folder, keep)
+    ours = by_module(stored_name_mapping(read_config_json(folder).get("model_type")))  # Mixtral's w1: gate_proj
+    tensors = {ours(k): v for k, v in read_tensors(folder, keep).items()}
     owners = {k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weight_scale")}
     # biases, and static input scales (a model whose recipe has them expects them; others ignore them)
     state = {k: v for k, v in tensors.items()

@@ -7,9 +7,10 @@ and a README that says how to serve it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ...fakequant.static_inputs import BUFFER as INPUT_SCALE
+from ...models.conversion import by_module, checkpoint_name_mapping
 from ...models.layout import to_stock
 from ...models.loading import views_of
 from ..base import ExportOptions, save_hf_config
@@ -30,10 +31,11 @@ def write(contents: RunContents, out: Path, options: ExportOptions) -> dict[str,
     save_hf_config(contents, out, options.dtype,
                    orthoquant={"recipe": contents.recipe.name, "online_transforms": online,
                                "loader": "vllm or orthoquant.load_quantized" if online else "any"})
-    compress.config.quantization_status = QuantizationStatus.COMPRESSED
-    ModelCompressor(quantization_config=compress.config, transform_config=compress.transforms).update_config(str(out))
+    config = _stored_names(compress.config, by_module(checkpoint_name_mapping(contents.config.model_type)))
+    config.quantization_status = QuantizationStatus.COMPRESSED
+    ModelCompressor(quantization_config=config, transform_config=compress.transforms).update_config(str(out))
     _write_readme(out, contents, online)
-    kv = compress.config.kv_cache_scheme
+    kv = config.kv_cache_scheme
     return {"compressed_tensors": {"format": enum_value(compress.config.format), "online_transforms": online,
                                    "kv_cache_scheme": kv.model_dump() if kv is not None else None,
                                    "shards": shards}}
@@ -41,10 +43,13 @@ def write(contents: RunContents, out: Path, options: ExportOptions) -> dict[str,
 
 def _write_shards(contents: RunContents, out: Path, options: ExportOptions) -> tuple[PartCompressor, list[str]]:
     """Every tensor of the checkpoint, one run file at a time (the model-level rest, then each layer), in
-    stock names; returns the compressor (its config, transforms and the linears it wrote) and the shard names."""
+    stock names (the checkpoint layout of the model type's stock loader, e.g. Mixtral's
+    ``block_sparse_moe.experts.N.w1``, :mod:`~orthoquant.models.conversion`); returns the compressor (its
+    config, transforms and the linears it wrote) and the shard names."""
     compress = PartCompressor(contents, options)
     writer = ShardWriter(out, options.max_shard_bytes)
     views = views_of(contents.config)  # fused parts merged, Gemma's γ without its 1
+    stored = by_module(checkpoint_name_mapping(contents.config.model_type))
     for part in contents.parts(progress=f"export {FORMAT_NAME}"):
         plain = part.plain()
         input_scales = {k[: -len(INPUT_SCALE) - 1]: plain.pop(k) for k in list(plain) if k.endswith(f".{INPUT_SCALE}")}
@@ -52,12 +57,23 @@ def _write_shards(contents: RunContents, out: Path, options: ExportOptions) -> t
         linears = list(part.linears())
         if linears:
             tensors.update(compress(linears, input_scales))
-        writer.add(to_stock(tensors, views))
+        writer.add({stored(k): v for k, v in to_stock(tensors, views).items()})
     shards = writer.finish()
     missing = set(compress.specs) - compress.done
     if missing:
         raise RuntimeError(f"the run lacks the quantized linears {sorted(missing)[:3]} its recipe names")
     return compress, shards
+
+
+def _stored_names(config, stored: Callable[[str], str]):
+    """A copy of the CT config whose module names (targets, ignore) are the checkpoint's (``stored`` maps
+    tensor names); class-name targets such as ``Linear`` stay as they are."""
+    def module(name: str) -> str:
+        return stored(f"{name}.weight").rpartition(".")[0]
+    groups = {key: group.model_copy(update={"targets": [module(t) for t in group.targets]}, deep=True)
+              for key, group in config.config_groups.items()}
+    return config.model_copy(update={"config_groups": groups, "ignore": [module(n) for n in config.ignore]},
+                             deep=True)
 
 
 def _write_readme(out: Path, contents: RunContents, online: list[str]) -> None:

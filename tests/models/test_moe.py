@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from orthoquant import open_run
 from orthoquant.config import Recipe
 from orthoquant.recipes import load_recipe
+from orthoquant.errors import UserError
 from orthoquant.export import export_run
 from orthoquant.models.experts import ExpertList
 from orthoquant.models.layout import to_layout_
@@ -122,6 +123,14 @@ def test_w4a16_compressed_tensors_per_expert_reloads_in_stock_transformers(famil
     with torch.no_grad():
         a, b = model(IDS).logits, stock(IDS).logits
     assert float((a - b).abs().max() / a.abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("family", sorted(HUB_EXPERT_NAMES))
+def test_a_gptq_export_of_experts_is_refused_before_anything_is_written(family, tmp_path):
+    quantize(tiny_model(family), recipe("gptq-w4a16-g128", "weights.group_size=32"), WINDOWS, out=tmp_path / "run")
+    with pytest.raises(UserError, match="mixture of experts"):
+        export_run(tmp_path / "run", tmp_path / "gptq", "gptq")
+    assert not (tmp_path / "gptq").exists()
 
 
 def test_a_mixed_scheme_mixtral_export_targets_its_linears_by_their_hub_names(tmp_path):

@@ -214,7 +214,7 @@ class RunSource(WeightSource):
 
 def open_run(run_dir: Path | str, device: torch.device, dtype: torch.dtype = torch.float32, stream: bool = False,
              manifest_checked: bool = False):
-    """A finished run as (model, tokenizer, spec, source). Without ``stream`` every layer is loaded.
+    """A finished run as (model, tokenizer, arch, source). Without ``stream`` every layer is loaded.
 
     Every file is checked against its sha256 in run.json first (:meth:`OpenedRun.open`).
 

@@ -128,6 +128,6 @@ def _style(ax, title: str, ylabel: str, legend: bool = True) -> None:
 def _save(fig, path: Path, layout: bool = True) -> None:
     if layout:
         fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # value labels past the last axis stay in the image
     _pyplot().close(fig)  # pyplot keeps every figure alive until closed
     log.info("chart %s", path)

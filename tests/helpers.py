@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from _bench import factor_layer, second_moment, synthetic_layer  # noqa: F401  (re-exported for the tests)
 from orthoquant import quantize
-from orthoquant.fitting import deploy
+from orthoquant.fitting import deploy, prepare_session
 from orthoquant.layerwise import capture_inputs
 from orthoquant.models.generic import spec_for
 from orthoquant.models.loading import InMemorySource
@@ -107,6 +107,17 @@ def random_learned(model, names, seed: int = 0) -> LearnedTransforms:
         for p in learned.scales():
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     return learned
+
+
+def random_fit_session(model, recipe, names):
+    """A fit session on ``model``, prepared as the pipeline prepares it, holding random learned transforms
+    (:func:`random_learned`) at ``names``."""
+    arch = spec_for(model.config)
+    plan = make_plan(model, arch, recipe)
+    prepare_model(model, arch, InMemorySource(), CPU, plan)
+    session = prepare_session(model, arch, recipe, plan, CPU)
+    session.learned.load_state_dict(random_learned(model, names).state_dict())
+    return session
 
 
 def deployed_logits(model, recipe, transforms, calib: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

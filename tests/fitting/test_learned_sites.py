@@ -5,18 +5,15 @@ import pytest
 import torch
 
 from orthoquant.config import FitSpec, QuantSpec, Recipe, TransformSpec
-from orthoquant.fitting import prepare_session
 from orthoquant.fitting.step import LayerMajorStep
 from orthoquant.models.layout import to_layout_
-from orthoquant.models.loading import InMemorySource
 from orthoquant.models.generic import spec_for
 from orthoquant.models.surgery import fold_all_norms
 from orthoquant.models.tiny import FAMILIES, tiny_model
-from orthoquant.pipeline import make_plan, prepare_model
 from orthoquant.transforms import plan as plan_module
 from orthoquant.transforms.base import Diagonal
 
-from helpers import deployed_logits, random_learned, token_windows
+from helpers import deployed_logits, random_fit_session, random_learned, token_windows
 
 CPU = torch.device("cpu")
 IDS = token_windows(2, 19)
@@ -24,8 +21,10 @@ CALIB = token_windows(4, 12, 1)
 OST = ("R_res", "R_ov", "S_attn", "S_ffn", "S_ov", "S_qk", "S_up_down")
 ONLINE = (TransformSpec("qk"), TransformSpec("down_input"))
 
+
 def deployed(model, recipe, transforms):
     return deployed_logits(model, recipe, transforms, CALIB, IDS)
+
 
 def reference(family, dtype=torch.float32, **overrides):
     model = tiny_model(family, dtype=dtype, **overrides)
@@ -33,8 +32,10 @@ def reference(family, dtype=torch.float32, **overrides):
     with torch.no_grad():
         return model, model(IDS).logits
 
+
 def rel_err(a, b) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
+
 
 @pytest.mark.parametrize("family,names", [("llama", OST), ("qwen2", OST), ("qwen3", OST),
                                           ("llama", ("R_res", "R2", "S_ov"))])
@@ -47,6 +48,7 @@ def test_random_transforms_at_every_site_preserve_the_function(family, names):
     # guard: the transforms really moved the weights (a silent no-op would pass the check above)
     if "S_attn" in names:
         assert (model.model.layers[0].input_layernorm.weight - 1).abs().max() > 0.1
+
 
 def test_s_qk_is_tied_across_each_rope_pair():
     """OSTQuant bug 1: a key scale before RoPE preserves q·k only if channels i and i + d/2 share it."""
@@ -63,6 +65,7 @@ def test_s_qk_is_tied_across_each_rope_pair():
     model, ref = reference("llama", dtype=torch.float64)
     assert rel_err(deployed(model, Recipe(), untied), ref) > 1e-3
 
+
 def test_s_qk_of_qwen3_is_shared_and_folded_into_the_qk_norms():
     model, ref = reference("qwen3", dtype=torch.float64)
     gamma = model.model.layers[1].self_attn.k_norm.weight.detach().clone()
@@ -70,6 +73,7 @@ def test_s_qk_of_qwen3_is_shared_and_folded_into_the_qk_norms():
     assert rel_err(out, ref) < 1e-10
     s = model.model.layers[1].self_attn.k_norm.weight / gamma
     assert torch.allclose(s[:8], s[8:]) and (s - 1).abs().max() > 0.1
+
 
 def test_s_ov_scales_o_columns():
     """OSTQuant bug 2: trained with S_ov on o_proj rows, deployed on columns. Columns are right."""
@@ -86,6 +90,7 @@ def test_s_ov_scales_o_columns():
         model.model.layers[0].self_attn.o_proj.weight.copy_(o0 / s.unsqueeze(1))
         assert rel_err(model(IDS).logits, ref) > 1e-3
 
+
 def test_s_up_down_folds_before_the_down_hadamard(monkeypatch):
     """OSTQuant bug 3: the activation is (m ⊙ s) H, so down_proj needs W diag(1/s) H, not W H diag(1/s)."""
     learned_of = lambda model: random_learned(model, ("S_up_down",)).frozen()  # noqa: E731
@@ -99,8 +104,10 @@ def test_s_up_down_folds_before_the_down_hadamard(monkeypatch):
     model, ref = reference("llama", dtype=torch.float64)
     assert rel_err(deployed(model, recipe, learned_of(model)), ref) > 1e-3
 
+
 QUANTIZED = dict(weights=QuantSpec(bits=4, clip_search=True), activations=QuantSpec(bits=4, symmetric=False),
                  kv_cache=QuantSpec(bits=4, symmetric=False), transforms=ONLINE)
+
 
 @pytest.mark.parametrize("offload", ["none", "cpu"])
 @pytest.mark.parametrize("family", FAMILIES)
@@ -108,12 +115,7 @@ def test_fitting_time_forward_equals_the_deployed_forward(family, offload):
     """The fit's forward (one weight copy, each layer folded on the fly, offloaded or not) is the
     deployed model's forward, in float64 on every family."""
     recipe = Recipe(**QUANTIZED, fitting=FitSpec(train_weights=True, qsur_samples=0, offload=offload))
-    model, _ = reference(family, dtype=torch.float64)
-    arch = spec_for(model.config)
-    plan = make_plan(model, arch, recipe)
-    prepare_model(model, arch, InMemorySource(), CPU, plan)
-    session = prepare_session(model, arch, recipe, plan, CPU)
-    session.learned.load_state_dict(random_learned(model, OST).state_dict())
+    session = random_fit_session(reference(family, dtype=torch.float64)[0], recipe, OST)
     fitting = LayerMajorStep(session, [IDS]).logits(quantized=True)[0]
     clean = LayerMajorStep(session, [IDS]).logits(quantized=False)[0]
     transforms = session.learned.frozen()

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+
 from orthoquant import open_run
 from orthoquant.cli import main
 from orthoquant.config import FitSpec, QuantSpec, Recipe, TransformSpec
@@ -16,17 +17,15 @@ from orthoquant.errors import UserError
 from orthoquant.evaluate.run_eval import evaluate
 from orthoquant.export import export_run
 from orthoquant.fakequant.inputs import input_pipeline
-from orthoquant.fitting import prepare_session
 from orthoquant.fitting.step import LayerMajorStep
 from orthoquant.models.layout import to_layout_
-from orthoquant.models.loading import InMemorySource
 from orthoquant.models.generic import spec_for
 from orthoquant.models.tiny import tiny_model
-from orthoquant.pipeline import make_plan, prepare_model, quantize, quantize_pretrained
+from orthoquant.pipeline import quantize, quantize_pretrained
 from orthoquant.transforms.base import Diagonal
 from orthoquant.transforms.sites import Dims, site_of
 
-from helpers import deployed_logits, random_learned, relative, token_windows
+from helpers import deployed_logits, random_fit_session, random_learned, relative, token_windows
 
 CPU = torch.device("cpu")
 MOE = ("qwen3-moe", "mixtral")
@@ -38,6 +37,7 @@ IDS = token_windows(2, 21)
 CALIB = token_windows(4, 12, 1)
 TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
 
+
 def reference(family, dtype=torch.float32):
     """A tiny MoE with randomized norms (and biases), its experts held per expert (the stock stacked
     experts run no float64), and its logits."""
@@ -46,6 +46,7 @@ def reference(family, dtype=torch.float32):
     with torch.no_grad():
         return model, model(IDS).logits
 
+
 @torch.no_grad()
 def transformed(family, sites, dtype):
     model, ref = reference(family, dtype)
@@ -53,15 +54,18 @@ def transformed(family, sites, dtype):
     quantize(model, Recipe(transforms=specs), CALIB)
     return relative(ref, model(IDS).logits)
 
+
 @pytest.mark.parametrize("site", SITES)
 @pytest.mark.parametrize("family", MOE)
 def test_each_site_preserves_the_function(family, site):
     assert transformed(family, [site], torch.float32) < TOL[torch.float32]
 
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("family", MOE)
 def test_all_sites_together_preserve_the_function(family, dtype):
     assert transformed(family, SITES, dtype) < TOL[dtype]
+
 
 @pytest.mark.parametrize("site, moved", [("residual", ("gate_proj", "up_proj", "down_proj", "router")),
                                          ("mlp_norm", ("gate_proj", "up_proj", "router")),
@@ -77,8 +81,10 @@ def test_the_mlp_sites_fold_into_every_expert_and_the_router(site, moved):
     experts = {f"mlp.experts.{e}.{leaf}.weight" for e in range(len(layer.mlp.experts)) for leaf in moved}
     assert changed == {n for n in experts if "router" not in n} | ({"mlp.gate.weight"} if "router" in moved else set())
 
+
 def deployed(model, recipe, transforms):
     return deployed_logits(model, recipe, transforms, CALIB, IDS)
+
 
 @pytest.mark.parametrize("family", MOE)
 @pytest.mark.parametrize("dtype, names", [(torch.float32, OST),  # float32 rotations: orthogonal to ~1e-7
@@ -89,19 +95,16 @@ def test_learned_rotations_and_scales_at_every_site_preserve_the_function(family
     assert {site for site, _ in learned} >= {"mlp_norm", "up_down"}  # S_ffn (router too), S_up_down per expert
     assert relative(ref, deployed(model, Recipe(transforms=ONLINE), learned)) < TOL[dtype]
 
+
 QUANTIZED = dict(weights=QuantSpec(bits=4, clip_search=True), activations=QuantSpec(bits=4, symmetric=False),
                  kv_cache=QuantSpec(bits=4, symmetric=False), transforms=ONLINE)
+
 
 @pytest.mark.parametrize("family", MOE)
 def test_fitting_time_forward_equals_the_deployed_forward(family):
     """The fit folds every expert and the router on the fly, as deployment folds them in place."""
     recipe = Recipe(**QUANTIZED, fitting=FitSpec(train_weights=True, qsur_samples=0))
-    model, _ = reference(family, torch.float64)
-    arch = spec_for(model.config)
-    plan = make_plan(model, arch, recipe)
-    prepare_model(model, arch, InMemorySource(), CPU, plan)
-    session = prepare_session(model, arch, recipe, plan, CPU)
-    session.learned.load_state_dict(random_learned(model, OST).state_dict())
+    session = random_fit_session(reference(family, torch.float64)[0], recipe, OST)
     fitting = LayerMajorStep(session, [IDS]).logits(quantized=True)[0]
     transforms = session.learned.frozen()
     model, ref = reference(family, torch.float64)
@@ -109,9 +112,11 @@ def test_fitting_time_forward_equals_the_deployed_forward(family):
     assert relative(fitting, out) < 1e-6  # fake-quant rounds in float32
     assert relative(ref, out) > 1e-3  # the quantizers really act
 
+
 def run_recipe(name, text_file, *sets):
     return load_recipe(name, [f"calibration.source={text_file}", "calibration.nsamples=8", "calibration.seqlen=32",
                               "calibration.batch_size=4", *sets])
+
 
 @pytest.mark.parametrize("family, preset", [("qwen3-moe", "quarot-w4a4kv4"), ("mixtral", "spinquant-had-w4a4kv4")])
 def test_rotation_presets_run_end_to_end(family, preset, saved_model, text_file, tmp_path):
@@ -134,6 +139,7 @@ def test_rotation_presets_run_end_to_end(family, preset, saved_model, text_file,
     for layer, reference_layer in zip(model.model.layers, rotated.model.layers):
         assert torch.equal(layer.mlp.gate.weight, reference_layer.mlp.gate.weight)
 
+
 def test_a_learned_fit_runs_and_reports_its_metrics(tmp_path):
     sets = ["fitting.steps=2", "fitting.batch_size=2", "fitting.grad_accum=1", "fitting.top_k=20",
             "fitting.qsur_samples=2", "fitting.eval_samples=1", "overrides=[]", "calibration.nsamples=4",
@@ -143,6 +149,7 @@ def test_a_learned_fit_runs_and_reports_its_metrics(tmp_path):
     metrics = json.loads((tmp_path / "run" / "run.json").read_text())["metrics"]["fitting"]
     assert len(metrics["losses"]) == 2 and metrics["orthogonality_error"] < 1e-5
     assert set(metrics["qsur_after"]) == {"qkv", "o", "gate_up", "down"}  # the experts' inputs, pooled
+
 
 @pytest.mark.parametrize("family", MOE)
 def test_fitted_transforms_fold_exactly(family):
@@ -154,6 +161,7 @@ def test_fitted_transforms_fold_exactly(family):
     with torch.no_grad():
         assert relative(ref, model(IDS).logits) < 1e-4
 
+
 def test_a_moe_with_dense_mlp_layers_is_generic_and_a_transform_is_refused_saying_why(saved_model, text_file,
                                                                                       tmp_path, capsys):
     folder = saved_model("qwen3-moe", mlp_only_layers=[1])
@@ -164,6 +172,7 @@ def test_a_moe_with_dense_mlp_layers_is_generic_and_a_transform_is_refused_sayin
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "dense MLP layers" in err[0] and "mlp_only_layers" in err[0]
     assert not (tmp_path / "run" / "run.json").exists()
+
 
 def test_fused_rotations_export_to_compressed_tensors_and_an_online_r4_is_refused(tmp_path):
     windows = token_windows(8, 16, 2)

@@ -22,7 +22,7 @@ from .init import hadamard_init, klt_init
 from .loop import train
 from .qsur import measure_qsur
 from .released import check_released, import_released
-from .residency import Resident, residency_for
+from .residency import Resident, residency_for, world
 from .session import FitSession
 from .step import LayerMajorStep
 
@@ -91,7 +91,8 @@ def fit_transforms(model: nn.Module, arch: ArchSpec, recipe: Recipe, plan: Trans
 
     The decoder layers are read from ``source`` one at a time into the fit's residency (whole on the
     device, offloaded, or sharded across processes as each is read); streamed layers are released
-    afterwards and read again by the layer-wise run. Returns the fit's metrics.
+    afterwards and read again by the layer-wise run. Under torchrun only process 0 deploys the result
+    (it alone solves and writes the run); the others return once the fit is done. Returns the fit's metrics.
 
     :param windows: (n, seqlen) training token windows.
     :param run_dir: where the fit checkpoint lives (None: no checkpoint, no resume).
@@ -115,7 +116,8 @@ def fit_transforms(model: nn.Module, arch: ArchSpec, recipe: Recipe, plan: Trans
         if source.streaming:  # before deploy's float64 folds of embedding and lm_head, which need no layer
             for layer in layers:
                 source.release(layer)
-    deploy(model, arch, plan, session.learned.frozen())
+    if world()[0] == 0:  # under torchrun only process 0 solves and writes; the others stop after the fit
+        deploy(model, arch, plan, session.learned.frozen())
     report["peak_memory_bytes"] = peak_memory(device)
     log.info("fitted %s in %d steps: loss %s -> %s", ", ".join(fit.params), len(report["losses"]),
              f"{report['losses'][0]:.4f}" if report["losses"] else "-",

@@ -182,3 +182,32 @@ def test_a_streamed_fit_releases_its_layers_before_deploy(saved_model, monkeypat
     monkeypatch.setattr(fit_module, "deploy", spy)
     fit_module.fit_transforms(model, arch, recipe, plan, source, WINDOWS, CPU)
     assert loaded_at_deploy == [False]
+
+
+def _deploy_worker(rank: int, world: int, init: str, folder: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        calls, deploy = [], fit_module.deploy
+        fit_module.deploy = lambda *args: (calls.append(rank), deploy(*args))  # a forked child's own module
+        model, _, arch, source, _ = open_model(folder, "float32", CPU)
+        recipe = fit_recipe()
+        plan = make_plan(model, arch, recipe)
+        prepare_model(model, arch, source, CPU, plan)
+        embedding = model.get_input_embeddings().weight.detach().clone()
+        fit_module.fit_transforms(model, arch, recipe, plan, source, WINDOWS, CPU)
+        folded = not torch.equal(model.get_input_embeddings().weight, embedding)
+        torch.save({"deploys": len(calls), "embedding_folded": folded}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_only_process_0_deploys_the_fitted_transforms(saved_model, tmp_path):
+    """Process 0 alone solves and writes the run: the others neither fold the learned residual into their
+    embedding and lm_head nor spend the float64 copies on it."""
+    folder, out = saved_model("llama"), tmp_path / "result.pt"
+    mp.start_processes(_deploy_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", str(folder), str(out)),
+                       nprocs=2, start_method="fork")
+    first, other = (torch.load(f"{out}.{rank}") for rank in (0, 1))
+    assert first == {"deploys": 1, "embedding_folded": True}  # the learned residual rotation was fused
+    assert other == {"deploys": 0, "embedding_folded": False}

@@ -4,6 +4,8 @@ All weight arithmetic runs in float64 and is cast back, so folds do not accumula
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -34,10 +36,27 @@ def untie_embeddings(model: nn.Module, arch: ArchSpec) -> None:
         model._tied_weights_keys = {}
 
 
+# float64 bytes of the rows one fold step holds: an embedding or lm_head of a 128k vocabulary is 4 GiB in
+# float64 (Llama-3-8B), which a whole-matrix fold would allocate (twice) next to the weight itself.
+FOLD_BLOCK_BYTES = 32 * 2**20
+
+
+@torch.no_grad()
+def map_rows_(weight: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """``W ← fn(W)`` computed in float64 and cast back into ``weight`` in place, one block of rows at a
+    time (:data:`FOLD_BLOCK_BYTES`), so the float64 transient is a block, not a copy of the matrix.
+    ``fn`` must map each row on its own (a fold over the last axis); the result equals the whole-matrix
+    fold's."""
+    rows = max(1, FOLD_BLOCK_BYTES // (8 * max(1, weight[0].numel())))
+    for start in range(0, weight.shape[0], rows):
+        block = weight[start:start + rows]
+        block.copy_(fn(block.double()))
+
+
 def _scale_inputs(linear: nn.Linear, gamma: torch.Tensor) -> None:
     """``W ← W · diag(γ)``: the linear absorbs a per-input-channel scale."""
-    w = linear.weight
-    w.data = (w.data.double() * gamma.double()).to(w.dtype)
+    scale = gamma.double()
+    map_rows_(linear.weight.data, lambda rows: rows * scale)
 
 
 def fold_norm(norm: nn.Module, consumers: list[nn.Linear]) -> None:

@@ -35,9 +35,9 @@ from torch import nn
 from ..fakequant.attention import set_qk_transforms
 from ..fakequant.inputs import input_pipeline
 from ..models.spec import ArchSpec
-from ..models.surgery import get_module, linears_of, readers_of
+from ..models.surgery import get_module, linears_of, map_rows_, readers_of
 from ..registry import Registry
-from .base import PerBlock, Transform
+from .base import PerBlock, Transform, fold_consumer
 from .folding import IN_PLACE, Dual, Folding, consume, produce, to_query_heads
 
 __all__ = ["Dims", "Site", "SITES", "DIAGONAL_SITES", "SITE_ORDER", "site_of", "consume", "produce",
@@ -100,9 +100,17 @@ def _fuse_residual(layer, arch, dims, t, folding: Folding = IN_PLACE):
 
 
 def fuse_residual_rest(model: nn.Module, arch: ArchSpec, t: Transform, folding: Folding = IN_PLACE) -> None:
-    """The model-level part of the residual site: embeddings write it, lm_head reads it."""
-    produce(get_module(model, arch.embed), t, folding)
-    consume(get_module(model, arch.lm_head), t, folding)
+    """The model-level part of the residual site: embeddings write it (``E ← E M``), lm_head reads it
+    (``W ← W M⁻ᵀ``). Both map each row on its own, so deployment folds them in row blocks
+    (:func:`~orthoquant.models.surgery.map_rows_`, the same arithmetic as :func:`produce` /
+    :func:`consume`): the float64 transient of a vocabulary-sized matrix is one block, not a copy."""
+    embed, head = get_module(model, arch.embed), get_module(model, arch.lm_head)
+    if folding is not IN_PLACE:
+        produce(embed, t, folding)
+        consume(head, t, folding)
+        return
+    map_rows_(embed.weight.data, t.forward)  # what produce does to an embedding's rows
+    map_rows_(head.weight.data, lambda rows: fold_consumer(rows, t))
 
 
 def _fuse_attn_value(layer, arch, dims, t, folding: Folding = IN_PLACE):

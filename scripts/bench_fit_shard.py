@@ -17,16 +17,23 @@ resets its high-water mark (VmHWM) at the end of each phase of the fit:
   which gathers each layer once more);
 - ``train``: the fit steps;
 - ``deploy``: the fit's layers released and the learned residual folded into embedding and lm_head
-  (float64).
+  (float64; process 0 only);
+- ``end``: what follows until the fit returns (on the other processes: releasing their layers).
 
 ``held`` is the RSS after ``load`` minus the RSS after ``rest``, over the decoder layers' bytes: the share
 of the layers a process keeps (≈ 1 for one process, ≈ 1/P sharded). ``load peak`` and ``train peak`` are
 those phases' high-water marks above the RSS after ``rest``, over the layers' bytes; ``peak ÷ weights``
-is the whole run's highest phase over all weight bytes. The embedding and lm_head are held whole by every
+is the whole run's highest phase over all weight bytes, ``fit peak ÷ weights`` the same over the fit's own
+phases (load and train, embedding and lm_head included), and ``fit overhead`` that peak minus 1/P of the
+weights, in MiB: what a process holds beyond its share (activations, the logits of the loss, one gathered
+layer, the transforms, and whatever is not sharded).
+
+``--vocab`` sets the vocabulary: the default gives the embedding and lm_head a third of the weights at 16
+layers; ``--vocab 9728`` gives them Llama-3-8B's share (13%) at 16 layers. The embedding and lm_head are held whole by every
 process (each needs the whole head for the full-vocabulary loss of its own micro-batches): with the float64
 transients of their folds they are the per-process overhead that does not shrink with P.
 
-    python scripts/bench_fit_shard.py --after HEAD --before 9d99054 --out runs/bench_fit_shard.json
+    python scripts/bench_fit_shard.py --layers 16 --after HEAD --before acac9f7 --out runs/bench_fit_shard.json
 """
 from __future__ import annotations
 
@@ -78,6 +85,7 @@ prepare_model(model, spec, source, cpu, plan)
 phase_end("rest")
 windows = torch.randint(0, a["vocab"], (4, a["seqlen"]), generator=torch.Generator().manual_seed(0))
 report = fit.fit_transforms(model, spec, recipe, plan, source, windows, cpu)
+phase_end("end")
 rank = int(os.environ.get("RANK", "0"))
 with open(os.path.join(a["results"], f"rank{rank}.json"), "w") as f:  # not stdout: the ranks' lines interleave
     json.dump({"rank": rank, "base": base, "phases": phases, "steps_per_s": report.get("steps_per_s")}, f)
@@ -86,14 +94,14 @@ with open(os.path.join(a["results"], f"rank{rank}.json"), "w") as f:  # not stdo
 VOCAB, HIDDEN, INTERMEDIATE = 32768, 768, 2048
 
 
-def save_model(folder: Path, layers: int) -> dict:
+def save_model(folder: Path, layers: int, vocab: int = VOCAB) -> dict:
     """The bench's random Llama with ``layers`` layers (and a small tokenizer, which loading needs)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from orthoquant.demo_data import train_tokenizer
 
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+    config = LlamaConfig(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
                          num_hidden_layers=layers, num_attention_heads=HIDDEN // 64,
                          num_key_value_heads=HIDDEN // 192, max_position_embeddings=4096, tie_word_embeddings=False)
     torch.manual_seed(0)
@@ -117,7 +125,7 @@ def launch(code: Path, model: Path, processes: int, args) -> list[dict]:
     sets = [f"fitting.steps={args.steps}", "fitting.batch_size=1", "fitting.grad_accum=1", "fitting.qsur_samples=0",
             "fitting.eval_samples=0", "fitting.checkpoint_every=0"]
     results = Path(tempfile.mkdtemp(prefix="ranks-"))
-    spec = {"model": str(model), "sets": sets, "vocab": VOCAB, "seqlen": args.seqlen, "results": str(results)}
+    spec = {"model": str(model), "sets": sets, "vocab": args.vocab, "seqlen": args.seqlen, "results": str(results)}
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1"}
     cmd = [str(torchrun), "--nproc-per-node", str(processes), "--master-port", str(free_port()),
@@ -135,7 +143,8 @@ def summary(ranks: list[dict], sizes: dict) -> dict:
     def worst(fn) -> float:
         return max(fn(r["phases"]) for r in ranks)
 
-    layers = sizes["layers_bytes"]
+    layers, weights = sizes["layers_bytes"], sizes["weight_bytes"]
+    fit_peak = worst(lambda p: max(p["load"]["peak"], p["train"]["peak"]))
     return {"held": worst(lambda p: p["load"]["rss"] - p["rest"]["rss"]) / layers,
             "load_peak": worst(lambda p: p["load"]["peak"] - p["rest"]["rss"]) / layers,
             "train_peak": worst(lambda p: p["train"]["peak"] - p["rest"]["rss"]) / layers,
@@ -143,17 +152,20 @@ def summary(ranks: list[dict], sizes: dict) -> dict:
             "peak_phase": max(ranks[0]["phases"], key=lambda k: ranks[0]["phases"][k]["peak"]),
             "rest_mib": worst(lambda p: p["rest"]["rss"]) / 2**20,
             "rest_peak_mib": worst(lambda p: p["rest"]["peak"]) / 2**20,
-            "deploy_peak_mib": worst(lambda p: p["deploy"]["peak"]) / 2**20,
-            "steps_per_s": min(r["steps_per_s"] or 0.0 for r in ranks)}
+            "deploy_peak_mib": worst(lambda p: p.get("deploy", {"peak": 0})["peak"]) / 2**20,
+            "steps_per_s": min(r["steps_per_s"] or 0.0 for r in ranks),
+            "fit_peak": fit_peak / weights, "fit_overhead_mib": (fit_peak - weights / len(ranks)) / 2**20}
 
 
 def table(rows: list[dict]) -> str:
     return markdown_table(
         ["code", "processes", "layers", "weights MiB (layers)", "held ÷ layers", "load peak ÷ layers",
-         "train peak ÷ layers", "peak ÷ weights (phase)", "rest MiB (its peak)", "deploy peak MiB", "steps/s"],
+         "train peak ÷ layers", "peak ÷ weights (phase)", "fit peak ÷ weights",
+         "fit overhead MiB", "rest MiB (its peak)", "deploy peak MiB", "steps/s"],
         [[r["code"], str(r["processes"]), str(r["layers"]),
           f"{r['weight_bytes'] / 2**20:.0f} ({r['layers_bytes'] / 2**20:.0f})", f"{r['held']:.2f}",
           f"{r['load_peak']:.2f}", f"{r['train_peak']:.2f}", f"{r['peak']:.2f} ({r['peak_phase']})",
+          f"{r['fit_peak']:.2f}", f"{r['fit_overhead_mib']:.0f}",
           f"{r['rest_mib']:.0f} ({r['rest_peak_mib']:.0f})", f"{r['deploy_peak_mib']:.0f}", f"{r['steps_per_s']:.4f}"]
          for r in rows])
 
@@ -164,6 +176,8 @@ def main() -> None:
     parser.add_argument("--layers", default="8", help="depths, comma-separated")
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--seqlen", type=int, default=128)
+    parser.add_argument("--vocab", type=int, default=VOCAB, help="vocabulary (9728: Llama-3-8B's embedding + head "
+                                                                  "share of the weights at 16 layers)")
     parser.add_argument("--after", default=None, help="the package at this git revision instead of the working tree "
                                                          "(edits during the run cannot leak in)")
     parser.add_argument("--before", default=None, help="also run the package at this git revision")
@@ -175,10 +189,10 @@ def main() -> None:
         if args.before:
             versions.append(("before", export_revision(args.before, Path(tmp) / "before")))
         for layers in [int(n) for n in args.layers.split(",")]:
-            sizes = save_model(Path(tmp) / f"llama-{layers}", layers)
+            sizes = save_model(Path(tmp) / f"llama-{layers}", layers, args.vocab)
             for (name, code), processes in ((v, p) for v in versions for p in (1, args.processes)):
                 ranks = launch(code, Path(tmp) / f"llama-{layers}", processes, args)
-                rows.append({"code": name, "processes": processes, "layers": layers, **sizes,
+                rows.append({"code": name, "processes": processes, "layers": layers, "vocab": args.vocab, **sizes,
                              **summary(ranks, sizes), "ranks": ranks})
                 print(json.dumps(rows[-1]), flush=True)
     publish(table(rows), rows, args)

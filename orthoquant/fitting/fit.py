@@ -13,7 +13,7 @@ from ..device import peak_memory, use_mmap_for_large_blocks
 from ..errors import ConfigError
 from ..models.loading import InMemorySource, WeightSource
 from ..models.spec import ArchSpec
-from ..models.surgery import fold_layer_norms, layers_of
+from ..models.surgery import fold_layer_norms, get_module, layers_of
 from ..transforms.base import Transform
 from ..transforms.learnable import PARAMS, LearnedTransforms
 from ..transforms.plan import GLOBAL, TransformPlan
@@ -60,6 +60,7 @@ def prepare_session(model: nn.Module, arch: ArchSpec, recipe: Recipe, plan: Tran
     fit = recipe.fitting
     model.requires_grad_(False)
     residency = residency_for(fit.offload, device)
+    residency.adopt_whole_uses([get_module(model, arch.embed), get_module(model, arch.lm_head)])
     load_layers(model, arch, source or InMemorySource(), residency, device)
     n_layers = len(layers_of(model, arch))
     init = (klt_init(model, arch, plan.dims, fit.seed, device, residency.use) if fit.init == "klt"

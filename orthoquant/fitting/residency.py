@@ -13,7 +13,12 @@ process never holds more of the model than its residency keeps plus the one laye
 - :class:`Sharded` (under ``torchrun``): each layer is ``fully_shard``-ed over the processes (FSDP2)
   as soon as it is read, which frees its whole copy: a process holds 1/N of the layers (shard on
   load); ``use`` all-gathers one and reshards it afterwards. The layer is then called without FSDP's hooks,
-  which would otherwise re-register its own parameters over the folded ones the step swaps in.
+  which would otherwise re-register its own parameters over the folded ones the step swaps in. The
+  embedding and lm_head are sharded too (:meth:`Resident.adopt_whole_uses`) and gathered only while
+  used (:meth:`Resident.whole`: the embedding for a step's inputs, lm_head for its loss), so a process
+  holds 1/N of every weight between uses. Measured (``scripts/bench_fit_shard.py``, 2 processes) this
+  lowers the fit's peak although lm_head is gathered whole for the loss: the peak is the decoder layers'
+  backward (one gathered layer, its folds and their graph), during which both stay sharded.
 """
 from __future__ import annotations
 
@@ -68,6 +73,13 @@ class Resident:
 
     def finish(self, restore: bool = True) -> None:
         """After the fit; ``restore``: leave the layers where they were before it."""
+
+    def adopt_whole_uses(self, modules: list[nn.Module]) -> None:
+        """Take modules used whole now and then (embedding, lm_head) for the fit's duration."""
+
+    def whole(self, module: nn.Module):
+        """Within the block, ``module`` (one of :meth:`adopt_whole_uses`') is whole on the device."""
+        return nullcontext()
 
 
 def _parameters(layer: nn.Module) -> list[Key]:
@@ -163,19 +175,40 @@ class Sharded(Resident):
         self.device, self.mesh = device, None
         self.layers: list[nn.Module] = []
         self.classes: list[type] = []
+        self.others: list[tuple[nn.Module, type]] = []
 
     def home(self, device: torch.device) -> torch.device:
         return torch.device("cpu")
 
-    def adopt(self, layer: nn.Module) -> None:
+    def _shard(self, module: nn.Module) -> None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
         if self.mesh is None:
             self.mesh = init_device_mesh(self.device.type, (world()[1],))
+        fully_shard(module, mesh=self.mesh)
+
+    def adopt(self, layer: nn.Module) -> None:
         self.layers.append(layer)
         self.classes.append(type(layer))
-        fully_shard(layer, mesh=self.mesh)
+        self._shard(layer)
+
+    def adopt_whole_uses(self, modules: list[nn.Module]) -> None:
+        """Shard each module too; FSDP's hooks are removed (the model's forward calls the embedding, and
+        the loss reads lm_head's weight directly): :meth:`whole` gathers them."""
+        for module in modules:
+            self.others.append((module, type(module)))
+            self._shard(module)
+            for m in module.modules():
+                _drop_fsdp_hooks(m)
+
+    @contextmanager
+    def whole(self, module: nn.Module) -> Iterator[None]:
+        module.unshard()
+        try:
+            yield
+        finally:
+            module.reshard()
 
     @contextmanager
     def use(self, index: int, following: int | None = None) -> Iterator[None]:
@@ -190,23 +223,33 @@ class Sharded(Resident):
         return call_layer(layer, hidden, kwargs, hooks=False)  # FSDP's hooks would undo the swap
 
     def finish(self, restore: bool = True) -> None:
-        """Plain layers again: gathered whole (``restore``, a collective) or left on the meta device."""
-        from torch.distributed._composable.contract import REGISTRY_KEY, STATE_KEY
-        from torch.distributed._composable_state import _module_state_mapping
-
+        """Plain layers again: gathered whole (``restore``, a collective) or left on the meta device;
+        embedding and lm_head gathered whole on process 0 (a collective) and dropped on the others."""
         for layer, cls in zip(self.layers, self.classes):
-            if restore:
-                layer.unshard()
-            plain = {key: _plain(key[0]._parameters[key[1]], restore) for key in _parameters(layer)}
-            layer.__class__ = cls
-            for module in layer.modules():
-                _drop_fsdp_hooks(module)
-            _module_state_mapping.pop(layer, None)
-            for key in (STATE_KEY, REGISTRY_KEY):  # the layer's own reference to its FSDP state (and shards)
-                layer.__dict__.pop(key, None)
-            for (module, name), value in plain.items():
-                module._parameters[name] = nn.Parameter(value, requires_grad=False)
-        self.layers, self.classes = [], []
+            _unshard_for_good(layer, cls, restore, restore)
+        first = world()[0] == 0  # only process 0 deploys and solves: the others drop them at once
+        for module, cls in self.others:
+            _unshard_for_good(module, cls, True, first)
+        self.layers, self.classes, self.others = [], [], []
+
+
+def _unshard_for_good(layer: nn.Module, cls: type, gather: bool, keep: bool) -> None:
+    """Remove FSDP from ``layer`` (of class ``cls`` before it), its parameters plain again: gathered
+    (``gather``, a collective) and kept whole (``keep``), else left on the meta device."""
+    from torch.distributed._composable.contract import REGISTRY_KEY, STATE_KEY
+    from torch.distributed._composable_state import _module_state_mapping
+
+    if gather:
+        layer.unshard()
+    plain = {key: _plain(key[0]._parameters[key[1]], keep) for key in _parameters(layer)}
+    layer.__class__ = cls
+    for module in layer.modules():
+        _drop_fsdp_hooks(module)
+    _module_state_mapping.pop(layer, None)
+    for key in (STATE_KEY, REGISTRY_KEY):  # the layer's own reference to its FSDP state (and shards)
+        layer.__dict__.pop(key, None)
+    for (module, name), value in plain.items():
+        module._parameters[name] = nn.Parameter(value, requires_grad=False)
 
 
 def _plain(param: torch.Tensor, whole: bool) -> torch.Tensor:

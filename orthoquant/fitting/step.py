@@ -50,7 +50,8 @@ class LayerMajorStep:
     def __init__(self, session: FitSession, batches: list[torch.Tensor]) -> None:
         self.s = session
         self.batches = [b.to(session.device) for b in batches]
-        captured = capture_inputs(session.model, session.arch, self.batches, session.device, session.device)
+        with session.residency.whole(session.embed):
+            captured = capture_inputs(session.model, session.arch, self.batches, session.device, session.device)
         self.rows, self.captured = captured.hidden, captured
         self.n = len(session.layers)
 
@@ -137,9 +138,10 @@ class LayerMajorStep:
     def loss(self, objective: Objective) -> float:
         """Mean loss over the micro-batches, without gradients (the held-out loss)."""
         student, clean, _ = self.forward(objective.needs_teacher, train=False)
-        head = self.s.student_head()
-        total = sum(self._loss(objective, head, student[m], clean[m] if clean else None, ids).item()
-                    for m, ids in enumerate(self.batches))
+        with self.s.residency.whole(self.s.head):
+            head = self.s.student_head()
+            total = sum(self._loss(objective, head, student[m], clean[m] if clean else None, ids).item()
+                        for m, ids in enumerate(self.batches))
         return total / len(self.batches)
 
     def run(self, objective: Objective, scale: float) -> float:
@@ -147,14 +149,17 @@ class LayerMajorStep:
         Returns the mean loss over the micro-batches."""
         s = self.s
         student, clean, records = self.forward(objective.needs_teacher)
-        head, grads, total = s.student_head(), [], 0.0
-        for m, ids in enumerate(self.batches):
-            h = student[m].detach().requires_grad_()
-            with torch.enable_grad():
-                loss = self._loss(objective, head, h, clean[m] if clean is not None else None, ids)
-                (loss * scale).backward()
-            grads.append(h.grad)
-            total += loss.item()
+        grads, total = [], 0.0
+        with s.residency.whole(s.head):  # one gather for every micro-batch of the step
+            head = s.student_head()
+            for m, ids in enumerate(self.batches):
+                h = student[m].detach().requires_grad_()
+                with torch.enable_grad():
+                    loss = self._loss(objective, head, h, clean[m] if clean is not None else None, ids)
+                    (loss * scale).backward()
+                grads.append(h.grad)
+                total += loss.item()
+            del head
         del student, clean
         self.backward(records, grads)
         return total / len(self.batches)
@@ -173,5 +178,6 @@ class LayerMajorStep:
         """Logits of each micro-batch as the fit sees them: the student's (``quantized``: activation,
         KV and, if trained with it, weight fake-quant) or the teacher's."""
         student, clean, _ = self.forward(teacher=not quantized)
-        hidden, head = (student, self.s.student_head()) if quantized else (clean, self.s.head)
-        return [head(self.s.head_input(h)) for h in hidden]
+        with self.s.residency.whole(self.s.head):
+            hidden, head = (student, self.s.student_head()) if quantized else (clean, self.s.head)
+            return [head(self.s.head_input(h)) for h in hidden]

@@ -196,7 +196,8 @@ def _deploy_worker(rank: int, world: int, init: str, folder: str, out: str) -> N
         prepare_model(model, arch, source, CPU, plan)
         embedding = model.get_input_embeddings().weight.detach().clone()
         fit_module.fit_transforms(model, arch, recipe, plan, source, WINDOWS, CPU)
-        folded = not torch.equal(model.get_input_embeddings().weight, embedding)
+        weight = model.get_input_embeddings().weight  # dropped (meta) or as it was on the other processes
+        folded = not weight.is_meta and not torch.equal(weight, embedding)
         torch.save({"deploys": len(calls), "embedding_folded": folded}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -211,3 +212,34 @@ def test_only_process_0_deploys_the_fitted_transforms(saved_model, tmp_path):
     first, other = (torch.load(f"{out}.{rank}") for rank in (0, 1))
     assert first == {"deploys": 1, "embedding_folded": True}  # the learned residual rotation was fused
     assert other == {"deploys": 0, "embedding_folded": False}
+
+
+def _ends_worker(rank: int, world: int, init: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        s = session(1)
+        ends = (s.embed, s.head)
+        sharded = [isinstance(m.weight, DTensor) for m in ends]
+        during = [(s, m.weight.to_local().shape[0] if s else len(m.weight)) for s, m in zip(sharded, ends)]
+        whole = [m.weight.full_tensor() if s else m.weight.detach().clone() for s, m in zip(sharded, ends)]
+        s.residency.finish()
+        after = [(type(m.weight).__name__, m.weight.is_meta, not m.weight.is_meta and torch.equal(m.weight, w))
+                 for m, w in zip(ends, whole)]
+        torch.save({"during": during, "after": after, "vocab": whole[0].shape[0]}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_embedding_and_lm_head_are_sharded_during_the_fit_and_whole_again_on_process_0(tmp_path):
+    """Each process keeps 1/2 of the embedding and lm_head rows while the fit runs (FSDP2, gathered for
+    each use); afterwards process 0, which deploys and solves, has them whole and the other drops them."""
+    out = tmp_path / "result.pt"
+    mp.start_processes(_ends_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", str(out)), nprocs=2,
+                       start_method="fork")
+    first, other = (torch.load(f"{out}.{rank}") for rank in (0, 1))
+    vocab = first["vocab"]
+    assert first["during"] == [(True, math.ceil(vocab / 2))] * 2  # FSDP2 gives the first process the odd row
+    assert other["during"] == [(True, vocab // 2)] * 2
+    assert first["after"] == [("Parameter", False, True)] * 2  # plain, loaded, and equal to the gathered shards
+    assert other["after"] == [("Parameter", True, False)] * 2

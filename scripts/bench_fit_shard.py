@@ -12,16 +12,17 @@ then is the fixed overhead of Python, torch, transformers and gloo, left out of 
 resets its high-water mark (VmHWM) at the end of each phase of the fit:
 
 - ``rest``: ``prepare_model`` (embedding, final norm and lm_head read whole, the norm folded into the
-  head in float64);
-- ``load``: ``prepare_session`` (each decoder layer read, norm-folded and sharded or kept; the KLT init,
-  which gathers each layer once more);
+  head in float64, in row blocks since d4df08d);
+- ``load``: ``prepare_session`` (since d418a3f embedding and lm_head sharded first; each decoder layer
+  read, norm-folded and sharded or kept; the KLT init, which gathers each layer once more);
 - ``train``: the fit steps;
 - ``deploy``: the fit's layers released and the learned residual folded into embedding and lm_head
   (float64; process 0 only);
 - ``end``: what follows until the fit returns (on the other processes: releasing their layers).
 
 ``held`` is the RSS after ``load`` minus the RSS after ``rest``, over the decoder layers' bytes: the share
-of the layers a process keeps (≈ 1 for one process, ≈ 1/P sharded). ``load peak`` and ``train peak`` are
+of the layers a process keeps (≈ 1 for one process, ≈ 1/P sharded; where the embedding and lm_head are
+sharded in ``load`` too, the (1 − 1/P) of them freed there comes off it). ``load peak`` and ``train peak`` are
 those phases' high-water marks above the RSS after ``rest``, over the layers' bytes; ``peak ÷ weights``
 is the whole run's highest phase over all weight bytes, ``fit peak ÷ weights`` the same over the fit's own
 phases (load and train, embedding and lm_head included), and ``fit overhead`` that peak minus 1/P of the
@@ -29,9 +30,8 @@ weights, in MiB: what a process holds beyond its share (activations, the logits 
 layer, the transforms, and whatever is not sharded).
 
 ``--vocab`` sets the vocabulary: the default gives the embedding and lm_head a third of the weights at 16
-layers; ``--vocab 9728`` gives them Llama-3-8B's share (13%) at 16 layers. The embedding and lm_head are held whole by every
-process (each needs the whole head for the full-vocabulary loss of its own micro-batches): with the float64
-transients of their folds they are the per-process overhead that does not shrink with P.
+layers; ``--vocab 9728`` gives them Llama-3-8B's share (13%) at 16 layers. Before d418a3f the embedding and
+lm_head were held whole by every process, and before d4df08d their folds made whole float64 copies.
 
     python scripts/bench_fit_shard.py --layers 16 --after HEAD --before acac9f7 --out runs/bench_fit_shard.json
 """

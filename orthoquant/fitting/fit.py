@@ -91,9 +91,10 @@ def fit_transforms(model: nn.Module, arch: ArchSpec, recipe: Recipe, plan: Trans
     """Fit ``recipe.fitting``'s transforms (or import released ones) and add them to ``plan``.
 
     The decoder layers are read from ``source`` one at a time into the fit's residency (whole on the
-    device, offloaded, or sharded across processes as each is read); streamed layers are released
-    afterwards and read again by the layer-wise run. Under torchrun only process 0 deploys the result
-    (it alone solves and writes the run); the others return once the fit is done. Returns the fit's metrics.
+    device, offloaded, or sharded across processes as each is read, the embedding and lm_head sharded
+    before them); streamed layers are released afterwards and read again by the layer-wise run. Under
+    torchrun only process 0 deploys the result (it alone solves and writes the run, and gets embedding and
+    lm_head back whole); the others drop them and return once the fit is done. Returns the fit's metrics.
 
     :param windows: (n, seqlen) training token windows.
     :param run_dir: where the fit checkpoint lives (None: no checkpoint, no resume).

@@ -64,13 +64,16 @@ GRID_SPECS = [
     QuantSpec(bits=3, symmetric=False, group_size=-1),
     QuantSpec(bits=2, symmetric=False, group_size=16, clip_search=True),
     QuantSpec(bits=4, group_size=16, scale_dtype="float16"),
+    QuantSpec(bits=4, group_size=16, scale_dtype="bfloat16"),
+    QuantSpec(bits=3, symmetric=False, group_size=16, scale_dtype="bfloat16"),
     QuantSpec(format="mxfp4", bits=4, group_size=32),
     QuantSpec(format="mxfp4", bits=4, group_size=32, scale_rule="three_quarters"),
     QuantSpec(format="nvfp4", bits=4, group_size=16),
 ]
 
 
-@pytest.mark.parametrize("spec", GRID_SPECS, ids=lambda s: f"{s.format}{s.bits}-{s.symmetric}-{s.group_size}")
+@pytest.mark.parametrize("spec", GRID_SPECS,
+                         ids=lambda s: f"{s.format}{s.bits}-{s.symmetric}-{s.group_size}-{s.scale_dtype}")
 def test_learned_weights_are_exactly_what_their_codes_decode_to(spec):
     g = torch.Generator().manual_seed(0)
     W = torch.randn(12, 64, generator=g)

@@ -39,7 +39,7 @@ def _choices(name: str, values: list[str]) -> type[Choice]:
 
 
 Format = _choices("Format", ["int", "mxfp4", "nvfp4", "fp8", "e8p"])
-ScaleRule = _choices("ScaleRule", ["spec", "quarot", "minmax", "three_quarters"])
+ScaleRule = _choices("ScaleRule", ["spec", "quarot", "minmax", "three_quarters", "full_range"])
 ScaleDtype = _choices("ScaleDtype", ["float32", "float16", "bfloat16", "auto"])
 TransformKind = _choices("TransformKind", ["hadamard", "random_hadamard"])
 Site = _choices("Site", ["residual", "attn_value", "o_input", "down_input", "qk"])
@@ -57,6 +57,7 @@ RefineMethod = _choices("RefineMethod", ["round"])
 RefineOptimizer = _choices("RefineOptimizer", ["signsgd", "adam"])
 RefineTarget = _choices("RefineTarget", ["fp_model", "fp_layer"])
 RefineStart = _choices("RefineStart", ["solver", "rtn"])
+ComputeDtype = _choices("ComputeDtype", ["model", "bfloat16", "float16", "float32"])
 
 
 # Names ``solver.name`` may take: the built-in solvers, and those registered later (Registry(names=...)).
@@ -67,7 +68,7 @@ SOLVER_NAMES: set[str] = {"rtn", "gptq", "ldlq", "ldlq-tune", "blockhad-rtn", "b
 # --- what each format allows -------------------------------------------------------------------
 # The values ``scale_rule`` may take per format; the first is what the field's default ``spec`` means.
 SCALE_RULES: dict[str, tuple[str, ...]] = {
-    Format.INT: ("quarot", "minmax"), Format.MXFP4: ("spec", "three_quarters"),
+    Format.INT: ("quarot", "minmax", "full_range"), Format.MXFP4: ("spec", "three_quarters"),
     Format.NVFP4: ("spec",), Format.FP8: ("spec",), Format.E8P: ("spec",),
 }
 # Elements per shared scale of the FP4 formats (fixed by the OCP MX and NVFP4 layouts).

@@ -50,7 +50,9 @@ class QuantSpec:
     :param scale_rule: how a group's scale follows from its range, one of the format's rules
         (:data:`~orthoquant.choices.SCALE_RULES`):
         symmetric ``int``: ``quarot`` (amax/(2^(b-1)-1), amax on the grid) or ``minmax``
-        (2·amax/(2^b-1), IST GPTQ and compressed-tensors; the positive max clips to (2^(b-1)-1)/(2^(b-1)-½));
+        (2·amax/(2^b-1), IST GPTQ and compressed-tensors; the positive max clips to (2^(b-1)-1)/(2^(b-1)-½))
+        or ``full_range`` (a signed scale putting the value of largest magnitude on -2^(b-1): every code
+        used, step amax/2^(b-1); llama.cpp's Q4_0, AutoRound);
         ``mxfp4``: ``spec`` (OCP MX, 2^(floor(log2 amax)-2)) or ``three_quarters``. The default ``spec``
         reads as the format's first rule (``quarot`` for int: a recipe without the key keeps its results).
     :param scale_dtype: dtype scales are rounded to when quantizing (the dtype they are exported in);

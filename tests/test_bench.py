@@ -54,3 +54,26 @@ def test_synthetic_second_moments_are_positive_definite_and_factor_layers_reprod
     assert torch.equal(W1, W2) and torch.equal(X1, X2) and X1.shape == (64, 200)
     direct = sum(torch.outer(x, x) for x in X1.double()) / len(X1)
     torch.testing.assert_close(second_moment(X1), direct, rtol=1e-12, atol=0)
+
+
+def test_peer_table_gives_each_method_its_mean_over_seeds_and_their_range():
+    from bench_peers import our_cases, table
+
+    fp = {"setting": "", "method": "FP", "ppl": 10.0, "seconds": 0.0, "cpu_seconds": 0.0}
+    run = lambda method, ppl, cpu, seed=None: {"setting": "w4g128", "method": method, "seed": seed, "ppl": ppl,  # noqa: E731
+                                               "seconds": cpu, "cpu_seconds": cpu}
+    rows = [fp, run("w4g128 GPTQ", 10.3, 2.0), run("w4g128 AutoRound", 10.1, 30.0, 0),
+            run("w4g128 AutoRound", 10.3, 50.0, 1)]
+    lines = table(rows, 256).splitlines()
+    peer = next(line for line in lines if line.startswith("| w4g128 AutoRound"))
+    cells = [c.strip() for c in peer.strip("|").split("|")]
+    assert cells[1:5] == ["2", "10.2000", "+2.00%", "+1.00% … +3.00%"] and cells[6:] == ["40", "20.0x"]
+    learned = [case for case in our_cases("w4g128", 200, [0, 3]) if case[3] is not None]
+    assert len(learned) == 4 and {c[2][-1] for c in learned} == {"refine.seed=0", "refine.seed=3"}
+
+
+def test_peer_bench_refuses_bad_seeds_before_any_work(capsys):
+    from bench_peers import main
+
+    assert main(["--seeds", "a,b"]) == 2 and main(["--seeds", "-1"]) == 2
+    assert "--seeds" in capsys.readouterr().err

@@ -110,3 +110,26 @@ def test_quip_finetuning_holds_one_decoder_layer_at_a_time(saved_model, text_fil
     model, _, arch = opened[0][:3]
     assert len(counts) > 2 * 3 and max(counts) == 1  # e2e reopened layers, never two at once
     assert materialized_layers(model, arch) == 0
+
+
+def test_a_loop_reusing_freed_blocks_faults_its_pages_in_once():
+    """Under use_mmap_for_large_blocks every 4 MiB tensor is mapped and faulted in afresh; inside
+    reusing_freed_blocks the loop's second and later steps reuse the first one's pages, and after it
+    large blocks are mapped again."""
+    import resource
+
+    def faults_of_a_loop(steps=20):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(steps):
+            torch.ones(1 << 20).add_(1)  # 4 MiB, written
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    device.use_mmap_for_large_blocks.cache_clear()  # applied to the real libc whatever ran before
+    device.use_mmap_for_large_blocks()
+    mapped = faults_of_a_loop()
+    with device.reusing_freed_blocks():
+        reused = faults_of_a_loop()
+    again = faults_of_a_loop()
+    pages = (4 << 20) // resource.getpagesize()
+    assert mapped >= 10 * pages and again >= 10 * pages
+    assert reused <= 3 * pages

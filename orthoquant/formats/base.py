@@ -143,12 +143,12 @@ class QuantFormat(ABC):
     def round_scale(self, scale: torch.Tensor) -> torch.Tensor:
         """Round scales to their storage dtype now, so that exported checkpoints decode identically.
 
-        A positive scale that underflows to 0 in a 16-bit dtype becomes the dtype's smallest positive
-        value instead, so that encoding never divides by zero.
+        A nonzero scale that underflows to 0 in a 16-bit dtype becomes the dtype's smallest value of its
+        sign instead, so that encoding never divides by zero.
         """
         rounded = scale.to(self.scale_dtype).float()
         info = torch.finfo(self.scale_dtype)
-        return torch.where((rounded == 0) & (scale > 0), info.tiny * info.eps, rounded)
+        return torch.where((rounded == 0) & (scale != 0), torch.sign(scale) * info.tiny * info.eps, rounded)
 
     def quantize(self, x: torch.Tensor) -> QuantizedTensor:
         x = x.float()

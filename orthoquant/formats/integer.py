@@ -7,6 +7,11 @@ Codes are unsigned ``q ∈ [0, 2^b − 1]`` and decode as ``scale · (q − zero
   ``quarot`` ``d = 2^(b−1) − 1`` (QuaRot; amax is on the grid, the default), ``minmax`` ``d = (2^b − 1)/2``
   (IST GPTQ ``2·amax/maxq``, compressed-tensors ``amax/(bit_range/2)``; a finer step, and the positive max
   rounds to ``2^(b−1)`` and clips to ``2^(b−1) − 1``);
+  ``full_range`` ``scale = −clip·x_ext / 2^(b−1)`` with ``x_ext`` the group's value of largest magnitude,
+  signed (llama.cpp's Q4_0, AutoRound's sym default): the scale's sign puts that value on the code
+  ``−2^(b−1)`` exactly, so all ``2^b`` codes are used with a step ``amax / 2^(b−1)``, finer than
+  ``quarot``'s (the other side's max may clip by at most one step); scales may be negative, which every
+  export decodes as it does any scale (``scale · (q − zero)``);
 - asymmetric: ``scale = clip·(max − min) / (2^b − 1)``, ``zero = round(−clip·min / scale)``, with
   ``min ≤ 0 ≤ max`` so that zero is representable (GPTQ's convention).
 """
@@ -45,6 +50,10 @@ class IntFormat(QuantFormat):
 
     def _params(self, lo: torch.Tensor, hi: torch.Tensor) -> QParams:
         """Scale (and zero) of groups with range [lo, hi] (tensors shaped (rows, n_groups))."""
+        if self.spec.symmetric and self.spec.scale_rule == "full_range":
+            extreme = torch.where(lo.abs() >= hi.abs(), lo, hi)
+            scale = extreme / -(2 ** (self.bits - 1))
+            return QParams(self.round_scale(torch.where(scale != 0, scale, torch.ones_like(scale))))
         if self.spec.symmetric:
             amax = torch.maximum(lo.abs(), hi.abs())
             scale = amax / SYMMETRIC_DIVISORS[self.spec.scale_rule](self.bits)

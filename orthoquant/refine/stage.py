@@ -33,6 +33,8 @@ from .reconstruct import Settings, fp_targets, reconstruct
 from .rounding import LinearRounding
 
 Quantized = dict[str, SolvedLinear]
+# refine.compute_dtype -> what the layer computes in while learning (None: its own dtype)
+COMPUTE_DTYPES = {"model": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class LayerRounding(nn.Module):
@@ -138,7 +140,7 @@ class RefineStage:
         starts, rounded = self._starts(layer, quantized, snapshot)
         learnable = LayerRounding(layer, starts, rounded, refine).to(self.device)
         settings = Settings(refine.iters, refine.batch_size, refine.optimizer, refine.patience,
-                            seed=refine.seed * 100_003 + index)
+                            seed=refine.seed * 100_003 + index, dtype=COMPUTE_DTYPES[refine.compute_dtype])
         outcome = reconstruct(layer, inputs, snapshot.targets, learnable, settings, self.device)
         if outcome.improved:
             quantized = {**quantized, **learnable.solved()}

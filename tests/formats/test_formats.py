@@ -22,6 +22,7 @@ SPECS = {
     "int2-sym-tensor": dict(bits=2, group_size=0),
     "int8-asym-row-fp16": dict(bits=8, symmetric=False, scale_dtype="float16"),
     "int4-sym-g32-clip": dict(bits=4, group_size=32, clip_ratio=0.9),
+    "int3-sym-g32-full": dict(bits=3, group_size=32, scale_rule="full_range", clip_search=True),
     "mxfp4-spec": dict(format="mxfp4", group_size=32),
     "mxfp4-34": dict(format="mxfp4", group_size=32, scale_rule="three_quarters"),
     "mxfp4-spec-clip": dict(format="mxfp4", group_size=32, clip_ratio=0.8),
@@ -71,7 +72,8 @@ def test_codes_round_trip_exactly(name, x):
     f = fmt(name)
     q = f.quantize(x)
     assert q.codes.dtype == torch.uint8 and int(q.codes.max()) < 2**f.bits
-    assert torch.isfinite(q.params.scale).all() and (q.params.scale > 0).all()
+    signed = f.spec.scale_rule == "full_range"  # its scales carry the sign of each group's extreme
+    assert torch.isfinite(q.params.scale).all() and ((q.params.scale != 0) if signed else (q.params.scale > 0)).all()
     params = q.params.columns(x.shape[-1])
     v = f.dequantize(q)
     assert torch.equal(f.encode(v, params), q.codes)
@@ -120,10 +122,11 @@ def test_int_error_at_most_half_step(name, x):
     s, z = total_scale(f, x)
     if f.spec.symmetric:
         z = torch.full_like(s, 2.0 ** (f.bits - 1))
-    lo, hi = -z * s, (2**f.bits - 1 - z) * s
+    ends = -z * s, (2**f.bits - 1 - z) * s  # a negative scale (full_range) swaps the ends
+    lo, hi = torch.minimum(*ends), torch.maximum(*ends)
     inside = (x >= lo) & (x <= hi)
     err = (f.quantize_dequantize(x) - x).abs()
-    assert (err[inside] <= s[inside] / 2 * (1 + 1e-5) + 1e-30).all()
+    assert (err[inside] <= s.abs()[inside] / 2 * (1 + 1e-5) + 1e-30).all()
 
 
 def half_spacing(y: torch.Tensor) -> torch.Tensor:

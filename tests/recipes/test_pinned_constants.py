@@ -62,6 +62,30 @@ def test_minmax_uses_the_whole_signed_range_and_clips_the_positive_max():
     assert torch.allclose(q[0, :2], torch.tensor([-1.5, 1.5]))  # quarot: amax on the grid
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_full_range_puts_each_groups_largest_magnitude_on_the_lowest_code(bits):
+    """The scale is signed: −x_ext/2^(b−1), so x_ext decodes exactly from code 0 whichever its sign, and
+    the other side's max clips by at most one step."""
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(6, 64, generator=g)
+    x[::2, 5] = x.abs().amax() * 1.5  # rows whose extreme is positive
+    x[1::2, 7] = -x.abs().amax() * 1.5  # and negative
+    f = make_format(QuantSpec(bits=bits, group_size=32, scale_rule="full_range"))
+    q = f.quantize(x)
+    amax = x.abs().reshape(6, 2, 32).amax(-1)
+    assert torch.allclose(q.params.scale.abs(), amax / 2 ** (bits - 1), rtol=1e-6, atol=0)
+    assert (q.params.scale[::2, 0] < 0).all() and (q.params.scale[1::2, 0] > 0).all()
+    y = f.dequantize(q)
+    assert torch.equal(q.codes[::2, 5], torch.zeros(3, dtype=torch.uint8)) and torch.equal(y[::2, 5], x[::2, 5])
+    assert torch.equal(q.codes[1::2, 7], torch.zeros(3, dtype=torch.uint8)) and torch.equal(y[1::2, 7], x[1::2, 7])
+    step = q.params.scale.abs().repeat_interleave(32, dim=1)
+    assert ((y - x).abs() <= step * (1 + 1e-6)).all()
+    assert len(q.codes.unique()) == 2**bits  # every code in use
+    # a finer step than quarot's amax/(2^(b-1)-1) at the same clip: lower error on Gaussian weights
+    quarot = make_format(QuantSpec(bits=bits, group_size=32)).quantize_dequantize(x)
+    assert float((y - x).square().sum()) < float((quarot - x).square().sum())
+
+
 def test_scale_rules_are_checked_per_format():
     with pytest.raises(ConfigError, match="scale_rule"):
         QuantSpec(bits=4, symmetric=False, scale_rule="minmax")
@@ -94,12 +118,14 @@ W4G32_MINMAX = {"format": "int", "bits": 4, "symmetric": True, "group_size": 32,
                 "scale_dtype": "float16"}  # GPTQ stores float16 scales
 
 
+@pytest.mark.parametrize("rule", ["minmax", "full_range"])
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
-def test_minmax_int_weights_export_exactly(fmt, tmp_path, tokenizer):
-    """CT's symmetric int and GPTQ v1 (zero 2^(b−1)) hold minmax codes and scales as they are."""
+def test_minmax_int_weights_export_exactly(fmt, rule, tmp_path, tokenizer):
+    """CT's symmetric int and GPTQ v1 (zero 2^(b−1)) hold minmax codes and scales as they are, and
+    full_range's negative scales too."""
     vocab = len(tokenizer)
-    recipe = Recipe.from_dict({"name": "t", "weights": W4G32_MINMAX, "solver": {"name": "gptq"},
-                               "calibration": {"batch_size": 4}})
+    recipe = Recipe.from_dict({"name": "t", "weights": {**W4G32_MINMAX, "scale_rule": rule},
+                               "solver": {"name": "gptq"}, "calibration": {"batch_size": 4}})
     model, _ = tiny_run(tmp_path, recipe, tokenizer)
     export_run(tmp_path / "run", tmp_path / "out", fmt)  # verifies the reload itself, raises on a mismatch
     test = token_windows(2, 32, 1, vocab=vocab)

@@ -64,13 +64,16 @@ GRID_SPECS = [
     QuantSpec(bits=3, symmetric=False, group_size=-1),
     QuantSpec(bits=2, symmetric=False, group_size=16, clip_search=True),
     QuantSpec(bits=4, group_size=16, scale_dtype="float16"),
+    QuantSpec(bits=4, group_size=16, scale_dtype="bfloat16"),
+    QuantSpec(bits=3, symmetric=False, group_size=16, scale_dtype="bfloat16"),
     QuantSpec(format="mxfp4", bits=4, group_size=32),
     QuantSpec(format="mxfp4", bits=4, group_size=32, scale_rule="three_quarters"),
     QuantSpec(format="nvfp4", bits=4, group_size=16),
 ]
 
 
-@pytest.mark.parametrize("spec", GRID_SPECS, ids=lambda s: f"{s.format}{s.bits}-{s.symmetric}-{s.group_size}")
+@pytest.mark.parametrize("spec", GRID_SPECS,
+                         ids=lambda s: f"{s.format}{s.bits}-{s.symmetric}-{s.group_size}-{s.scale_dtype}")
 def test_learned_weights_are_exactly_what_their_codes_decode_to(spec):
     g = torch.Generator().manual_seed(0)
     W = torch.randn(12, 64, generator=g)
@@ -270,3 +273,37 @@ def test_the_layers_own_parameters_get_no_gradients_while_learning_and_keep_thei
     learnable.project_ = lambda: (seen.append(norm.grad is None and learnable.weight.grad is not None), original())
     reconstruct_module.reconstruct(layer, inputs, targets, learnable, reconstruct_module.Settings(5, 5), CPU)
     assert seen == [True] * 5 and norm.requires_grad and layer.weight.requires_grad
+
+
+def test_learning_in_bfloat16_computes_the_layer_in_it_and_keeps_float32_parameters():
+    layer, inputs, targets, learnable = toy_problem(lr=0.02)
+    seen = []
+    layer.register_forward_hook(lambda mod, args, out: seen.append((args[0].dtype, out.dtype)))
+    settings = reconstruct_module.Settings(200, 5, "signsgd", dtype=torch.bfloat16)
+    out = reconstruct_module.reconstruct(layer, inputs, targets, learnable, settings, CPU)
+    steps = seen[len(inputs.hidden):-len(inputs.hidden)]  # between the two full-precision loss passes
+    assert len(steps) == 200 and set(steps) == {(torch.bfloat16, torch.bfloat16)}
+    assert set(seen[:len(inputs.hidden)]) == {(torch.float32, torch.float32)}  # the judged losses
+    assert learnable.weight.dtype == torch.float32 and layer.weight.dtype == torch.float32
+    assert out.improved and out.best < 0.2 * out.start
+
+
+def test_a_float32_attention_mask_stays_finite_in_bfloat16():
+    mask = torch.tensor([[0.0, torch.finfo(torch.float32).min]])
+    assert torch.isinf(mask.to(torch.bfloat16)).any()  # what a plain cast would give
+    cast = reconstruct_module._cast({"mask": mask, "ids": torch.tensor([3])}, torch.bfloat16)
+    assert cast["mask"].dtype == torch.bfloat16 and torch.isfinite(cast["mask"]).all()
+    assert cast["ids"].dtype == torch.int64
+
+
+@pytest.mark.parametrize("preset", ["rtn-w4a4kv4", "quarot-round-w4a16"])
+def test_a_run_learning_in_bfloat16_refines_with_its_quantizers_and_transforms(preset, tmp_path):
+    sets = ["calibration.batch_size=4", "weights.group_size=16", "refine.iters=20", "refine.start=rtn"]
+    run = {}
+    for dtype in ("model", "bfloat16"):
+        quantize(tiny_model("llama"), load_recipe(preset, [*sets, f"refine.compute_dtype={dtype}"]),
+                 token_windows(8, 24), out=tmp_path / dtype)
+        run[dtype] = layer_metrics(tmp_path / dtype)
+    assert all(m["best"] < m["start"] for m in run["bfloat16"])
+    first, first_bf16 = run["model"][0], run["bfloat16"][0]  # the same start, judged in float32 both times
+    assert first["start"] == first_bf16["start"] and first["best"] != first_bf16["best"]

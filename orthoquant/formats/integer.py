@@ -2,8 +2,8 @@
 
 Codes are unsigned ``q ∈ [0, 2^b − 1]`` and decode as ``scale · (q − zero)``:
 - symmetric: ``zero = 2^(b−1)`` (implicit), so the signed value ``q − 2^(b−1) ∈ [−2^(b−1), 2^(b−1) − 1]``
-  is exactly compressed-tensors' (and GPTQ v1's) signed int, with ``scale = clip·amax / d`` where the
-  divisor ``d`` is the spec's ``scale_rule`` (:data:`SYMMETRIC_DIVISORS`):
+  is exactly compressed-tensors' (and GPTQ v1's) signed int, with the scale the spec's ``scale_rule``
+  gives (:data:`SYMMETRIC_SCALES`), ``clip·amax / d`` for a divisor ``d``:
   ``quarot`` ``d = 2^(b−1) − 1`` (QuaRot; amax is on the grid, the default), ``minmax`` ``d = (2^b − 1)/2``
   (IST GPTQ ``2·amax/maxq``, compressed-tensors ``amax/(bit_range/2)``; a finer step, and the positive max
   rounds to ``2^(b−1)`` and clips to ``2^(b−1) − 1``);
@@ -31,10 +31,11 @@ CLIP_CHUNK = 1 << 17
 CLIP_PARAMS = 1 << 18
 # Relative band around the fastest-ranked best clip whose candidates get the exact error.
 CLIP_BAND = 1e-3
-# Symmetric scale rules: bits -> the divisor of amax (see the module docstring).
-SYMMETRIC_DIVISORS = {
-    "quarot": lambda bits: 2 ** (bits - 1) - 1,
-    "minmax": lambda bits: (2**bits - 1) / 2,
+# Symmetric scale rules: (clipped group min, max, bits) -> scale (see the module docstring).
+SYMMETRIC_SCALES = {
+    "quarot": lambda lo, hi, bits: torch.maximum(lo.abs(), hi.abs()) / (2 ** (bits - 1) - 1),
+    "minmax": lambda lo, hi, bits: torch.maximum(lo.abs(), hi.abs()) / ((2**bits - 1) / 2),
+    "full_range": lambda lo, hi, bits: torch.where(lo.abs() >= hi.abs(), lo, hi) / -(2 ** (bits - 1)),
 }
 
 
@@ -50,15 +51,9 @@ class IntFormat(QuantFormat):
 
     def _params(self, lo: torch.Tensor, hi: torch.Tensor) -> QParams:
         """Scale (and zero) of groups with range [lo, hi] (tensors shaped (rows, n_groups))."""
-        if self.spec.symmetric and self.spec.scale_rule == "full_range":
-            extreme = torch.where(lo.abs() >= hi.abs(), lo, hi)
-            scale = extreme / -(2 ** (self.bits - 1))
+        if self.spec.symmetric:  # an all-zero group gets scale 1 (any nonzero scale encodes it exactly)
+            scale = SYMMETRIC_SCALES[self.spec.scale_rule](lo, hi, self.bits)
             return QParams(self.round_scale(torch.where(scale != 0, scale, torch.ones_like(scale))))
-        if self.spec.symmetric:
-            amax = torch.maximum(lo.abs(), hi.abs())
-            scale = amax / SYMMETRIC_DIVISORS[self.spec.scale_rule](self.bits)
-            scale = self.round_scale(torch.where(scale > 0, scale, torch.ones_like(scale)))
-            return QParams(scale)
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)
         scale = (hi - lo) / self.maxq
         scale = self.round_scale(torch.where(scale > 0, scale, torch.ones_like(scale)))

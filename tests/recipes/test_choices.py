@@ -10,7 +10,7 @@ from orthoquant.errors import ConfigError, UnknownNameError
 from orthoquant.fitting.losses import LOSSES
 from orthoquant.formats import FORMATS
 from orthoquant.formats.fp4 import MXFP4Format, NVFP4Format
-from orthoquant.formats.integer import SYMMETRIC_DIVISORS
+from orthoquant.formats.integer import SYMMETRIC_SCALES
 from orthoquant.formats.lattice import LATTICE_CODEBOOKS
 from orthoquant.recipes import load_recipe
 from orthoquant.refine.reconstruct import OPTIMIZERS
@@ -43,7 +43,7 @@ def test_solver_names_are_the_registered_ones():
 
 
 def test_format_rules_match_the_formats():
-    assert choices.SCALE_RULES[choices.Format.INT] == tuple(SYMMETRIC_DIVISORS)
+    assert choices.SCALE_RULES[choices.Format.INT] == tuple(SYMMETRIC_SCALES)
     assert choices.E8P_BITS == tuple(sorted(LATTICE_CODEBOOKS))
     assert (MXFP4Format.group, NVFP4Format.group) == (32, 16)  # the OCP MX and NVFP4 block sizes
     assert set(choices.FORMAT_CHECKS) == set(choices.SCALE_RULES) == set(choices.Format)

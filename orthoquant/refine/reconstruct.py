@@ -96,9 +96,9 @@ class SignSGD(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.add_(torch.sign(p.grad), alpha=-group["lr"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:  # one call over the group's tensors (dozens per layer, each step)
+                torch._foreach_add_(params, torch._foreach_sign([p.grad for p in params]), alpha=-group["lr"])
 
 
 OPTIMIZERS: Registry[type[torch.optim.Optimizer]] = Registry("reconstruction optimizer")

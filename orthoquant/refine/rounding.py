@@ -33,9 +33,20 @@ SCALE_BOUNDS = (0.5, 1.5)
 CELL_MARGIN = 1e-3
 
 
+class _RoundThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """``round(x)`` forward, identity backward."""
-    return x + (torch.round(x) - x).detach()
+    """``round(x)`` forward, identity backward (one operation each way: ``x + (round(x) − x).detach()``
+    gives the same values with two more passes over the weight, every learning step)."""
+    return _RoundThrough.apply(x)
 
 
 def through(x: torch.Tensor, forward: torch.Tensor) -> torch.Tensor:
@@ -202,16 +213,22 @@ class LinearRounding(nn.Module):
 
     def _indices(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(integer indices, group scale, group zero) of the current parameters."""
+        k, scale, zero, _, _ = self._state()
+        return k, scale, zero
+
+    def _state(self):
+        """:meth:`_indices` and the per-column scale and zero they were computed with."""
         scale, zero = self.grid.scales(self.solved.params, list(self.alphas))
         if zero is None:
             zero = self.grid.zero_of(self.solved.params)
-        t = self.grid.index(self.anchor / self._total(self._cols(scale)), self._cols(zero)) + self.offset
-        return round_ste(t).clamp(self.grid.lo, self.grid.hi), scale, zero
+        scale_cols, zero_cols = self._cols(scale), self._cols(zero)
+        t = self.grid.index(self.anchor / self._total(scale_cols), zero_cols) + self.offset
+        return round_ste(t).clamp(self.grid.lo, self.grid.hi), scale, zero, scale_cols, zero_cols
 
     def forward(self) -> torch.Tensor:
         """(out, in) float32 quantized weight under the current parameters (straight-through gradients)."""
-        k, scale, zero = self._indices()
-        v = self.grid.value(k, self._cols(zero)) * self._cols(scale)
+        k, _, _, scale_cols, zero_cols = self._state()
+        v = self.grid.value(k, zero_cols) * scale_cols
         gs = self.solved.params.global_scale
         return v if gs is None else v * gs
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .device import collecting_new_objects_only
 from .config import QuantSpec, Recipe
 from .formats import make_format
 from .layerwise import LayerInputs, run_layer
@@ -80,30 +81,31 @@ class LayerwiseQuantizer:
             self.finetune = LayerFinetune(self.recipe, self.arch, self.device, self.finetune_inputs or inputs)
         first, solved_layers = inputs, []
         self._bar = bar = tqdm(range(len(layers)), desc="quantize", unit="layer")
-        for i in bar:
-            layer, prefix = layers[i], f"{self.arch.layers}.{i}."
-            self.source.materialize(layer, prefix, self.device)
-            if self._finished_before(i):
-                self._stage("resumed")
-                if self.refine.follows_fp_model:  # the FP activations still pass through the FP layer
-                    self._prepare(layer, i)
-                    self.refine.advance(layer, inputs)
-                if self.finetune is not None:  # its FP outputs continue the FP stream
-                    self._prepare(layer, i)
-                    self.finetune.begin(layer)
-                solved = self.runtime.load(layer, i, self._stored(i))
-                self.metrics[str(i)] = self.run.layer_metrics(i)
-            else:
-                solved = self._quantize_layer(layer, i, prefix, inputs)
-                self.runtime.install(layer, i, solved)
-            solved_layers.append(solved)
-            self._stage("propagate")
-            clean = quantizers_off(layer) if self.recipe.solver.propagate == "fp" else nullcontext()
-            with clean:  # what layer i+1 is calibrated on
-                inputs = inputs.with_hidden(run_layer(layer, inputs, self.device))
-            if self.finetune is not None:
-                self.finetune.end()
-            self.source.release(layer)
+        with collecting_new_objects_only():  # release_memory's collections skip the libraries' objects
+            for i in bar:
+                layer, prefix = layers[i], f"{self.arch.layers}.{i}."
+                self.source.materialize(layer, prefix, self.device)
+                if self._finished_before(i):
+                    self._stage("resumed")
+                    if self.refine.follows_fp_model:  # the FP activations still pass through the FP layer
+                        self._prepare(layer, i)
+                        self.refine.advance(layer, inputs)
+                    if self.finetune is not None:  # its FP outputs continue the FP stream
+                        self._prepare(layer, i)
+                        self.finetune.begin(layer)
+                    solved = self.runtime.load(layer, i, self._stored(i))
+                    self.metrics[str(i)] = self.run.layer_metrics(i)
+                else:
+                    solved = self._quantize_layer(layer, i, prefix, inputs)
+                    self.runtime.install(layer, i, solved)
+                solved_layers.append(solved)
+                self._stage("propagate")
+                clean = quantizers_off(layer) if self.recipe.solver.propagate == "fp" else nullcontext()
+                with clean:  # what layer i+1 is calibrated on
+                    inputs = inputs.with_hidden(run_layer(layer, inputs, self.device))
+                if self.finetune is not None:
+                    self.finetune.end()
+                self.source.release(layer)
         if ft is not None and ft.e2e_epochs:
             inputs = self._finetune_end_to_end(layers, solved_layers, first)
         return inputs

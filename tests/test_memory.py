@@ -133,3 +133,21 @@ def test_a_loop_reusing_freed_blocks_faults_its_pages_in_once():
     pages = (4 << 20) // resource.getpagesize()
     assert mapped >= 10 * pages and again >= 10 * pages
     assert reused <= 3 * pages
+
+
+def test_collections_in_the_layer_loop_skip_older_objects_but_free_new_cycles():
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    with device.collecting_new_objects_only():
+        assert gc.get_freeze_count() > 1000  # the libraries' objects: not scanned by each collection
+        node = Node()
+        node.itself = node
+        ref = weakref.ref(node)
+        del node
+        gc.collect()
+        assert ref() is None  # a cycle made inside is still collected
+    assert gc.get_freeze_count() == 0

@@ -60,6 +60,7 @@ class LayerwiseQuantizer:
     finetune: LayerFinetune | None = None
     finetune_inputs: LayerInputs | None = None  # layer 0's inputs on finetune.source (None: the calibration's)
     _bar: Any = field(default=None, init=False, repr=False)
+    _layer: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.refine = RefineStage(self.recipe, self.arch, self.device)  # carries FP activations across layers
@@ -67,8 +68,8 @@ class LayerwiseQuantizer:
 
     def _stage(self, stage: str) -> None:
         """Name the stage the current layer is in on the progress bar (calibrate / solve / propagate)."""
-        if self._bar is not None:  # tqdm counts a layer done only when the next one starts
-            self._bar.set_postfix_str(f"layer {self._bar.n + 1}/{self._bar.total}: {stage}", refresh=True)
+        if self._bar is not None:  # not the bar's own count: tqdm updates it at most every 0.1 s
+            self._bar.set_postfix_str(f"layer {self._layer + 1}/{self._bar.total}: {stage}", refresh=True)
 
     def run_layers(self, inputs: LayerInputs) -> LayerInputs:
         """Quantize every layer; returns the inputs of the final norm (the last layer's outputs)."""
@@ -83,7 +84,7 @@ class LayerwiseQuantizer:
         self._bar = bar = tqdm(range(len(layers)), desc="quantize", unit="layer")
         with collecting_new_objects_only():  # release_memory's collections skip the libraries' objects
             for i in bar:
-                layer, prefix = layers[i], f"{self.arch.layers}.{i}."
+                self._layer, layer, prefix = i, layers[i], f"{self.arch.layers}.{i}."
                 self.source.materialize(layer, prefix, self.device)
                 if self._finished_before(i):
                     self._stage("resumed")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -46,14 +46,20 @@ class LayerInputs:
         return self.by_layer.get(layer, self.kwargs)
 
 
-def _to(obj: Any, device: torch.device | str) -> Any:
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``obj`` (a layer's keyword arguments: tensors in tuples, lists and dicts) with ``fn`` applied to
+    every tensor."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        return fn(obj)
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
+        return type(obj)(map_tensors(o, fn) for o in obj)
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
     return obj
+
+
+def _to(obj: Any, device: torch.device | str) -> Any:
+    return map_tensors(obj, lambda t: t.to(device))
 
 
 def _identity(value: Any) -> Any:

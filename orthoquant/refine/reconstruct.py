@@ -28,7 +28,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..device import reusing_freed_blocks
-from ..layerwise import LayerInputs, _to, run_layer
+from ..layerwise import LayerInputs, _to, map_tensors, run_layer
 from ..registry import Registry
 
 
@@ -164,16 +164,12 @@ def _forward(layer: nn.Module, subs: dict[str, torch.Tensor], hidden: torch.Tens
 def _cast(obj: Any, dtype: torch.dtype) -> Any:
     """Floating tensors in ``obj`` cast to ``dtype``, clamped to its finite range first (an additive
     attention mask holds float32's lowest value, which would become -inf in bfloat16 or float16)."""
-    if isinstance(obj, torch.Tensor):
-        if not obj.is_floating_point() or obj.dtype == dtype:
-            return obj
-        info = torch.finfo(dtype)
-        return obj.clamp(info.min, info.max).to(dtype)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_cast(o, dtype) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _cast(v, dtype) for k, v in obj.items()}
-    return obj
+    info = torch.finfo(dtype)
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.clamp(info.min, info.max).to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+
+    return map_tensors(obj, cast)
 
 
 def computed_in(layer: nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
@@ -182,7 +178,8 @@ def computed_in(layer: nn.Module, dtype: torch.dtype | None) -> dict[str, torch.
     if dtype is None:
         return {}
     tensors = {**dict(layer.named_parameters()), **dict(layer.named_buffers())}
-    return {name: t.detach().to(dtype) for name, t in tensors.items() if t.is_floating_point() and t.dtype != dtype}
+    return {name: t.detach().to(dtype) for name, t in tensors.items()
+            if t.is_floating_point() and t.dtype != dtype}
 
 
 @torch.no_grad()

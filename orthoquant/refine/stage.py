@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..config import Recipe, RefineSpec
+from ..device import DTYPES
 from ..fakequant.install import install_input_quantizers
 from ..formats import make_format
 from ..layerwise import LayerInputs
@@ -33,8 +34,6 @@ from .reconstruct import Settings, fp_targets, reconstruct
 from .rounding import LinearRounding
 
 Quantized = dict[str, SolvedLinear]
-# refine.compute_dtype -> what the layer computes in while learning (None: its own dtype)
-COMPUTE_DTYPES = {"model": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class LayerRounding(nn.Module):
@@ -139,8 +138,9 @@ class RefineStage:
         install_input_quantizers(layer, prefix, self.arch, self.recipe)  # train as inference will run
         starts, rounded = self._starts(layer, quantized, snapshot)
         learnable = LayerRounding(layer, starts, rounded, refine).to(self.device)
+        dtype = None if refine.compute_dtype == "model" else DTYPES[refine.compute_dtype]
         settings = Settings(refine.iters, refine.batch_size, refine.optimizer, refine.patience,
-                            seed=refine.seed * 100_003 + index, dtype=COMPUTE_DTYPES[refine.compute_dtype])
+                            seed=refine.seed * 100_003 + index, dtype=dtype)
         outcome = reconstruct(layer, inputs, snapshot.targets, learnable, settings, self.device)
         if outcome.improved:
             quantized = {**quantized, **learnable.solved()}
